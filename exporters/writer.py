@@ -1,0 +1,54 @@
+"""Write models atomically: nothing at the destination until the whole file is there.
+
+A model (and its external-data file, when there is one) is written to temporary
+files beside the destination and renamed into place, so a crash or an error never
+leaves a partial output, and the input is never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import onnx_ir as ir
+
+from datafree.toolchain.errors import UserError
+
+# protobuf cannot serialise a message over 2 GiB: past this, weights go to a .data file
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def _tensor_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None,
+         metadata: dict[str, str] | None = None) -> Path:
+    """Save ``model`` to ``path`` atomically.
+
+    ``external_data``: True writes weights to ``<path>.data`` beside the model, False
+    embeds them, None decides by size (external past ~1.8 GB).
+    """
+    path = Path(path)
+    if not path.parent.exists():
+        raise UserError(f"{path.parent}: output folder does not exist")
+    for key, value in (metadata or {}).items():
+        model.metadata_props[key] = value
+    if external_data is None:
+        external_data = _tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    data_name = path.name + ".data"
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".datafree-") as tmp:
+        tmp_model = Path(tmp) / path.name
+        if external_data:
+            ir.save(model, tmp_model, external_data=data_name, size_threshold_bytes=1024)
+            os.replace(Path(tmp) / data_name, path.parent / data_name)
+        else:
+            ir.save(model, tmp_model)
+        os.replace(tmp_model, path)
+    return path
+
+
+def to_bytes(model: ir.Model) -> bytes:
+    """The serialised model (for onnxruntime sessions held in memory)."""
+    return ir.serde.serialize_model(model).SerializeToString()

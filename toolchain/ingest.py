@@ -1,0 +1,166 @@
+"""Load any ONNX model and bring it to the one normal form every pass expects.
+
+Normal form: an ``onnx_ir.Model`` at opset >= 13 whose weights are graph
+initializers (Constant nodes and constant subgraphs folded away), with no
+Identity/Dropout noise, unique node names, inferred shapes and topological order.
+Ops we do not know pass through untouched.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+from google.protobuf.message import DecodeError
+
+from .errors import UserError
+
+MIN_OPSET = 13
+# Folding these would destroy information (quantized weights) or randomness.
+_NEVER_FOLD = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
+               "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
+               "Multinomial", "Bernoulli"}
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul",
+                 "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear", "MatMulNBits"}
+
+
+def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read a model file (and its external data) with one-line errors for bad files."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, not an ONNX file")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeWarning, ValueError, onnx.onnx_cpp2py_export.checker.ValidationError) as exc:
+        raise UserError(f"{path}: not a valid ONNX model (truncated or corrupt protobuf: {exc})") from None
+    except Exception as exc:  # protobuf raises a variety of errors on garbage
+        raise UserError(f"{path}: not a valid ONNX model ({type(exc).__name__}: {exc})") from None
+    if not proto.graph.node or not proto.opset_import:
+        raise UserError(f"{path}: not a valid ONNX model (no graph nodes or no opset import)")
+    missing = sorted({
+        e.value for t in _all_tensors(proto) if t.data_location == onnx.TensorProto.EXTERNAL
+        for e in t.external_data if e.key == "location" and not (path.parent / e.value).exists()
+    })
+    if missing:
+        raise UserError(f"{path}: external data file missing: {', '.join(missing)}")
+    try:
+        onnx.load_external_data_for_model(proto, str(path.parent))
+    except Exception as exc:
+        raise UserError(f"{path}: external data could not be read ({exc})") from None
+    return proto
+
+
+def _all_tensors(proto: onnx.ModelProto):
+    yield from proto.graph.initializer
+    for node in proto.graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+
+
+def opset_of(model: ir.Model) -> int:
+    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+
+
+def upgrade_opset(proto: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    """Convert the default domain to ``target`` with onnx's version converter."""
+    from onnx import version_converter
+
+    try:
+        return version_converter.convert_version(proto, target)
+    except Exception as exc:
+        raise UserError(f"cannot convert model from opset {_proto_opset(proto)} to {target}: {exc}") from None
+
+
+def _proto_opset(proto: onnx.ModelProto) -> int:
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def to_ir(source: str | os.PathLike | onnx.ModelProto | ir.Model) -> ir.Model:
+    """Any accepted source to an ``ir.Model`` (a copy: the source is never modified)."""
+    if isinstance(source, ir.Model):
+        return ir.serde.deserialize_model(ir.serde.serialize_model(source))
+    if isinstance(source, onnx.ModelProto):
+        proto = onnx.ModelProto()
+        proto.CopyFrom(source)
+    else:
+        proto = load_proto(source)
+    if _proto_opset(proto) < MIN_OPSET:
+        proto = upgrade_opset(proto, MIN_OPSET)
+    try:
+        return ir.serde.deserialize_model(proto)
+    except Exception as exc:
+        raise UserError(f"model could not be read: {exc}") from None
+
+
+def _should_fold(node: ir.Node) -> bool | None:
+    if node.op_type in _NEVER_FOLD or node.domain not in ("", "ai.onnx"):
+        return False
+    return True
+
+
+class RemoveInferenceNoOpsPass(ir.passes.InPlacePass):
+    """Dropout in inference mode is the identity: bypass it."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        for node in list(model.graph):
+            if node.op_type == "Dropout" and node.domain in ("", "ai.onnx"):
+                out = node.outputs[0]
+                if out.is_graph_output():
+                    continue
+                ir.convenience.replace_all_uses_with(out, node.inputs[0])
+                model.graph.remove(node, safe=False)
+                modified = True
+        return ir.passes.PassResult(model, modified)
+
+
+class FoldConstantsPass(ir.passes.InPlacePass):
+    """Fold constant subgraphs (shape arithmetic, weights computed from constants)."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from onnxscript.optimizer import fold_constants
+
+        result = fold_constants(model, input_size_limit=1 << 28, output_size_limit=1 << 28,
+                                should_fold=_should_fold)
+        return ir.passes.PassResult(model, bool(result.modified))
+
+
+def normalize(model: ir.Model) -> ir.Model:
+    """Bring ``model`` (in place) to the normal form; returns it."""
+    passes = ir.passes.PassManager([
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common.RemoveInitializersFromInputsPass(),
+        FoldConstantsPass(),
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        RemoveInferenceNoOpsPass(),
+        common.IdentityEliminationPass(),
+        common.RemoveUnusedNodesPass(),
+        common.NameFixPass(),
+        common.TopologicalSortPass(),
+    ])
+    passes(model)
+    infer_shapes(model)
+    return model
+
+
+def infer_shapes(model: ir.Model) -> None:
+    """Shape inference that never fails the run (unknown custom ops just stay unknown)."""
+    try:
+        common.ShapeInferencePass()(model)
+    except Exception:  # shape inference is best effort: unknown domains may refuse it
+        pass
+
+
+def load(source: str | os.PathLike | onnx.ModelProto | ir.Model) -> ir.Model:
+    """Load and normalise: the entry point of every command and pipeline."""
+    return normalize(to_ir(source))
+
+
+def is_quantized(model: ir.Model) -> bool:
+    return any(n.op_type in QUANTIZED_OPS for n in model.graph)

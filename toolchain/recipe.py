@@ -1,0 +1,202 @@
+"""The recipe: the single, versioned description of what compression to do.
+
+CLI options, the Python API and the model's ``metadata_props`` all speak it.  A
+recipe read back from a compressed model's metadata reproduces that model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+RECIPE_VERSION = 1
+METADATA_KEY = "datafree.recipe"
+CRITERIA = ("l1", "l2", "bn_l1", "output")
+CLIPS = ("max", "mse")
+FLOAT = "float"  # how an unquantized wbits/abits is written in TOML
+
+
+@dataclass
+class LayerOverride:
+    """Per-layer settings; ``None`` means "as the recipe says"."""
+
+    prune: float | None = None
+    wbits: int | None = None
+    abits: int | None = None
+    skip: bool = False
+
+
+@dataclass
+class DynamicConfig:
+    """Dynamic precision: candidate bit-widths chosen per input by a selector."""
+
+    bits: tuple[int, ...] = (4, 6, 8)
+    target_bits: float = 5.0
+    steps: int = 300
+    groups: str = "stage"
+
+
+@dataclass
+class Recipe:
+    version: int = RECIPE_VERSION
+    prune: float = 0.0
+    prune_scope: str = "layer"          # "layer": same ratio per layer; "global": ranked across layers
+    criterion: str = "l1"
+    channel_multiple: int = 1
+    wbits: int | None = 8               # None: weights stay float
+    abits: int | None = None            # None: activations stay float (weight-only output)
+    int4: bool = True                   # store <= 4-bit weights as INT4 (opset 21)
+    clip: str = "max"
+    compensation: bool = True           # UDFC next-layer compensation for pruned channels
+    scale_compensation: bool = False    # UDFC s~ for quantized channels (measured to hurt; off)
+    bias_correction: bool = True
+    synthetic: int = 256                # synthetic images for fitting (0 = closed form only)
+    synthetic_steps: int = 200
+    seed: int = 0
+    layers: dict[str, LayerOverride] = field(default_factory=dict)
+    dynamic: DynamicConfig | None = None
+
+    def __post_init__(self) -> None:
+        self.layers = {k: v if isinstance(v, LayerOverride) else _override(k, v) for k, v in self.layers.items()}
+        if isinstance(self.dynamic, dict):
+            self.dynamic = _build(DynamicConfig, self.dynamic, "dynamic")
+        if self.dynamic is not None:
+            self.dynamic.bits = tuple(self.dynamic.bits)
+        self.validate()
+
+    # ----------------------------------------------------------------- checks
+    def validate(self) -> None:
+        if self.version != RECIPE_VERSION:
+            raise UserError(f"recipe version {self.version} is not supported (this is version {RECIPE_VERSION})")
+        _check_ratio("prune", self.prune)
+        _check_bits("wbits", self.wbits, allow_none=True)
+        _check_bits("abits", self.abits, allow_none=True)
+        if self.criterion not in CRITERIA:
+            raise UserError(f"criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
+        if self.clip not in CLIPS:
+            raise UserError(f"clip must be one of {', '.join(CLIPS)}, got {self.clip!r}")
+        if self.prune_scope not in ("layer", "global"):
+            raise UserError(f"prune_scope must be 'layer' or 'global', got {self.prune_scope!r}")
+        if not isinstance(self.channel_multiple, int) or self.channel_multiple < 1:
+            raise UserError(f"channel_multiple must be a positive integer, got {self.channel_multiple!r}")
+        if not isinstance(self.synthetic, int) or self.synthetic < 0:
+            raise UserError(f"synthetic must be a non-negative number of images, got {self.synthetic!r}")
+        for name, o in self.layers.items():
+            _check_ratio(f"layers.{name}.prune", o.prune, allow_none=True)
+            _check_bits(f"layers.{name}.wbits", o.wbits, allow_none=True)
+            _check_bits(f"layers.{name}.abits", o.abits, allow_none=True)
+        if self.dynamic is not None:
+            bits = list(self.dynamic.bits)
+            if not bits:
+                raise UserError("dynamic.bits must list at least one bit-width")
+            for b in bits:
+                _check_bits("dynamic.bits", b)
+            if bits != sorted(set(bits)):
+                raise UserError(f"dynamic.bits must be sorted and without duplicates, got {bits}")
+            if not bits[0] <= self.dynamic.target_bits <= bits[-1]:
+                raise UserError(f"target_bits {self.dynamic.target_bits} is outside the candidate range {bits[0]}..{bits[-1]}")
+
+    # ------------------------------------------------------------- per layer
+    def for_layer(self, name: str) -> LayerOverride:
+        """The effective settings of one layer (exact name first, then patterns in order)."""
+        eff = LayerOverride(prune=self.prune, wbits=self.wbits, abits=self.abits)
+        matches = [o for pat, o in self.layers.items() if pat == name] or \
+                  [o for pat, o in self.layers.items() if fnmatch.fnmatchcase(name, pat)]
+        for o in matches:
+            eff = LayerOverride(
+                prune=eff.prune if o.prune is None else o.prune,
+                wbits=eff.wbits if o.wbits is None else o.wbits,
+                abits=eff.abits if o.abits is None else o.abits,
+                skip=eff.skip or o.skip,
+            )
+        return eff
+
+    # --------------------------------------------------------- serialisation
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["layers"] = {k: {kk: vv for kk, vv in v.items() if vv is not None and vv is not False}
+                       for k, v in d["layers"].items()}
+        if d["dynamic"] is not None:
+            d["dynamic"]["bits"] = list(d["dynamic"]["bits"])
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    def to_toml(self) -> str:
+        import tomli_w
+
+        d = self.to_dict()
+        for key in ("wbits", "abits"):  # TOML has no null: float is spelled out
+            if d[key] is None:
+                d[key] = FLOAT
+        if d["dynamic"] is None:
+            del d["dynamic"]
+        return tomli_w.dumps(d)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Recipe":
+        if isinstance(d, dict):
+            d = {k: (None if k in ("wbits", "abits") and v == FLOAT else v) for k, v in d.items()}
+        return _build(cls, d, "recipe")
+
+    @classmethod
+    def from_json(cls, text: str) -> "Recipe":
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise UserError(f"recipe is not valid JSON: {exc}") from None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Recipe":
+        path = Path(path)
+        if not path.exists():
+            raise UserError(f"{path}: recipe file not found")
+        text = path.read_text()
+        if path.suffix == ".json":
+            return cls.from_json(text)
+        try:
+            return cls.from_dict(tomllib.loads(text))
+        except tomllib.TOMLDecodeError as exc:
+            raise UserError(f"{path}: recipe is not valid TOML: {exc}") from None
+
+    def replace(self, **changes: Any) -> "Recipe":
+        return dataclasses.replace(self, **changes)
+
+
+def _build(cls, d: dict[str, Any], where: str):
+    if not isinstance(d, dict):
+        raise UserError(f"{where} must be a table, got {type(d).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise UserError(f"{where}: unknown field(s) {', '.join(unknown)}")
+    try:
+        return cls(**d)
+    except TypeError as exc:
+        raise UserError(f"{where}: {exc}") from None
+
+
+def _override(name: str, v: Any) -> LayerOverride:
+    return _build(LayerOverride, v, f"layers.{name}")
+
+
+def _check_ratio(name: str, v: Any, allow_none: bool = False) -> None:
+    if v is None and allow_none:
+        return
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= v < 1.0:
+        raise UserError(f"{name} must be a ratio in [0, 1), got {v!r}")
+
+
+def _check_bits(name: str, v: Any, allow_none: bool = False) -> None:
+    if v is None and allow_none:
+        return
+    if not isinstance(v, int) or isinstance(v, bool) or not 2 <= v <= 8:
+        raise UserError(f"{name} must be an integer number of bits in 2..8, got {v!r}")
