@@ -1,0 +1,50 @@
+"""Shared fixtures: the bundled ResNet-20 exports, the bundled dev images, an accuracy helper."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import zoo
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "examples" / "models"
+DEV_IMAGES = ROOT / "examples" / "data" / "cifar10_dev500.npz"
+
+
+def _asset(name: str) -> Path:
+    path = MODELS / name
+    if not path.exists():
+        pytest.skip(f"bundled model {path} is missing")
+    return path
+
+
+@pytest.fixture(scope="session")
+def resnet20_bn() -> Path:
+    """ResNet-20 (CIFAR-10) exported with BatchNormalization nodes kept."""
+    return _asset("resnet20_bn.onnx")
+
+
+@pytest.fixture(scope="session")
+def resnet20_folded() -> Path:
+    """ResNet-20 with BN folded into the convolutions."""
+    return _asset("resnet20_folded.onnx")
+
+
+@pytest.fixture(scope="session")
+def resnet20_dynamo() -> Path:
+    """ResNet-20 from the dynamo exporter, weights in an external .data file."""
+    return _asset("resnet20_dynamo.onnx")
+
+
+@pytest.fixture(scope="session")
+def dev_images():
+    """The 500 bundled CIFAR-10 test images: (x float32 NCHW normalised, labels int64)."""
+    return zoo.load_images(DEV_IMAGES)
+
+
+@pytest.fixture(scope="session")
+def accuracy():
+    """``accuracy(model_or_path, x, y) -> float`` (top-1, onnxruntime CPU)."""
+    return zoo.accuracy
