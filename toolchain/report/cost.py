@@ -1,0 +1,333 @@
+"""What a model costs: MACs, bit-operations, parameters and bytes, per layer.
+
+``BOPs = MACs x b_w x b_a`` (HAWQ-V3 convention; a float layer counts 32 x 32).
+Every number the report prints comes from one function here, which the tests call
+too.  Besides the float layers ``graph.analyse`` finds, this module reads layers
+of QDQ models (weight from ``DequantizeLinear``).  Their bit-widths come, in this
+order, from the compressor's ``metadata_props["datafree.layers"]``, from the recipe
+in ``metadata_props["datafree.recipe"]``, and last from the integers themselves:
+the container dtype (int8/uint8 -> 8, int4/uint4 -> 4) narrowed by the largest
+stored magnitude (a symmetric b-bit grid never exceeds 2^(b-1)-1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from datafree.toolchain import graph
+from datafree.toolchain.errors import UserError
+from datafree.toolchain.recipe import METADATA_KEY as RECIPE_KEY, Recipe
+
+LAYERS_KEY = "datafree.layers"
+FLOAT_BITS = 32
+DYNAMIC_DOMAIN = "ai.datafree"
+_INT_BITS = {ir.DataType.INT8: 8, ir.DataType.UINT8: 8, ir.DataType.INT4: 4, ir.DataType.UINT4: 4,
+             ir.DataType.INT16: 16, ir.DataType.UINT16: 16, ir.DataType.INT2: 2, ir.DataType.UINT2: 2}
+
+
+# ------------------------------------------------------------ the formulas
+def bops(macs: int, wbits: int, abits: int) -> int:
+    """Bit-operations of ``macs`` multiply-accumulates at ``wbits`` x ``abits``."""
+    return int(macs) * int(wbits) * int(abits)
+
+
+def storage_bits(bits: int) -> int:
+    """Container width a ``bits``-bit tensor is stored in (int4, int8, int16 or float32)."""
+    for width in (4, 8, 16):
+        if bits <= width:
+            return width
+    return FLOAT_BITS
+
+
+def tensor_bytes(elements: int, bits: int) -> float:
+    """Bytes of ``elements`` values stored at ``bits`` each (int4 packs two per byte)."""
+    return elements * bits / 8.0
+
+
+@dataclass
+class LayerCost:
+    """One compute layer: its size, its precision, and what that costs per sample."""
+
+    name: str
+    op: str
+    kind: str
+    macs: int
+    weights: int                 # weight elements
+    biases: int
+    wbits: int                   # grid the weights use (32 = float)
+    abits: int                   # grid the input activations use (32 = float)
+    wstore: int                  # container bits of the stored weights
+    astore: int                  # container bits of the activations
+    act_in: int                  # input activation elements per sample
+    act_out: int                 # output activation elements per sample
+    bits_from: str = "float"     # metadata | recipe | dtype | float | assumed
+
+    @property
+    def bops(self) -> int:
+        return bops(self.macs, self.wbits, self.abits)
+
+    @property
+    def params(self) -> int:
+        return self.weights + self.biases
+
+    @property
+    def weight_bytes(self) -> float:
+        return tensor_bytes(self.weights, self.wstore) + tensor_bytes(self.biases, 32)
+
+    @property
+    def act_bytes(self) -> float:
+        return tensor_bytes(self.act_in + self.act_out, self.astore)
+
+    @property
+    def precision(self) -> str:
+        return "FP32" if self.wbits >= FLOAT_BITS else f"W{self.wbits}A{self.abits if self.abits < 32 else 'f'}"
+
+    def with_bits(self, wbits: int, abits: int) -> "LayerCost":
+        """The same layer if it were run at ``wbits`` x ``abits`` (32 = float)."""
+        return dataclasses.replace(self, wbits=wbits, abits=abits, wstore=storage_bits(wbits),
+                                   astore=storage_bits(abits), bits_from="assumed")
+
+
+def totals(costs: list[LayerCost]) -> dict[str, float]:
+    return {
+        "macs": sum(c.macs for c in costs),
+        "bops": sum(c.bops for c in costs),
+        "params": sum(c.params for c in costs),
+        "weight_bytes": sum(c.weight_bytes for c in costs),
+        "act_bytes": sum(c.act_bytes for c in costs),
+    }
+
+
+# ------------------------------------------------------- layers of any model
+def compute_layers(model: ir.Model) -> list[graph.Layer]:
+    """Float layers from ``graph.analyse`` plus layers whose weight is dequantized.
+
+    For a QDQ layer the returned ``Layer`` carries a detached float copy of the
+    dequantized weight, so ``w_oc()`` and ``macs()`` work as for float layers.
+    """
+    float_layers = {id(l.node): l for l in graph.find_layers(model)[0]}
+    out = []
+    for node in model.graph:
+        if id(node) in float_layers:
+            out.append(float_layers[id(node)])
+        elif node.op_type in graph.LAYER_OPS and node.domain in ("", "ai.onnx"):
+            layer = _dequantized_layer(node)
+            if layer is not None:
+                out.append(layer)
+    return out
+
+
+def _dq_source(value: ir.Value | None) -> ir.Node | None:
+    p = value.producer() if value is not None else None
+    if p is not None and p.op_type == "DequantizeLinear" and p.inputs[0] is not None \
+            and p.inputs[0].const_value is not None:
+        return p
+    return None
+
+
+def _dequantize(dq: ir.Node) -> np.ndarray:
+    q = graph.const_array(dq.inputs[0]).astype(np.float64)
+    scale = graph.const_array(dq.inputs[1]).astype(np.float64)
+    zp = graph.const_array(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2] is not None else None
+    zp = np.zeros_like(scale) if zp is None else zp.astype(np.float64)
+    if scale.ndim == 1 and scale.size > 1 and q.ndim > 1:
+        axis = int(graph.attr(dq, "axis", 1)) % q.ndim
+        shape = [1] * q.ndim
+        shape[axis] = scale.size
+        scale, zp = scale.reshape(shape), zp.reshape(shape)
+    return ((q - zp) * scale).astype(np.float32)
+
+
+def _detached(name: str, array: np.ndarray) -> ir.Value:
+    return ir.Value(name=name, const_value=ir.tensor(array, name=name), shape=ir.Shape(array.shape),
+                    type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
+
+
+def _dequantized_layer(node: ir.Node) -> graph.Layer | None:
+    dq = _dq_source(node.inputs[1] if len(node.inputs) > 1 else None)
+    if dq is None:
+        return None
+    weight = _detached(f"{node.name}.weight", _dequantize(dq))
+    bias = None
+    if node.op_type != "MatMul" and len(node.inputs) > 2 and node.inputs[2] is not None:
+        b = node.inputs[2]
+        bdq = _dq_source(b)
+        if bdq is not None:
+            bias = _detached(f"{node.name}.bias", _dequantize(bdq))
+        elif b.const_value is not None:
+            bias = b
+    return graph.Layer(node=node, kind=graph._kind(node, weight), weight=weight, bias=bias)
+
+
+# ------------------------------------------------------------------ bits
+def _metadata(model: ir.Model) -> tuple[dict, Recipe | None]:
+    props = model.metadata_props
+    layers, recipe = {}, None
+    if LAYERS_KEY in props:
+        try:
+            layers = json.loads(props[LAYERS_KEY])
+        except json.JSONDecodeError as exc:
+            raise UserError(f"metadata {LAYERS_KEY!r} is not valid JSON: {exc}") from None
+        if not isinstance(layers, dict):
+            raise UserError(f"metadata {LAYERS_KEY!r} must map layer names to bits")
+    if RECIPE_KEY in props:
+        recipe = Recipe.from_json(props[RECIPE_KEY])
+    return layers, recipe
+
+
+def _dtype_bits(value: ir.Value | None, *, weight: bool) -> int:
+    dq = _dq_source(value) if weight else (value.producer() if value is not None else None)
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return FLOAT_BITS
+    dtype = dq.inputs[0].dtype
+    if dtype is None and dq.inputs[0].const_value is not None:
+        dtype = dq.inputs[0].const_value.dtype
+    return _INT_BITS.get(dtype, FLOAT_BITS)
+
+
+def _range_bits(dq: ir.Node, container: int) -> int:
+    """Narrowest symmetric grid holding the stored integers (max |q| <= 2^(b-1)-1)."""
+    q = graph.const_array(dq.inputs[0])
+    zp = graph.const_array(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2] is not None else None
+    if zp is not None and np.any(zp != 0):
+        return container
+    m = int(np.abs(q.astype(np.int64)).max()) if q.size else 0
+    return min(container, max(2, int(np.ceil(np.log2(m + 1))) + 1))
+
+
+def layer_bits(layer: graph.Layer, meta: dict, recipe: Recipe | None) -> tuple[int, int, int, int, str]:
+    """(wbits, abits, weight container bits, activation container bits, where from)."""
+    node = layer.node
+    w_dq = _dq_source(node.inputs[1])
+    wstore = _dtype_bits(node.inputs[1], weight=True) if w_dq is not None else FLOAT_BITS
+    astore = _dtype_bits(node.inputs[0], weight=False)
+    if layer.name in meta and isinstance(meta[layer.name], dict):
+        e = meta[layer.name]
+        wb, ab = int(e.get("wbits") or FLOAT_BITS), int(e.get("abits") or FLOAT_BITS)
+        ws = wstore if w_dq is not None else storage_bits(wb)
+        as_ = astore if astore < FLOAT_BITS else storage_bits(ab)
+        return wb, ab, ws, as_, "metadata"
+    if w_dq is None:
+        return FLOAT_BITS, astore, FLOAT_BITS, astore, "float"
+    if recipe is not None:
+        o = recipe.for_layer(layer.name)
+        if o.wbits is not None:
+            ab = o.abits or FLOAT_BITS
+            return o.wbits, ab, wstore, astore if astore < FLOAT_BITS else storage_bits(ab), "recipe"
+    return _range_bits(w_dq, wstore), astore, wstore, astore, "dtype"
+
+
+def _elements(value: ir.Value) -> int:
+    shape = graph.static_shape(value)
+    if not shape:
+        return 0
+    dims = [1 if (i == 0 and d is None) else d for i, d in enumerate(shape)]
+    return 0 if any(d is None for d in dims) else int(np.prod(dims))
+
+
+def layer_costs(model: ir.Model) -> list[LayerCost]:
+    """Per-layer cost of ``model`` at the precision it is stored in."""
+    meta, recipe = _metadata(model)
+    rows = []
+    for layer in compute_layers(model):
+        macs = layer.macs()
+        wb, ab, ws, as_, src = layer_bits(layer, meta, recipe)
+        rows.append(LayerCost(
+            name=layer.name, op=layer.op, kind=layer.kind, macs=int(macs or 0),
+            weights=int(layer.w_oc().size), biases=0 if layer.bias is None else int(graph.const_array(layer.bias).size),
+            wbits=wb, abits=ab, wstore=ws, astore=as_,
+            act_in=_elements(layer.node.inputs[0]), act_out=_elements(layer.node.outputs[0]), bits_from=src))
+    return rows
+
+
+def assume_bits(costs: list[LayerCost], wbits: int, abits: int) -> list[LayerCost]:
+    """Every layer at ``wbits`` x ``abits``: the cost of a uniform choice before compressing."""
+    return [c.with_bits(wbits, abits) for c in costs]
+
+
+# ------------------------------------------------------ dynamic precision
+@dataclass
+class DynamicCosts:
+    """Cost of a model whose precision is chosen per input by an embedded selector."""
+
+    images: int
+    bits_per_image: list[float]
+    expected_bops: float
+    min_bops: float
+    max_bops: float
+    selector_macs: int
+    selector_bops: int
+    selector_params: int
+
+
+def dynamic_costs(model: ir.Model, probes: np.ndarray) -> DynamicCosts | None:
+    """Expected / min / max BOPs over ``probes`` and the selector's own cost.
+
+    Applies to models with nodes of domain ``ai.datafree`` whose second graph
+    output is the bit-width chosen per image (one value, or one per dynamic layer
+    in graph order).  Returns None for every other model.  Dynamic layers run at
+    the chosen bits for weights and activations unless ``datafree.layers`` fixes
+    their weight bits; the selector is what only the bit output depends on.
+    """
+    dyn = [n for n in model.graph if n.domain == DYNAMIC_DOMAIN]
+    if not dyn or len(model.graph.outputs) < 2:
+        return None
+    from .probes import run_model  # onnxruntime only when needed
+
+    chosen = np.asarray(run_model(model, probes, [model.graph.outputs[1].name])[model.graph.outputs[1].name],
+                        dtype=np.float64).reshape(len(probes), -1)
+    meta, _ = _metadata(model)
+    static = [c for c in layer_costs(model)]
+    selector = _selector_nodes(model)
+    sel = [c for c in static if any(n.name == c.name for n in selector)]
+    main = [c for c in static if c not in sel]
+    dyn_macs = [_dynamic_macs(n) for n in dyn]
+    per_image = []
+    for row in chosen:
+        b = np.resize(row, len(dyn))
+        total = sum(c.bops for c in main)
+        for node, macs, bi in zip(dyn, dyn_macs, b):
+            wb = (meta.get(node.name) or {}).get("wbits") or bi
+            total += macs * float(wb) * float(bi)
+        per_image.append(total)
+    per_image = np.asarray(per_image)
+    return DynamicCosts(images=len(probes), bits_per_image=chosen.mean(axis=1).tolist(),
+                        expected_bops=float(per_image.mean()), min_bops=float(per_image.min()),
+                        max_bops=float(per_image.max()), selector_macs=sum(c.macs for c in sel),
+                        selector_bops=sum(c.bops for c in sel), selector_params=sum(c.params for c in sel))
+
+
+def _dynamic_macs(node: ir.Node) -> int:
+    """MACs of a dynamic layer: output positions x its largest constant (weight) tensor."""
+    consts = [graph.const_array(v) for v in node.inputs if v is not None and v.const_value is not None]
+    weights = [c for c in consts if c.ndim >= 2]
+    shape = graph.static_shape(node.outputs[0]) if node.outputs else None
+    if not weights or not shape or len(shape) < 2 or any(d is None for d in shape[2:]):
+        return 0
+    w = max(weights, key=lambda a: a.size)
+    return int(np.prod(shape[2:], dtype=np.int64) if len(shape) > 2 else 1) * int(w.size)
+
+
+def _ancestors(value: ir.Value, stop: ir.Node | None = None) -> set[int]:
+    seen, stack = set(), [value]
+    while stack:
+        v = stack.pop()
+        p = v.producer() if v is not None else None
+        if p is None or id(p) in seen or p is stop:
+            continue
+        seen.add(id(p))
+        stack.extend(x for x in p.inputs if x is not None)
+    return seen
+
+
+def _selector_nodes(model: ir.Model) -> list[ir.Node]:
+    bits_out = model.graph.outputs[1]
+    decider = bits_out.producer()
+    main = _ancestors(model.graph.outputs[0], stop=decider)
+    sel = _ancestors(bits_out) - main
+    return [n for n in model.graph if id(n) in sel]
