@@ -1,0 +1,38 @@
+"""The custom op domain of dynamic-precision models, defined once.
+
+Every node the dynamic pass writes (``BitSelect``, ``DynQuant``, ``DynQConv``,
+``DynQGemm``) lives in :data:`DOMAIN` at :data:`VERSION`.  The schemas, the ONNX
+function bodies, the onnxruntime-extensions kernels, the writer and the runtime all
+import the name from here.
+"""
+
+from __future__ import annotations
+
+import onnx
+
+DOMAIN = "ai.datafree"
+VERSION = 1
+# onnxruntime-extensions runs Python kernels registered with @onnx_op in this domain.
+KERNEL_DOMAIN = "ai.onnx.contrib"
+
+OP_TYPES = ("BitSelect", "DynQuant", "DynQConv", "DynQGemm")
+
+
+def opset_import() -> onnx.OperatorSetIdProto:
+    """The ``opset_import`` entry a model (or function) using our ops needs."""
+    return onnx.helper.make_opsetid(DOMAIN, VERSION)
+
+
+def add_opset_import(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Declare :data:`DOMAIN` in ``model`` (idempotent); returns the model."""
+    for entry in model.opset_import:
+        if entry.domain == DOMAIN:
+            entry.version = VERSION
+            return model
+    model.opset_import.append(opset_import())
+    return model
+
+
+def uses_domain(model: onnx.ModelProto) -> bool:
+    """True when any node of the main graph is one of our ops."""
+    return any(n.domain == DOMAIN for n in model.graph.node)

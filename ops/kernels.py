@@ -1,0 +1,152 @@
+"""Python kernels of the ``ai.datafree`` ops for onnxruntime (onnxruntime-extensions).
+
+The kernels group a batch by bit-width and run each group once (the function
+bodies run every candidate on the whole batch and mask).  They are registered
+with ``@onnx_op``, which places them in onnxruntime-extensions' domain
+``ai.onnx.contrib``; a session sees them after
+``SessionOptions.register_custom_ops_library(get_library_path())``.
+
+How a session picks the kernels rather than the function bodies: a model file
+always has its nodes in ``ai.datafree`` *and* the function bodies, so that a
+stock onnxruntime runs it.  onnxruntime would inline those bodies, so
+:func:`to_kernel_model` rewrites an in-memory copy before the session is made: the
+nodes move to ``ai.onnx.contrib``, the Conv attributes become the string/int
+attributes the Python kernels accept, and the now unused function bodies are
+dropped.  One file, two ways to run it; nothing on disk changes.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+
+from . import reference as ref
+from .domain import DOMAIN, KERNEL_DOMAIN
+
+try:
+    from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
+except ImportError:  # the runtime falls back to the function bodies
+    onnx_op = None
+    get_library_path = None
+
+AVAILABLE = onnx_op is not None
+_INT_LIST_ATTRS = ("strides", "pads", "dilations")
+
+
+# ----------------------------------------------------------------- the maths
+def bit_select(features, w1, b1, w2, b2, bits_table):
+    pooled = features.reshape(features.shape[0], features.shape[1], -1).mean(axis=2, dtype=np.float32)
+    hidden = np.maximum(pooled @ w1 + b1, 0)
+    config = np.argmax(hidden @ w2 + b2, axis=1).astype(np.int64)
+    return config, bits_table[config].astype(np.float32)
+
+
+def dyn_quant(x, bits, scale, zero_point, signed=0):
+    return ref.dyn_quant(x, bits, scale, zero_point, bool(signed))
+
+
+def _conv(x, w, bias, strides, pads, dilations, group):
+    import torch
+    import torch.nn.functional as F
+
+    nd = w.ndim - 2
+    tx = torch.from_numpy(np.ascontiguousarray(x))
+    pads = list(pads) or [0] * (2 * nd)
+    begin, end = pads[:nd], pads[nd:]
+    if begin != end:
+        spec = []
+        for b, e in zip(reversed(begin), reversed(end)):
+            spec += [b, e]
+        tx, padding = F.pad(tx, spec), 0
+    else:
+        padding = begin
+    fn = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
+    with torch.no_grad():
+        y = fn(tx, torch.from_numpy(w), torch.from_numpy(bias), stride=list(strides) or 1,
+               padding=padding, dilation=list(dilations) or 1, groups=group)
+    return y.numpy()
+
+
+def dyn_qconv(x, bits, w_int, w_scale, scale_table, bias, strides=(), pads=(), dilations=(), group=1):
+    parts, order = [], []
+    for b in np.unique(bits):
+        idx = np.nonzero(bits == b)[0]
+        w = ref.derive_weight(w_int, w_scale, scale_table, int(b))
+        parts.append(_conv(x[idx], w, bias.astype(np.float32), strides, pads, dilations, group))
+        order.append(idx)
+    return _scatter(parts, order, len(bits))
+
+
+def dyn_qgemm(x, bits, w_int, w_scale, scale_table, bias):
+    parts, order = [], []
+    for b in np.unique(bits):
+        idx = np.nonzero(bits == b)[0]
+        w = ref.derive_weight(w_int, w_scale, scale_table, int(b))
+        parts.append(x[idx] @ w.T + bias)
+        order.append(idx)
+    return _scatter(parts, order, len(bits))
+
+
+def _scatter(parts, order, n):
+    y = np.empty((n,) + parts[0].shape[1:], dtype=np.float32)
+    for p, idx in zip(parts, order):
+        y[idx] = p
+    return y
+
+
+# ------------------------------------------------------------- registration
+_registered = False
+
+
+def register() -> bool:
+    """Declare the kernels to onnxruntime-extensions (once); False when it is missing."""
+    global _registered
+    if not AVAILABLE:
+        return False
+    if _registered:
+        return True
+    f, i8, i64, s = PyCustomOpDef.dt_float, PyCustomOpDef.dt_int8, PyCustomOpDef.dt_int64, PyCustomOpDef.dt_string
+    onnx_op(op_type="BitSelect", inputs=[f] * 6, outputs=[i64, f])(bit_select)
+    onnx_op(op_type="DynQuant", inputs=[f] * 4, outputs=[f], attrs={"signed": i64})(dyn_quant)
+
+    def conv_kernel(x, bits, w_int, w_scale, scale_table, bias, strides="[]", pads="[]", dilations="[]", group=1):
+        return dyn_qconv(x, bits, w_int, w_scale, scale_table, bias, json.loads(strides), json.loads(pads),
+                         json.loads(dilations), int(group))
+
+    onnx_op(op_type="DynQConv", inputs=[f, f, i8, f, f, f], outputs=[f],
+            attrs={"strides": s, "pads": s, "dilations": s, "group": i64})(conv_kernel)
+    onnx_op(op_type="DynQGemm", inputs=[f, f, i8, f, f, f], outputs=[f])(dyn_qgemm)
+    _registered = True
+    return True
+
+
+def library_path() -> str:
+    return get_library_path()
+
+
+# ------------------------------------------------------------ model rewrite
+def to_kernel_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose ai.datafree nodes run on the kernels (see module doc)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for node in out.graph.node:
+        if node.domain != DOMAIN:
+            continue
+        node.domain = KERNEL_DOMAIN
+        if node.op_type == "DynQConv":
+            given = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            del node.attribute[:]
+            for name in _INT_LIST_ATTRS:
+                node.attribute.append(onnx.helper.make_attribute(name, json.dumps(list(given.get(name, [])))))
+            node.attribute.append(onnx.helper.make_attribute("group", int(given.get("group", 1))))
+        elif node.op_type == "DynQuant" and not any(a.name == "signed" for a in node.attribute):
+            node.attribute.append(onnx.helper.make_attribute("signed", 0))
+    keep = [fn for fn in out.functions if fn.domain != DOMAIN]
+    del out.functions[:]
+    out.functions.extend(keep)
+    opsets = {o.domain for o in out.opset_import}
+    if KERNEL_DOMAIN not in opsets:
+        out.opset_import.append(onnx.helper.make_opsetid(KERNEL_DOMAIN, 1))
+    return out

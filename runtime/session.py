@@ -1,0 +1,83 @@
+"""An onnxruntime session that runs any model this toolchain writes.
+
+    from datafree.runtime import InferenceSession
+    logits, bits = InferenceSession("dyn.onnx").run(None, {"input": x})
+
+Dynamic-precision models use the ``ai.datafree`` ops.  With ``use_kernels=True``
+(and onnxruntime-extensions installed) they run on the Python kernels, which
+group each batch by bit-width; otherwise on the ONNX function bodies stored in
+the model, exactly as a stock onnxruntime would run the file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from datafree.ops import domain, kernels
+from datafree.toolchain.errors import UserError
+
+Source = str | os.PathLike | bytes | onnx.ModelProto
+
+
+def _load(source) -> onnx.ModelProto:
+    if isinstance(source, onnx.ModelProto):
+        return source
+    if isinstance(source, (bytes, bytearray)):
+        proto = onnx.ModelProto()
+        proto.ParseFromString(bytes(source))
+        return proto
+    try:
+        import onnx_ir as ir
+
+        if isinstance(source, ir.Model):
+            return ir.serde.serialize_model(source)
+    except ImportError:  # pragma: no cover - onnx_ir is a dependency
+        pass
+    from datafree.toolchain.ingest import load_proto
+
+    return load_proto(Path(source))
+
+
+class InferenceSession:
+    """``onnxruntime.InferenceSession`` with the ``ai.datafree`` ops available."""
+
+    def __init__(self, source: Source, *, threads: int | None = None, use_kernels: bool = True,
+                 providers: list[str] | None = None):
+        proto = _load(source)
+        self.dynamic = domain.uses_domain(proto)
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = int(threads)
+            options.inter_op_num_threads = 1
+        self.uses_kernels = bool(self.dynamic and use_kernels and kernels.register())
+        if self.uses_kernels:
+            options.register_custom_ops_library(kernels.library_path())
+            proto = kernels.to_kernel_model(proto)
+        self.metadata = {p.key: p.value for p in proto.metadata_props}
+        try:
+            self._session = ort.InferenceSession(proto.SerializeToString(), options,
+                                                 providers=providers or ["CPUExecutionProvider"])
+        except Exception as exc:
+            raise UserError(f"onnxruntime cannot run this model: {str(exc).splitlines()[0]}") from None
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self._session.get_inputs()]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self._session.get_outputs()]
+
+    def get_inputs(self):
+        return self._session.get_inputs()
+
+    def get_outputs(self):
+        return self._session.get_outputs()
+
+    def run(self, output_names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self._session.run(output_names, feeds)
