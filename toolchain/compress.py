@@ -5,16 +5,31 @@
     result = compress("model.onnx", Recipe(prune=0.3, wbits=4, abits=8))
     result.model      # onnx_ir.Model, ready for exporters.writer.save
     result.summary    # per-layer table, totals, skipped layers with reasons
+
+The steps, each a small pass over matched layers (``passes/``):
+ingest → analyse → [synthetic images] → prune (+ compensation) → fold BN →
+quantize weights (+ corrections) → activation ranges → QDQ → metadata.
 """
 
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx_ir as ir
 
+from . import graph as G
+from . import ingest
+from .errors import NotCompressible, UserError
+from .passes import fold, prune, qdq, quantize
 from .progress import ProgressFn, silent
-from .recipe import Recipe
+from .recipe import METADATA_KEY, Recipe
+from .stats import mse_range, output_mean, output_samples
+
+LAYERS_KEY = "datafree.layers"
+VERSION_KEY = "datafree.version"
 
 
 @dataclass
@@ -36,9 +51,16 @@ class LayerRow:
 @dataclass
 class Summary:
     rows: list[LayerRow] = field(default_factory=list)
-    skipped: dict[str, str] = field(default_factory=dict)      # layer -> why it was not pruned/quantized
+    skipped: dict[str, str] = field(default_factory=dict)      # layer -> why it was not pruned
     totals: dict[str, float] = field(default_factory=dict)     # params/macs/bytes before and after
     timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        import dataclasses
+
+        return {"layers": [dataclasses.asdict(r) for r in self.rows], "skipped": self.skipped,
+                "totals": self.totals, "timings": self.timings, "notes": self.notes}
 
 
 @dataclass
@@ -48,6 +70,309 @@ class CompressResult:
     recipe: Recipe
 
 
+# ------------------------------------------------------------------ helpers
+def _needs_opset21(recipe: Recipe, names: list[str]) -> bool:
+    for name in names:
+        eff = recipe.for_layer(name)
+        if eff.skip:
+            continue
+        if eff.abits is not None and eff.abits <= 4:
+            return True
+        if recipe.int4 and eff.wbits is not None and eff.wbits <= 4:
+            return True
+    return False
+
+
+def _upgrade(model: ir.Model, target: int) -> ir.Model:
+    proto = ingest.upgrade_opset(ir.serde.serialize_model(model), target)
+    return ingest.normalize(ir.serde.deserialize_model(proto))
+
+
+def weight_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+# --------------------------------------------------------------------- main
 def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = silent) -> CompressResult:
     """Compress ``source`` (path, ModelProto or ir.Model; never modified) as ``recipe`` says."""
-    raise NotImplementedError
+    recipe = recipe or Recipe()
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    progress("load", 0, 1)
+    model = ingest.load(source)
+    if ingest.is_quantized(model):
+        raise UserError("model is already quantized (it has QuantizeLinear/DequantizeLinear or integer ops): "
+                        "compress its float export instead")
+    analysis = G.analyse(model)
+    if not analysis.layers:
+        raise NotCompressible("nothing to compress: no Conv/ConvTranspose/Gemm/MatMul with constant weights"
+                              + (f" ({'; '.join(f'{k}: {v}' for k, v in analysis.skipped.items())})"
+                                 if analysis.skipped else ""))
+    if _needs_opset21(recipe, [l.name for l in analysis.layers]) and ingest.opset_of(model) < 21:
+        model = _upgrade(model, 21)
+        analysis = G.analyse(model)
+    timings["load"] = time.perf_counter() - t_start
+    progress("load", 1, 1)
+
+    before = {l.name: (l.out_channels, l.macs(), l.params(), l.op, l.kind) for l in analysis.layers}
+    macs_before = sum(m for _, m, *_ in before.values() if m is not None)
+    bytes_before = weight_bytes(model)
+    moments = {l.name: l.preact_moments() for l in analysis.layers}
+    summary = Summary(skipped={g.name: g.reason for g in analysis.groups if g.reason} | analysis.skipped)
+
+    # ---------------------------------------------------------- synthetic images
+    t = time.perf_counter()
+    synthetic = None
+    wants_fit = recipe.synthetic > 0 and (recipe.prune > 0 or recipe.wbits is not None or recipe.abits is not None
+                                          or recipe.layers)
+    if wants_fit:
+        from .synth import generate
+
+        synthetic = generate(model, recipe.synthetic, steps=recipe.synthetic_steps, seed=recipe.seed,
+                             progress=progress)
+        summary.notes.append(f"{recipe.synthetic} synthetic images ({synthetic.source})")
+    timings["synthetic"] = time.perf_counter() - t
+
+    # -------------------------------------------------------------------- prune
+    t = time.perf_counter()
+    reference = None
+    if synthetic is not None:
+        reference = ingest.to_ir(model)           # the float model, before any change
+    plans = plan_pruning(analysis, recipe)
+    for i, plan in enumerate(plans):
+        progress("prune", i, len(plans))
+        prune_group(plan, recipe, moments, summary)
+    progress("prune", len(plans), len(plans))
+    timings["prune"] = time.perf_counter() - t
+
+    # ------------------------------------------------ fold BN, quantize, ranges
+    t = time.perf_counter()
+    for layer in analysis.layers:
+        fold.fold_batchnorm(layer)
+    _refresh_shapes(model)
+    if reference is not None:
+        ref_analysis = G.analyse(reference)
+        for layer in ref_analysis.layers:
+            fold.fold_batchnorm(layer)
+    weights, acts = {}, {}
+    if synthetic is not None:
+        from .passes.fit import fit_sequential
+
+        weights, acts = fit_sequential(model, reference, analysis.layers, synthetic.images, recipe,
+                                       progress=progress, pruned={p.group.name for p in plans})
+    else:
+        weights = quantize_closed_form(analysis.layers, recipe, moments, progress)
+        acts = activation_ranges_closed_form(model, analysis.layers, recipe, moments)
+    timings["quantize"] = time.perf_counter() - t
+
+    # -------------------------------------------------------------------- write
+    qdq.emit(model, analysis.layers, weights, acts, int4=recipe.int4)
+    _refresh_shapes(model)
+    per_layer = {}
+    for layer in analysis.layers:
+        eff = recipe.for_layer(layer.name)
+        wq = weights.get(layer.name)
+        in_name = _layer_input_name(layer)
+        aq = acts.get(in_name) if in_name else None
+        per_layer[layer.name] = {"wbits": wq.bits if wq else None, "abits": aq.bits if aq else None,
+                                 "channels": layer.out_channels}
+        ch0, m0, p0, op, kind = before[layer.name]
+        summary.rows.append(LayerRow(
+            name=layer.name, op=op, kind=kind, channels_before=ch0, channels_after=layer.out_channels,
+            wbits=wq.bits if wq else None, abits=aq.bits if aq else None,
+            macs_before=m0, macs_after=_macs_after(layer, m0, before), params_before=p0,
+            params_after=_params_after(layer, wq), note="skipped by recipe" if eff.skip else ""))
+    macs_after = sum(r.macs_after for r in summary.rows if r.macs_after is not None)
+    summary.totals = {
+        "params_before": sum(r.params_before for r in summary.rows),
+        "params_after": sum(r.params_after for r in summary.rows),
+        "macs_before": macs_before, "macs_after": macs_after,
+        "weight_bytes_before": bytes_before, "weight_bytes_after": weight_bytes(model),
+    }
+    model.metadata_props[METADATA_KEY] = recipe.to_json()
+    model.metadata_props[LAYERS_KEY] = json.dumps(per_layer, sort_keys=True)
+    model.metadata_props[VERSION_KEY] = _version()
+    timings["total"] = time.perf_counter() - t_start
+    summary.timings = {k: round(v, 3) for k, v in timings.items()}
+    return CompressResult(model=model, summary=summary, recipe=recipe)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("datafree")
+    except PackageNotFoundError:
+        return "0"
+
+
+def _layer_input_name(layer: G.Layer) -> str | None:
+    x = layer.node.inputs[0]
+    p = x.producer()
+    if p is not None and p.op_type == "DequantizeLinear":
+        x = p.inputs[0].producer().inputs[0]
+    return x.name
+
+
+def _macs_after(layer: G.Layer, macs_before: int | None, before) -> int | None:
+    m = layer.macs()
+    if m is not None:
+        return m
+    if macs_before is None:
+        return None
+    ch0 = before[layer.name][0]
+    return int(macs_before * layer.out_channels / ch0)  # shapes unknown: scale by kept channels
+
+
+def _params_after(layer: G.Layer, wq) -> int:
+    if wq is not None:
+        n = int(wq.q.size)
+        b = layer.node.inputs[2] if len(layer.node.inputs) > 2 else None
+        return n + (0 if b is None else int(np.prod(b.shape.dims)) if b.shape is not None else 0)
+    return layer.params()
+
+
+def _refresh_shapes(model: ir.Model) -> None:
+    """Drop stale intermediate shapes (channels changed) and infer them again."""
+    for node in model.graph:
+        for v in node.outputs:
+            if not v.is_graph_output():
+                v.shape = None
+    ingest.infer_shapes(model)
+
+
+# ------------------------------------------------------------------ pruning
+def plan_pruning(analysis: G.Analysis, recipe: Recipe) -> list[prune.PrunePlan]:
+    groups = [g for g in analysis.prunable if not recipe.for_layer(g.name).skip]
+    ratios = {g.name: recipe.for_layer(g.name).prune for g in groups}
+    groups = [g for g in groups if ratios[g.name] and ratios[g.name] > 0]
+    if not groups:
+        return []
+    crit = "l1" if recipe.criterion == "output" else recipe.criterion
+    scores = {g.name: prune.channel_scores(g.producer, crit) for g in groups}
+    if recipe.prune_scope == "global":
+        overridden = {g.name for g in groups if recipe.for_layer(g.name).prune != recipe.prune}
+        keep_n = prune.global_keep([g for g in groups if g.name not in overridden], scores,
+                                   recipe.prune, recipe.channel_multiple)
+        for g in groups:
+            if g.name in overridden:
+                keep_n[g.name] = prune.n_keep(g.channels, ratios[g.name], recipe.channel_multiple)
+    else:
+        keep_n = {g.name: prune.n_keep(g.channels, ratios[g.name], recipe.channel_multiple) for g in groups}
+    plans = []
+    for g in groups:
+        if keep_n[g.name] >= g.channels:
+            continue
+        keep, pruned = prune.choose(scores[g.name], keep_n[g.name])
+        plans.append(prune.PrunePlan(group=g, keep=keep, pruned=pruned))
+    return plans
+
+
+def prune_group(plan: prune.PrunePlan, recipe: Recipe, moments: dict, summary: Summary) -> None:
+    g = plan.group
+    producer = g.producer
+    mom = moments.get(producer.name)
+    mean_before = output_mean(producer, mom) if mom is not None and not g.depthwise else None
+    w_before = {c.layer.name: prune.consumer_in_weight(c) for c in g.consumers}
+    if recipe.compensation and not g.depthwise:
+        S = prune.closed_form_coefficients(producer, plan.keep, plan.pruned)
+        prune.compensate_consumers(g, plan.keep, plan.pruned, S)
+    elif g.depthwise:
+        summary.notes.append(f"{g.name}: depthwise layers in between, no closed-form compensation")
+    if recipe.bias_correction and mean_before is not None:
+        # expected input of each consumer before and after: add the difference back to its bias
+        for c in g.consumers:
+            w0 = w_before[c.layer.name]
+            w1 = prune.consumer_in_weight(c)[:, plan.keep]
+            e0 = _expected_out(w0, mean_before)
+            e1 = _expected_out(w1, mean_before[plan.keep])
+            if c.layer.op != "MatMul":
+                c.layer.set_bias(c.layer.bias_array() + (e0 - e1).astype(np.float32))
+    prune.apply(plan)
+    if mom is not None:
+        moments[producer.name] = (mom[0][plan.keep], mom[1][plan.keep])
+
+
+def _expected_out(w: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """(out, C, ...) weights applied to a per-channel constant input (interior positions)."""
+    return w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2) @ mean
+
+
+# --------------------------------------------------- closed-form quantization
+def _input_producers(layers: list[G.Layer]) -> dict[int, G.Layer]:
+    return {id(l.output): l for l in layers}
+
+
+def quantize_closed_form(layers: list[G.Layer], recipe: Recipe, moments: dict, progress: ProgressFn):
+    producers = _input_producers(layers)
+    weights = {}
+    for i, layer in enumerate(layers):
+        progress("quantize", i, len(layers))
+        eff = recipe.for_layer(layer.name)
+        if eff.skip or eff.wbits is None:
+            continue
+        w0 = layer.w_oc()
+        weights[layer.name] = quantize.quantize_layer(layer, eff.wbits, recipe.clip)
+        src = producers.get(id(layer.node.inputs[0]))
+        if recipe.bias_correction and src is not None and moments.get(src.name) is not None:
+            mean = output_mean(src, moments[src.name])
+            if mean is not None and len(mean) == layer.in_channels:
+                quantize.bias_correction(layer, w0, mean)
+    progress("quantize", len(layers), len(layers))
+    return weights
+
+
+def activation_ranges_closed_form(model: ir.Model, layers: list[G.Layer], recipe: Recipe, moments: dict):
+    """Ranges of quantized layers' inputs: BN Gaussians where known, probe images elsewhere."""
+    producers = _input_producers(layers)
+    wanted: dict[str, int] = {}
+    for layer in layers:
+        eff = recipe.for_layer(layer.name)
+        if eff.skip or eff.abits is None:
+            continue
+        name = layer.node.inputs[0].name
+        wanted[name] = max(wanted.get(name, 0), eff.abits)
+    if not wanted:
+        return {}
+    ranges: dict[str, tuple[float, float]] = {}
+    unknown = []
+    by_name = {l.output.name: l for l in layers}
+    for name, bits in wanted.items():
+        src = by_name.get(name)
+        if src is not None and moments.get(src.name) is not None:
+            samples = output_samples(src, moments[src.name])
+            if samples is not None:
+                ranges[name] = mse_range(samples, bits)
+                continue
+        unknown.append(name)
+    if unknown:
+        captured = probe_activations(model, unknown, n=32)
+        for name in unknown:
+            ranges[name] = mse_range(captured[name], wanted[name])
+    out = {}
+    from .quant import act_qparams
+
+    for name, (lo, hi) in ranges.items():
+        scale, zp, signed = act_qparams(lo, hi, wanted[name])
+        out[name] = qdq.ActQuant(bits=wanted[name], scale=scale, zero_point=zp, signed=signed)
+    return out
+
+
+def probe_activations(model: ir.Model, names: list[str], n: int = 32, seed: int = 0) -> dict[str, np.ndarray]:
+    """Values of ``names`` on seeded standard-normal probe inputs (onnxruntime)."""
+    import onnxruntime as ort
+
+    proto = ir.serde.serialize_model(model)
+    existing = {o.name for o in proto.graph.output}
+    import onnx
+
+    for name in names:
+        if name not in existing:
+            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0]
+    shape = [n if not isinstance(d, int) else d for d in inp.shape]
+    shape[0] = n
+    x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    outs = sess.run(names, {inp.name: x})
+    return dict(zip(names, outs))

@@ -413,7 +413,7 @@ def _step(group, node, idx, value, stride, C, by_node, tracked, frontier) -> str
             return _follow(node, stride, tracked, frontier)
         return f"{where} pads channels"
     if op in ("Flatten", "Reshape", "Squeeze") and idx == 0:
-        return _flatten(node, value, stride, C, tracked, frontier)
+        return _flatten(group, node, value, stride, C, tracked, frontier)
     return f"channels feed {where}"
 
 
@@ -456,7 +456,7 @@ def _reduce_axes(node: ir.Node) -> list[int] | None:
     return [a + rank if a < 0 else a for a in axes] if rank else list(axes)
 
 
-def _flatten(node, value, stride, C, tracked, frontier) -> str | None:
+def _flatten(group, node, value, stride, C, tracked, frontier) -> str | None:
     shape = static_shape(value)
     out = static_shape(node.outputs[0])
     if shape is None or out is None or len(out) != 2:
@@ -468,6 +468,8 @@ def _flatten(node, value, stride, C, tracked, frontier) -> str | None:
     spatial = int(np.prod(shape[2:])) if len(shape) > 2 else 1
     if out[1] is not None and out[1] != C * spatial:
         return f"{node.op_type} {node.name!r} does not flatten [N, C, ...] to [N, C*...]"
+    if node.op_type == "Reshape":
+        group.members.append(node)  # its target shape names the feature count
     tracked.add(id(node.outputs[0]))
     frontier.append((node.outputs[0], stride * spatial))
     return None

@@ -1,0 +1,163 @@
+"""``datafree compress`` and ``datafree convert-and-compress``: parse, call, print."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import UserError
+from .recipe import FLOAT, DynamicConfig, Recipe
+
+# CLI option name -> recipe field
+_FIELDS = {
+    "prune": "prune", "prune_scope": "prune_scope", "criterion": "criterion",
+    "channel_multiple": "channel_multiple", "wbits": "wbits", "abits": "abits", "clip": "clip",
+    "compensation": "compensation", "bias_correction": "bias_correction",
+    "scale_compensation": "scale_compensation", "synthetic": "synthetic",
+    "synthetic_steps": "synthetic_steps", "seed": "seed", "int4": "int4",
+}
+
+
+def _bits(ctx, param, value):
+    if value is None:
+        return None
+    if str(value).lower() in (FLOAT, "none", "fp32", "32"):
+        return FLOAT
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"expected 2..8 or 'float', got {value!r}") from None
+
+
+def compress_options(f):
+    opts = [
+        click.argument("model", type=str),
+        click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+                     help="Where to write the compressed model."),
+        click.option("--recipe", "recipe_file", type=click.Path(path_type=Path),
+                     help="Recipe file (TOML or JSON); options given on the command line override it."),
+        click.option("--prune", type=float, default=0.0, show_default=True,
+                     help="Ratio of prunable channels to remove, in [0, 1)."),
+        click.option("--prune-scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True),
+        click.option("--criterion", type=click.Choice(["l1", "l2", "bn_l1", "output"]), default="l1",
+                     show_default=True, help="Channel importance."),
+        click.option("--channel-multiple", type=int, default=1, show_default=True,
+                     help="Keep channel counts at a multiple of this (vector units like 4 or 8)."),
+        click.option("--wbits", callback=_bits, default="8", show_default=True, help="Weight bits (2..8 or 'float')."),
+        click.option("--abits", callback=_bits, default=None, help="Activation bits (2..8); default: float."),
+        click.option("--clip", type=click.Choice(["max", "mse"]), default="max", show_default=True),
+        click.option("--compensation/--no-compensation", default=True, show_default=True,
+                     help="Rebuild pruned channels from the kept ones in the next layer."),
+        click.option("--bias-correction/--no-bias-correction", default=True, show_default=True),
+        click.option("--scale-compensation/--no-scale-compensation", default=False, show_default=True),
+        click.option("--synthetic", type=int, default=Recipe.synthetic, show_default=True,
+                     help="Synthetic images generated from the model to fit on (0: closed form only)."),
+        click.option("--synthetic-steps", type=int, default=Recipe.synthetic_steps, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--int4/--no-int4", default=True, show_default=True,
+                     help="Store <= 4-bit weights packed as INT4 (opset 21)."),
+        click.option("--dynamic", is_flag=True, help="Insert a bit selector: precision chosen per input."),
+        click.option("--bits", "dyn_bits", type=str, default=None, help="Candidate bits for --dynamic, e.g. 4,6,8."),
+        click.option("--target-bits", type=float, default=None, help="Average bits the selector aims at."),
+        click.option("--input-shape", type=str, default=None,
+                     help="Input shape for torch inputs or symbolic sizes, e.g. 1,3,224,224."),
+        click.option("--dry-run", is_flag=True, help="Plan only: predicted size and MACs, nothing written."),
+        click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON."),
+        click.option("--external-data/--no-external-data", default=None,
+                     help="Write weights to <output>.data (default: only when the model is over 1.8 GB)."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def build_recipe(ctx: click.Context, params: dict) -> Recipe:
+    """The recipe file, then every option the user actually gave."""
+    from click.core import ParameterSource
+
+    base = Recipe.from_file(params["recipe_file"]).to_dict() if params["recipe_file"] else Recipe().to_dict()
+    for opt, fld in _FIELDS.items():
+        given = ctx.get_parameter_source(opt) not in (ParameterSource.DEFAULT, None)
+        if given or not params["recipe_file"]:
+            value = params[opt]
+            base[fld] = None if value == FLOAT else value
+    if params["dynamic"] or params["dyn_bits"] or params["target_bits"] is not None:
+        dyn = base.get("dynamic") or {}
+        if params["dyn_bits"]:
+            try:
+                dyn["bits"] = [int(b) for b in params["dyn_bits"].split(",")]
+            except ValueError:
+                raise UserError(f"--bits must be a comma-separated list of integers, got {params['dyn_bits']!r}") from None
+        if params["target_bits"] is not None:
+            dyn["target_bits"] = params["target_bits"]
+        base["dynamic"] = dyn
+    return Recipe.from_dict(base)
+
+
+def _check_paths(model: str, output: Path | None, dry_run: bool) -> None:
+    if output is None and not dry_run:
+        raise UserError("missing -o/--output (or use --dry-run)")
+    if output is not None and Path(model).exists() and output.exists() and output.resolve() == Path(model).resolve():
+        raise UserError(f"output {output} is the input file: choose another path")
+    if output is not None and not output.parent.exists():
+        raise UserError(f"output folder {output.parent} does not exist")
+
+
+def run_compress(ctx: click.Context, params: dict, source) -> None:
+    from datafree.exporters.writer import save
+
+    from .compress import compress
+    from .render import print_summary, progress_bar
+
+    recipe = build_recipe(ctx, params)
+    _check_paths(params["model"], params["output"], params["dry_run"])
+    if params["dry_run"]:
+        recipe = recipe.replace(synthetic=0, dynamic=None)
+    with progress_bar(quiet=params["as_json"]) as progress:
+        result = compress(source, recipe, progress=progress)
+        extra = {}
+        if recipe.dynamic is not None and not params["dry_run"]:
+            from .passes.dynamic import apply_dynamic
+
+            result.model, extra = apply_dynamic(result.model, recipe.dynamic, progress=progress)
+    if not params["dry_run"]:
+        save(result.model, params["output"], external_data=params["external_data"])
+    if params["as_json"]:
+        out = result.summary.to_dict() | {"recipe": recipe.to_dict(), "output": str(params["output"] or "")}
+        if extra:
+            out["dynamic"] = extra
+        click.echo(json.dumps(out, indent=2, default=_jsonable))
+    else:
+        print_summary(result.summary, params["output"], dry_run=params["dry_run"], dynamic=extra)
+
+
+def _jsonable(x):
+    import numpy as np
+
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
+
+
+@click.command()
+@compress_options
+@click.pass_context
+def compress(ctx: click.Context, **params) -> None:
+    """Prune and quantize an ONNX MODEL without data."""
+    run_compress(ctx, params, params["model"])
+
+
+@click.command("convert-and-compress")
+@compress_options
+@click.pass_context
+def convert_and_compress(ctx: click.Context, **params) -> None:
+    """Like compress, but MODEL may also be a TorchScript file or package.module:factory."""
+    from .sources import resolve_source
+
+    source = resolve_source(params["model"], params["input_shape"])
+    run_compress(ctx, params, source)

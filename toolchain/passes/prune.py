@@ -1,0 +1,209 @@
+"""Structured pruning with UDFC next-layer compensation.
+
+Removing output channel ``j`` of a layer L is compensated in closed form (UDFC,
+Bai et al. 2023): approximate L's pre-activation ``z_j`` by a combination ``Σ s_i z_i``
+of the kept channels, solving
+
+    min_s ||Q s - vec(W_j)||² + α1 ||P s - K_j||²,   Q[:, i] = (γ_i σ_j / (σ_i γ_j)) vec(W_i),  P[i] = K_i
+
+as one least-squares system, then fold the coefficients into the next layer:
+``W'[:, i] += s_i W'[:, j]``.  Channels are then physically removed from every member
+of the prune group (L, its BN and activation, depthwise layers, per-channel
+constants) and from the input of every consumer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..graph import Consumer, Layer, PruneGroup, attr, const_array, set_const
+
+ALPHA1 = 0.01
+
+
+@dataclass
+class PrunePlan:
+    group: PruneGroup
+    keep: np.ndarray          # sorted indices of kept channels
+    pruned: np.ndarray        # sorted indices of removed channels
+
+
+# ---------------------------------------------------------------- selection
+def channel_scores(layer: Layer, criterion: str) -> np.ndarray:
+    """Importance per output channel (higher = keep)."""
+    w = layer.w_oc().reshape(layer.out_channels, -1).astype(np.float64)
+    if criterion == "l2":
+        return np.sqrt((w ** 2).sum(axis=1))
+    score = np.abs(w).sum(axis=1)
+    if criterion == "bn_l1":
+        p = layer.bn_params()
+        if p is not None:
+            score = score * np.abs(p["gamma"]) / np.sqrt(p["var"] + p["eps"])
+    return score
+
+
+def n_keep(channels: int, ratio: float, multiple: int = 1) -> int:
+    """Channels kept at ``ratio``, rounded up to a multiple the vector units like."""
+    keep = channels - int(np.floor(ratio * channels + 1e-9))
+    if multiple > 1 and channels >= multiple:
+        keep = min(channels, int(np.ceil(keep / multiple)) * multiple)
+    return max(1, keep)
+
+
+def choose(scores: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(-scores, kind="stable")
+    return np.sort(order[:keep]), np.sort(order[keep:])
+
+
+def global_keep(groups: list[PruneGroup], scores: dict[str, np.ndarray], ratio: float,
+                multiple: int = 1) -> dict[str, int]:
+    """Channels kept per group when ``ratio`` of all channels is removed by global rank.
+
+    Scores are normalised by each layer's mean so layers of different scale compete
+    fairly; no layer loses more than 90 % of its channels.
+    """
+    entries = []
+    for g in groups:
+        s = scores[g.name]
+        entries += [(v / (s.mean() + 1e-12), g.name) for v in s]
+    total = len(entries)
+    n_remove = int(np.floor(ratio * total))
+    removed: dict[str, int] = {g.name: 0 for g in groups}
+    cap = {g.name: int(0.9 * g.channels) for g in groups}
+    for v, name in sorted(entries):
+        if n_remove == 0:
+            break
+        if removed[name] < cap[name]:
+            removed[name] += 1
+            n_remove -= 1
+    out = {}
+    for g in groups:
+        keep = g.channels - removed[g.name]
+        if multiple > 1 and g.channels >= multiple:
+            keep = min(g.channels, int(np.ceil(keep / multiple)) * multiple)
+        out[g.name] = max(1, keep)
+    return out
+
+
+# ------------------------------------------------------------- compensation
+def closed_form_coefficients(layer: Layer, keep: np.ndarray, pruned: np.ndarray,
+                             alpha1: float = ALPHA1) -> np.ndarray:
+    """S[k, p]: coefficient of kept channel keep[k] standing in for pruned channel pruned[p]."""
+    w = layer.w_oc().reshape(layer.out_channels, -1).astype(np.float64)
+    p = layer.bn_params()
+    if p is not None:
+        gamma = p["gamma"].astype(np.float64)
+        sigma = np.sqrt(p["var"].astype(np.float64) + p["eps"])
+        scale = gamma / sigma
+        K = p["beta"] - scale * p["mean"] + scale * layer.bias_array()
+    else:
+        scale = np.ones(layer.out_channels)
+        K = layer.bias_array().astype(np.float64)
+    S = np.zeros((len(keep), len(pruned)))
+    for col, j in enumerate(pruned):
+        ratio = np.divide(scale[keep], scale[j], out=np.zeros(len(keep)), where=scale[j] != 0)
+        Q = w[keep].T * ratio[None, :]
+        A = np.vstack([Q, np.sqrt(alpha1) * K[keep][None, :]])
+        b = np.concatenate([w[j], [np.sqrt(alpha1) * K[j]]])
+        S[:, col] = np.linalg.lstsq(A, b, rcond=None)[0]
+    return S
+
+
+def compensate_consumers(group: PruneGroup, keep: np.ndarray, pruned: np.ndarray, S: np.ndarray) -> None:
+    """Fold the coefficients into every consumer: W'[:, i] += s_i W'[:, j]."""
+    for c in group.consumers:
+        w = consumer_in_weight(c)              # (out, C, stride, ...)
+        add = np.einsum("kp,op...->ok...", S, w[:, pruned])
+        w[:, keep] += add.astype(w.dtype)
+        set_consumer_in_weight(c, w)
+
+
+# ------------------------------------------------------ consumer input layout
+def consumer_in_weight(c: Consumer) -> np.ndarray:
+    """The consumer's weight as (out, channel, stride, ...) of the group's channels."""
+    w = c.layer.w_oc()
+    out = w.shape[0]
+    if c.layer.op in ("Gemm", "MatMul"):
+        return w.reshape(out, -1, c.stride).copy()
+    return w.copy()
+
+
+def set_consumer_in_weight(c: Consumer, w: np.ndarray) -> None:
+    if c.layer.op in ("Gemm", "MatMul"):
+        w = w.reshape(w.shape[0], -1)
+    c.layer.set_w_oc(w)
+
+
+# ----------------------------------------------------------------- surgery
+def apply(plan: PrunePlan) -> None:
+    """Physically remove ``plan.pruned`` from every member of the group."""
+    g, keep = plan.group, plan.keep
+    _slice_out(g.producer, keep)
+    for dw in g.depthwise:
+        _slice_out(dw, keep)
+        dw.node.attributes["group"] = _int_attr("group", len(keep))
+    for node in g.members:
+        _slice_member(node, keep, g)
+    for c in g.consumers:
+        w = consumer_in_weight(c)[:, keep]
+        set_consumer_in_weight(c, w)
+
+
+def _int_attr(name: str, v: int):
+    import onnx_ir as ir
+
+    return ir.AttrInt64(name, int(v))
+
+
+def _slice_out(layer: Layer, keep: np.ndarray) -> None:
+    layer.set_w_oc(layer.w_oc()[keep])
+    if layer.bias is not None:
+        set_const(layer.bias, const_array(layer.bias)[keep])
+    if layer.bn is not None:
+        for v in layer.bn.inputs[1:5]:
+            set_const(v, const_array(v)[keep])
+    for node in layer.act:
+        if node.op_type == "PRelu":
+            _slice_member(node, keep, None)
+
+
+def _slice_member(node, keep: np.ndarray, group: PruneGroup | None) -> None:
+    if node.op_type == "BatchNormalization":
+        for v in node.inputs[1:5]:
+            set_const(v, const_array(v)[keep])
+        return
+    if node.op_type == "Reshape":
+        import onnx_ir as ir
+
+        shape = np.array([0, -1], dtype=np.int64)
+        node.replace_input_with(1, ir.Value(name=node.inputs[1].name + "_pruned",
+                                            const_value=ir.tensor(shape, name=node.inputs[1].name + "_pruned")))
+        node.graph.register_initializer(node.inputs[1])
+        return
+    C = group.channels if group is not None else None
+    for i, v in enumerate(node.inputs):
+        arr = const_array(v)
+        if arr is None or arr.size == 1:
+            continue
+        # the per-channel axis: the one non-1 dimension
+        axes = [a for a, d in enumerate(arr.shape) if d != 1]
+        if len(axes) != 1:
+            continue
+        ax = axes[0]
+        n = arr.shape[ax]
+        if C is not None and n != C:
+            stride = n // C
+            idx = (keep[:, None] * stride + np.arange(stride)[None, :]).reshape(-1)
+        else:
+            idx = keep
+        if v.is_initializer() and len(list(v.uses())) > 1:
+            import onnx_ir as ir
+
+            new = ir.Value(name=f"{v.name}_{node.name}", const_value=ir.tensor(np.take(arr, idx, axis=ax),
+                                                                                 name=f"{v.name}_{node.name}"))
+            node.graph.register_initializer(new)
+            node.replace_input_with(i, new)
+        else:
+            set_const(v, np.take(arr, idx, axis=ax))

@@ -1,0 +1,143 @@
+"""Write quantization into the graph as QuantizeLinear / DequantizeLinear (QDQ).
+
+* weights: integer initializer (INT8, or INT4 at <= 4 bits on opset 21) →
+  ``DequantizeLinear(axis=output channels)`` → layer;
+* activations: ``QuantizeLinear → DequantizeLinear`` on a tensor, once, feeding all
+  its consumers (uint8/uint4 when non-negative, int8/int4 otherwise);
+* biases of layers whose input is quantized: INT32 with scale ``s_x·s_w``, the form
+  onnxruntime needs to fuse ``DQ → Conv → Q`` into an integer ``QLinearConv``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+
+from ..graph import Layer, attr, const_array
+from .quantize import WeightQuant
+
+
+@dataclass
+class ActQuant:
+    bits: int
+    scale: float
+    zero_point: int
+    signed: bool
+
+
+def _int_dtype(bits: int, signed: bool, packed4: bool):
+    if bits <= 4 and packed4:
+        return (ml_dtypes.int4, ir.DataType.INT4) if signed else (ml_dtypes.uint4, ir.DataType.UINT4)
+    return (np.int8, ir.DataType.INT8) if signed else (np.uint8, ir.DataType.UINT8)
+
+
+class _Names:
+    def __init__(self, graph: ir.Graph):
+        self.taken = set(graph.initializers) | {v.name for n in graph for v in n.outputs} | \
+            {v.name for v in graph.inputs}
+
+    def __call__(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.taken:
+            name, i = f"{base}_{i}", i + 1
+        self.taken.add(name)
+        return name
+
+
+def _init(graph: ir.Graph, names: _Names, base: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
+    name = names(base)
+    tensor = ir.Tensor(array, dtype=dtype, name=name) if dtype is not None else ir.tensor(array, name=name)
+    val = ir.Value(name=name, const_value=tensor, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype))
+    graph.register_initializer(val)
+    return val
+
+
+def _weight_layout(layer: Layer, q_oc: np.ndarray) -> tuple[np.ndarray, int]:
+    """Integer weights back in the layer's own layout, and the channel axis for DQ."""
+    if layer.op == "Gemm" and not attr(layer.node, "transB", 0) or layer.op == "MatMul":
+        return q_oc.T, 1
+    if layer.op == "ConvTranspose":
+        return q_oc.swapaxes(0, 1), 1
+    return q_oc, 0
+
+
+def emit(model: ir.Model, layers: list[Layer], weights: dict[str, WeightQuant],
+         acts: dict[str, ActQuant], *, int4: bool) -> None:
+    graph = model.graph
+    names = _Names(graph)
+    values = {v.name: v for n in graph for v in n.outputs} | {v.name: v for v in graph.inputs}
+    for value_name, aq in acts.items():
+        _insert_act_qdq(graph, names, values[value_name], aq, int4)
+    for layer in layers:
+        wq = weights.get(layer.name)
+        if wq is None:
+            continue
+        _weight_dq(graph, names, layer, wq, int4)
+        x = layer.node.inputs[0]
+        p = x.producer()
+        if layer.bias is not None and p is not None and p.op_type == "DequantizeLinear" and \
+                layer.op in ("Conv", "Gemm") and wq.bits <= 8 and not (wq.bits <= 4 and int4):
+            s_x = float(const_array(p.inputs[1]))
+            _bias_dq(graph, names, layer, wq.scale.astype(np.float64) * s_x)
+    ir.passes.common.RemoveUnusedNodesPass()(model)
+    ir.passes.common.TopologicalSortPass()(model)
+
+
+def _weight_dq(graph, names, layer: Layer, wq: WeightQuant, int4: bool) -> None:
+    np_dt, ir_dt = _int_dtype(wq.bits, True, int4)
+    q, axis = _weight_layout(layer, wq.q)
+    base = layer.weight.name
+    q_val = _init(graph, names, f"{base}_quantized", q.astype(np_dt), ir_dt)
+    s_val = _init(graph, names, f"{base}_scale", wq.scale.astype(np.float32))
+    z_val = _init(graph, names, f"{base}_zero_point", np.zeros(len(wq.scale), dtype=np_dt), ir_dt)
+    out = ir.Value(name=names(f"{base}_dequantized"))
+    dq = ir.Node("", "DequantizeLinear", [q_val, s_val, z_val], attributes=[ir.AttrInt64("axis", axis)],
+                 outputs=[out], name=names(f"{layer.name}_weight_DequantizeLinear"))
+    graph.insert_before(layer.node, dq)
+    old = layer.weight
+    layer.node.replace_input_with(1, out)
+    if not list(old.uses()) and old.name in graph.initializers:
+        del graph.initializers[old.name]
+
+
+def _bias_dq(graph, names, layer: Layer, scale: np.ndarray) -> None:
+    b = const_array(layer.bias).astype(np.float64)
+    scale = np.where(scale > 0, scale, 1e-12)
+    q = np.clip(np.round(b / scale), -(2 ** 31), 2 ** 31 - 1).astype(np.int32)
+    base = layer.bias.name
+    q_val = _init(graph, names, f"{base}_quantized", q)
+    s_val = _init(graph, names, f"{base}_scale", scale.astype(np.float32))
+    z_val = _init(graph, names, f"{base}_zero_point", np.zeros(len(q), dtype=np.int32))
+    out = ir.Value(name=names(f"{base}_dequantized"))
+    dq = ir.Node("", "DequantizeLinear", [q_val, s_val, z_val], attributes=[ir.AttrInt64("axis", 0)],
+                 outputs=[out], name=names(f"{layer.name}_bias_DequantizeLinear"))
+    graph.insert_before(layer.node, dq)
+    old = layer.bias
+    layer.node.replace_input_with(2, out)
+    if not list(old.uses()) and old.name in graph.initializers:
+        del graph.initializers[old.name]
+
+
+def _insert_act_qdq(graph, names, value: ir.Value, aq: ActQuant, int4: bool) -> None:
+    uses = [u for u in value.uses()]
+    np_dt, ir_dt = _int_dtype(aq.bits, aq.signed, True)
+    if aq.bits > 4:
+        np_dt, ir_dt = _int_dtype(8, aq.signed, False)
+    s_val = _init(graph, names, f"{value.name}_scale", np.array(aq.scale, dtype=np.float32))
+    z_val = _init(graph, names, f"{value.name}_zero_point", np.array(aq.zero_point).astype(np_dt), ir_dt)
+    q_out = ir.Value(name=names(f"{value.name}_quantized"))
+    dq_out = ir.Value(name=names(f"{value.name}_dequantized"), shape=value.shape, type=value.type)
+    q = ir.Node("", "QuantizeLinear", [value, s_val, z_val], outputs=[q_out],
+                name=names(f"{value.name}_QuantizeLinear"))
+    dq = ir.Node("", "DequantizeLinear", [q_out, s_val, z_val], outputs=[dq_out],
+                 name=names(f"{value.name}_DequantizeLinear"))
+    producer = value.producer()
+    if producer is None:
+        graph.insert_before(graph.node(0), [q, dq])
+    else:
+        graph.insert_after(producer, [q, dq])
+    for u in uses:
+        u.node.replace_input_with(u.idx, dq_out)

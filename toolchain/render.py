@@ -1,0 +1,72 @@
+"""Terminal output for the CLI: one progress bar for every long task, and tables."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console(stderr=True)
+out = Console()
+
+
+@contextlib.contextmanager
+def progress_bar(quiet: bool = False):
+    """Yield a ``progress(stage, done, total)`` callback drawing one rich task per stage."""
+    if quiet or not console.is_terminal:
+        yield lambda stage, done, total: None
+        return
+    with Progress(TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=max(total, 1))
+            bar.update(tasks[stage], completed=done, total=max(total, 1))
+
+        yield update
+
+
+def _fmt_m(x) -> str:
+    return "?" if x is None else f"{x / 1e6:.2f}M"
+
+
+def _bits(b) -> str:
+    return "fp32" if b is None else str(b)
+
+
+def print_summary(summary, output=None, *, dry_run: bool = False, dynamic: dict | None = None) -> None:
+    t = Table(title="plan (dry run)" if dry_run else "compressed layers", show_lines=False)
+    for col in ("layer", "op", "channels", "W bits", "A bits", "MACs", "params"):
+        t.add_column(col, justify="left" if col in ("layer", "op") else "right")
+    for r in summary.rows:
+        ch = f"{r.channels_before}" if r.channels_after == r.channels_before else f"{r.channels_before}→{r.channels_after}"
+        t.add_row(r.name, r.kind, ch, _bits(r.wbits), _bits(r.abits),
+                  f"{_fmt_m(r.macs_before)}→{_fmt_m(r.macs_after)}", f"{r.params_before}→{r.params_after}")
+    out.print(t)
+    tot = summary.totals
+    if tot:
+        mb = tot["macs_before"] or 0
+        out.print(f"MACs {_fmt_m(tot['macs_before'])} → {_fmt_m(tot['macs_after'])}"
+                  f" ({100 * (1 - tot['macs_after'] / mb):.1f} % fewer)" if mb else "")
+        out.print(f"weights {tot['weight_bytes_before'] / 1024:.0f} KiB → {tot['weight_bytes_after'] / 1024:.0f} KiB"
+                  f"   time {summary.timings.get('total', 0):.1f} s")
+    if summary.skipped:
+        out.print(f"[bold]not pruned[/bold] ({len(summary.skipped)}):")
+        for name, why in summary.skipped.items():
+            out.print(f"  {name}: {why}")
+    for note in summary.notes:
+        out.print(f"note: {note}")
+    if dynamic:
+        hist = dynamic.get("bit_histogram") or dynamic.get("histogram")
+        if hist:
+            out.print(f"bits chosen on probe images: {hist}")
+        for k, v in dynamic.items():
+            if k not in ("bit_histogram", "histogram"):
+                out.print(f"  {k}: {v}")
+    if output is not None and not dry_run:
+        out.print(f"wrote {output}")
