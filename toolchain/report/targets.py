@@ -22,7 +22,7 @@ from pathlib import Path
 
 from datafree.toolchain.errors import UserError
 
-from .cost import FLOAT_BITS, LayerCost
+from .cost import FLOAT_BITS, LayerCost, storage_bits
 
 _PRECISION = re.compile(r"^(fp32|fp16|w(\d+)a(\d+))$")
 _NUMBERS = {"bandwidth_gb_s": "memory bandwidth in GB/s", "onchip_kib": "on-chip memory in KiB",
@@ -164,13 +164,13 @@ def run_precision(target: Target, wbits: int, abits: int) -> tuple[str | None, b
     return None, False
 
 
-def _act_bits(precision: str | None, astore: int) -> int:
+def _act_bits(precision: str | None) -> int:
+    """Width the activations travel at when the layer runs at ``precision``."""
     if precision == "fp16":
         return 16
     if precision in ("fp32", None):
-        return 32
-    return min(astore, int(_PRECISION.match(precision).group(3)) if astore >= 32 else astore) \
-        if astore < 32 else int(_PRECISION.match(precision).group(3))
+        return FLOAT_BITS
+    return storage_bits(int(_PRECISION.match(precision).group(3)))
 
 
 @dataclass
@@ -222,7 +222,7 @@ def estimate_layer(target: Target, c: LayerCost) -> LayerEstimate:
         rate, pj_mac, runs = target.fallback_gmacs, target.fallback_pj_per_mac, "host"
     else:
         rate, pj_mac, runs = target.peak_gmacs[prec], target.energy_pj_per_mac[prec], prec
-    act_bits = _act_bits(prec, c.astore)
+    act_bits = _act_bits(prec)
     act_bytes = (c.act_in + c.act_out) * act_bits / 8.0
     moved = c.weight_bytes + (act_bytes if act_bytes > target.onchip_kib * 1024 else 0.0)
     compute = c.macs / (rate * 1e9)
