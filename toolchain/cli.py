@@ -34,6 +34,8 @@ def _register() -> None:
 
     main.add_command(compress)
     main.add_command(convert_and_compress)
+    from .cli_run import run
+    main.add_command(run)
 
 
 _register()

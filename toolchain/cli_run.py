@@ -1,0 +1,42 @@
+"""``datafree run``: predictions (and, for dynamic models, the bits per image) over an image set."""
+
+from __future__ import annotations
+
+import json
+
+import click
+import numpy as np
+
+
+@click.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--images", "images", required=True, type=click.Path(),
+              help=".npz (images uint8 NHWC [+ mean/std, labels] or x float NCHW) or a folder of PNG/JPEG.")
+@click.option("--batch", default=64, show_default=True, type=click.IntRange(min=1), help="Images per run.")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="onnxruntime intra-op threads.")
+@click.option("--no-kernels", is_flag=True, help="Run dynamic ops through their ONNX function bodies.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def run(model: str, images: str, batch: int, threads: int | None, no_kernels: bool, as_json: bool) -> None:
+    """Run MODEL over an image set: prediction per image, accuracy when labels are given,
+    and the bit-widths a dynamic model chose for each image."""
+    from datafree.runtime.infer import run_file
+
+    result = run_file(model, images, batch=batch, threads=threads, use_kernels=not no_kernels)
+    if as_json:
+        click.echo(json.dumps(result.to_json()))
+        return
+    names = result.names or [str(i) for i in range(len(result.predictions))]
+    for i, name in enumerate(names):
+        line = f"{name}\tpred {int(result.predictions[i])}"
+        if result.labels is not None:
+            line += f"\tlabel {int(result.labels[i])}"
+        if result.bits is not None:
+            line += f"\tbits {'/'.join(str(int(b)) for b in result.bits[i])}\tavg {result.avg_bits[i]:.2f}"
+        click.echo(line)
+    summary = [f"{len(result.predictions)} images"]
+    if result.accuracy is not None:
+        summary.append(f"accuracy {100 * result.accuracy:.2f} %")
+    if result.bits is not None:
+        summary.append(f"mean bits {float(np.mean(result.avg_bits)):.2f}")
+        summary.append("configurations " + ", ".join(f"{k}: {v}" for k, v in result.bits_histogram().items()))
+    click.echo(" | ".join(summary))
