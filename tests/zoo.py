@@ -210,6 +210,19 @@ def split_concat_net(seed: int = 0) -> nn.Module:
     return randomize(SplitConcat(), seed)
 
 
+class HandMish(nn.Module):
+    """Mish written by hand: exports as Softplus, Tanh and a Mul back onto its input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.tanh(nn.functional.softplus(x))
+
+
+def mish_net(seed: int = 0) -> nn.Module:
+    """Conv-BN-Mish twice, GAP, Gemm: an activation graph the analysis does not know by name."""
+    return randomize(nn.Sequential(*_cbr(3, 16, act=HandMish()), *_cbr(16, 24, act=HandMish()),
+                                   nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10)), seed)
+
+
 BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "conv_bn_relu_conv": conv_bn_relu_conv,
     "mlp": mlp,
@@ -218,6 +231,7 @@ BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "silu_net": silu_net,
     "tconv_net": tconv_net,
     "split_concat_net": split_concat_net,
+    "mish_net": mish_net,
 }
 INPUT_SHAPES: dict[str, tuple[int, ...]] = {name: IMAGE for name in BUILDERS} | {"mlp": (1, 64)}
 
