@@ -181,7 +181,7 @@ def test_bad_factory(spec, message, tmp_path, monkeypatch):
 
 # ------------------------------------------------------------- pipeline
 def test_compress_module(tmp_path):
-    zoo.require_compress(tmp_path)
+    zoo.require_compress()
     module = zoo.conv_bn_relu_conv()
     recipe = Recipe(prune=0.25, wbits=8, abits=None, synthetic=0)
     path = compress_module(module, torch.zeros(zoo.IMAGE), recipe, path=tmp_path / "small.onnx")

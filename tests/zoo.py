@@ -289,7 +289,7 @@ def load_images(path: Path) -> tuple[np.ndarray, np.ndarray]:
 _COMPRESS_READY: bool | None = None
 
 
-def require_compress(tmp_path: Path) -> None:
+def require_compress() -> None:
     """Skip the calling test while ``datafree.toolchain.compress.compress`` is not implemented."""
     import pytest
 
@@ -298,10 +298,13 @@ def require_compress(tmp_path: Path) -> None:
         from datafree.toolchain.compress import compress
         from datafree.toolchain.recipe import Recipe
 
-        try:
-            compress(export_model(mlp(), tmp_path, "compress_probe", INPUT_SHAPES["mlp"]), Recipe(synthetic=0))
-            _COMPRESS_READY = True
-        except NotImplementedError:
-            _COMPRESS_READY = False
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                compress(export_model(mlp(), Path(tmp), "probe", INPUT_SHAPES["mlp"]), Recipe(synthetic=0))
+                _COMPRESS_READY = True
+            except NotImplementedError:
+                _COMPRESS_READY = False
     if not _COMPRESS_READY:
         pytest.skip("compress() is not implemented yet")
