@@ -1,0 +1,326 @@
+"""Render a report document: report.json, report.md, plots (PNG + SVG) and rich tables.
+
+Rendering only formats numbers that ``build_report`` computed; it computes none.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from datafree.toolchain.errors import UserError
+
+
+# ------------------------------------------------------------------ formats
+def short(name: str) -> str:
+    """``/layer1/layer1.0/conv1/Conv`` -> ``layer1.0/conv1``."""
+    parts = [p for p in name.split("/") if p]
+    if len(parts) > 1 and parts[-1] in ("Conv", "Gemm", "MatMul", "ConvTranspose"):
+        parts = parts[:-1]
+    if len(parts) > 1 and parts[1].startswith(parts[0] + "."):
+        parts = parts[1:]
+    return "/".join(parts) or name
+
+
+def si(v: float | None, unit: str = "") -> str:
+    if v is None:
+        return "–"
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= factor:
+            return f"{v / factor:.2f} {prefix}{unit}".rstrip()
+    return f"{v:.0f} {unit}".rstrip()
+
+
+def seconds(v: float | None) -> str:
+    if v is None:
+        return "–"
+    if v >= 1:
+        return f"{v:.2f} s"
+    if v >= 1e-3:
+        return f"{v * 1e3:.3g} ms"
+    return f"{v * 1e6:.3g} µs"
+
+
+def joules(v: float | None) -> str:
+    if v is None:
+        return "–"
+    for factor, unit in ((1, "J"), (1e-3, "mJ"), (1e-6, "µJ")):
+        if v >= factor:
+            return f"{v / factor:.3g} {unit}"
+    return f"{v * 1e9:.3g} nJ"
+
+
+def db(v: float | None) -> str:
+    return "∞" if v is None else f"{v:.2f}"
+
+
+# ------------------------------------------------------------------ tables
+def summary_rows(doc: dict) -> list[tuple[str, str]]:
+    m, t, tot = doc["model"], doc["target"], doc["totals"]
+    rows = [("model", m["name"]), ("target", f"{t['name']}: {t['description']}"),
+            ("MACs / sample", si(tot["macs"])), ("BOPs as stored", si(tot["bops"])),
+            ("FP32 BOPs", si(tot["fp32_bops"])), ("parameters", si(tot["params"])),
+            ("weight bytes", si(tot["weight_bytes"], "B")),
+            ("latency (estimate)", seconds(tot["latency_s"])), ("energy / inference (estimate)", joules(tot["energy_j"]))]
+    if doc["reference"]:
+        rows.insert(1, ("reference", doc["reference"]["name"]))
+    if doc["probes"]:
+        rows.append(("probes", doc["probes"]["source"]))
+    out = doc.get("output_sqnr")
+    if out and out["end_to_end"]["sqnr_db"] is not None or (out and out["end_to_end"]["top1_agreement"] is not None):
+        e = out["end_to_end"]
+        rows.append(("end-to-end output SQNR", f"{db(e['sqnr_db'])} dB"))
+        if e["top1_agreement"] is not None:
+            rows.append(("top-1 agreement with reference", f"{100 * e['top1_agreement']:.1f} %"))
+    meas = doc.get("measured")
+    if meas:
+        rows.append(("measured latency (this machine)", f"{seconds(meas['median_s'])} median ({meas['machine']})"))
+    return rows
+
+
+def choice_rows(doc: dict) -> list[list[str]]:
+    return [[c["choice"], si(c["bops"]), si(c["weight_bytes"], "B"), seconds(c["latency_s"]), joules(c["energy_j"]),
+             str(len(c["not_native"])) + (f" (run as {_first(c['not_native'])})" if c["not_native"] else "")]
+            for c in doc["choices"]]
+
+
+def _first(d: dict) -> str:
+    return sorted({v.split(" runs as ")[-1] for v in d.values()})[0] if d else ""
+
+
+def layer_rows(doc: dict, compact: bool = False) -> tuple[list[str], list[list[str]]]:
+    """Per-layer table; ``compact`` drops the precision and latency columns (terminal)."""
+    bits = list(doc["weight_sqnr_summary"])
+    ws = {(r["layer"], str(r["bits"])): r for r in doc["weight_sqnr"]}
+    out_db = {r["layer"]: r["sqnr_db"] for r in (doc["output_sqnr"] or {}).get("layers", [])}
+    head = ["layer", "MACs", "precision", "runs as", "latency"]
+    head += [f"W{b} q/p dB" for b in bits] + ["kurt."]
+    if doc["output_sqnr"]:
+        head.append("output dB")
+    rows = []
+    for l in doc["layers"]:
+        r = [short(l["name"]), si(l["macs"]), l["precision"], l["runs_as"] + ("" if l["native"] else " *"),
+             seconds(l["latency_s"])]
+        k = None
+        for b in bits:
+            w = ws.get((l["name"], b))
+            r.append("–" if w is None else f"{w['quant_db']:.1f}/{w['prune_db']:.1f}" + (" P" if w["winner"] == "prune" else ""))
+            k = w["kurtosis"] if w else k
+        r.append("–" if k is None else f"{k:.1f}")
+        if doc["output_sqnr"]:
+            skipped = doc["output_sqnr"]["skipped"].get(l["name"])
+            r.append(db(out_db[l["name"]]) if l["name"] in out_db else ("pruned" if skipped and skipped.startswith("pruned") else "–"))
+        rows.append(r)
+    if compact:
+        keep = [i for i, h in enumerate(head) if h not in ("precision", "latency")]
+        head, rows = [head[i] for i in keep], [[r[i] for i in keep] for r in rows]
+    return head, rows
+
+
+def bounds_rows(doc: dict) -> list[list[str]]:
+    b = doc.get("bounds") or {}
+    rows = []
+    for r in b.get("layers", []):
+        p = r["prune"]
+        prune = "–" if not p else (f"{_ratio_db(p['reference'], p['magnitude'])}/"
+                                   f"{_ratio_db(p['reference'], p['magnitude_refit'])}/"
+                                   f"{_ratio_db(p['reference'], p['optimal'])}")
+        rows.append([short(r["layer"]), str(r["bits"]), str(r["n"]), f"{r['channels']}/{r['out_channels']}",
+                     db(r["rtn_db"]), db(r["best_db"]), db(r["limit_db"]), prune, f"{r['seconds']:.1f} s"])
+    return rows
+
+
+def _ratio_db(ref: float, err: float) -> str:
+    return "∞" if err <= 0 else f"{10 * math.log10(ref / err):.1f}"
+
+
+# ---------------------------------------------------------------- markdown
+def _md_table(head: list[str], rows: list[list[str]]) -> str:
+    esc = lambda s: str(s).replace("|", "\\|")
+    lines = ["| " + " | ".join(map(esc, head)) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(map(esc, r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def markdown(doc: dict, plots: list[str] = ()) -> str:
+    mode = "what it cost" if doc["mode"] == "after" else "what each choice would cost"
+    parts = [f"# Compression report: {doc['model']['name']} ({mode})", "",
+             _md_table(["", ""], [list(r) for r in summary_rows(doc)]), ""]
+    parts += ["## Cost on the target", "",
+              _md_table(["choice", "BOPs", "weights", "latency", "energy", "layers not native"], choice_rows(doc)), ""]
+    native = [c for c in doc["choices"] if c["not_native"]]
+    if native:
+        parts.append("Layers the target cannot run at the chosen bits (and what it runs them as):")
+        parts.append("")
+        for c in native:
+            parts.append(f"- **{c['choice']}**: " + "; ".join(
+                f"{short(k)} {v}" for k, v in list(c["not_native"].items())[:6]) +
+                (f"; … {len(c['not_native']) - 6} more" if len(c["not_native"]) > 6 else ""))
+        parts.append("")
+    head, rows = layer_rows(doc)
+    parts += ["## Per layer", "",
+              "`q/p`: weight SQNR of per-channel quantization / magnitude pruning at equal size "
+              "(sparsity 1 − b/16), `P` where pruning wins; kurtosis 3 = Gaussian; `*`: not native on the target.",
+              "", _md_table(head, rows), ""]
+    s = doc["weight_sqnr_summary"]
+    parts += ["Pruning beats quantization on " + ", ".join(
+        f"{v['prune_wins']}/{v['layers']} layers at {b} bits" for b, v in s.items()) + ".", ""]
+    out = doc.get("output_sqnr")
+    if out:
+        parts += ["## Output SQNR against the reference", "", f"Compared at {out['compared_at']}.", ""]
+        if out["skipped"]:
+            parts += [f"- {short(k)}: {v}" for k, v in out["skipped"].items()] + [""]
+    if doc.get("dynamic"):
+        d = doc["dynamic"]
+        parts += ["## Dynamic precision", ""]
+        parts += [f"- {d['skipped']}"] if "skipped" in d else [
+            f"- expected BOPs {si(d['expected_bops'])} (min {si(d['min_bops'])}, max {si(d['max_bops'])}) over {d['images']} probes",
+            f"- selector: {si(d['selector_macs'])} MACs, {si(d['selector_bops'])} BOPs, {si(d['selector_params'])} parameters"]
+        parts.append("")
+    if doc.get("bounds") is not None:
+        b = doc["bounds"]
+        parts += ["## How good can rounding be? (output SQNR bounds per channel)", "",
+                  "RTN: round to nearest. Best: best integer solution found (randomized rounding of the SDP "
+                  "solution + greedy coordinate descent). Limit: no rounding can exceed it (SDP lower bound on "
+                  "the error). Pruning: magnitude / magnitude + refit / exact optimum at sparsity 1 − b/16.", "",
+                  _md_table(["layer", "bits", "n", "channels", "RTN dB", "best dB", "limit dB", "pruning dB", "time"],
+                            bounds_rows(doc)), ""]
+        if b["skipped"]:
+            parts += ["Skipped:", ""] + [f"- {short(k)}: {v}" for k, v in b["skipped"].items()] + [""]
+        notes = [r for r in b["layers"] if r["prune_note"]]
+        parts += [f"- {short(r['layer'])}: {r['prune_note']}" for r in notes] + ([""] if notes else [])
+    if doc.get("measured"):
+        m = doc["measured"]
+        parts += ["## Measured", "", f"onnxruntime, batch 1, {m['warmup']} warm-up + {m['runs']} timed runs on "
+                  f"{m['machine']}: median {seconds(m['median_s'])}, min {seconds(m['min_s'])} "
+                  f"(the estimate above is for {doc['target']['name']}, not this machine).", ""]
+        if m.get("reference"):
+            parts += [f"Reference: median {seconds(m['reference']['median_s'])}.", ""]
+    parts += ["## Assumptions", ""] + [f"- {a}" for a in doc["assumptions"]] + [
+        f"- Target numbers: {doc['target']['source']} (each with its source in the profile file)."]
+    if plots:
+        parts += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots if p.endswith(".svg")]
+    return "\n".join(parts) + "\n"
+
+
+# -------------------------------------------------------------------- plots
+def plot(doc: dict, out_dir: Path) -> list[str]:
+    """sqnr.{png,svg}: quantization vs pruning per layer; cost.{png,svg}: BOPs and latency per layer."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    import numpy as np
+
+    names = [short(l["name"]) for l in doc["layers"]]
+    x = np.arange(len(names))
+    written = []
+    bits = list(doc["weight_sqnr_summary"])
+    ws = {(r["layer"], str(r["bits"])): r for r in doc["weight_sqnr"]}
+    rows = len(bits) + (1 if doc.get("output_sqnr") else 0)
+    fig = Figure(figsize=(max(8, 0.45 * len(names) + 2), 2.6 * rows + 0.6))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, 1, squeeze=False)[:, 0]
+    for ax, b in zip(axes, bits):
+        q = [ws.get((l["name"], b), {}).get("quant_db", np.nan) for l in doc["layers"]]
+        p = [ws.get((l["name"], b), {}).get("prune_db", np.nan) for l in doc["layers"]]
+        ax.bar(x - 0.2, q, 0.4, label=f"quantization {b} bit")
+        ax.bar(x + 0.2, p, 0.4, label=f"pruning {100 * (1 - int(b) / 16):.0f} %")
+        ax.set_ylabel("weight SQNR (dB)")
+        ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
+        ax.set_xticks(x, [""] * len(x))
+    if doc.get("output_sqnr"):
+        ax = axes[-1]
+        got = {r["layer"]: r["sqnr_db"] for r in doc["output_sqnr"]["layers"]}
+        ax.bar(x, [got.get(l["name"]) if got.get(l["name"]) is not None else np.nan for l in doc["layers"]],
+               0.6, color="tab:green", label="output SQNR vs reference")
+        ax.set_ylabel("output SQNR (dB)")
+        ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
+    axes[-1].set_xticks(x, names, rotation=70, ha="right", fontsize=7)
+    fig.suptitle(f"{doc['model']['name']}: SQNR per layer")
+    fig.tight_layout()
+    written += _save(fig, out_dir, "sqnr")
+
+    labels = [c["choice"] for c in doc["choices"]]
+    fig = Figure(figsize=(max(8, 0.45 * len(names) + 2), 6.2))
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(2, 1)
+    width = 0.8 / len(labels)
+    for i, label in enumerate(labels):
+        off = (i - (len(labels) - 1) / 2) * width
+        ax1.bar(x + off, [l["choices"].get(label, {}).get("bops", np.nan) for l in doc["layers"]], width, label=label)
+        ax2.bar(x + off, [1e6 * l["choices"].get(label, {}).get("latency_s", np.nan) for l in doc["layers"]], width,
+                label=label)
+    ax1.set_yscale("log")
+    ax1.set_ylabel("BOPs")
+    ax1.legend(loc="lower right", fontsize=8, ncol=len(labels), framealpha=0.9)
+    ax1.set_xticks(x, [""] * len(x))
+    ax2.set_ylabel(f"latency on {doc['target']['name']} (µs)")
+    ax2.set_xticks(x, names, rotation=70, ha="right", fontsize=7)
+    fig.suptitle(f"{doc['model']['name']}: cost per layer (estimate)")
+    fig.tight_layout()
+    written += _save(fig, out_dir, "cost")
+    return written
+
+
+def _save(fig, out_dir: Path, stem: str) -> list[str]:
+    out = []
+    for ext in ("png", "svg"):
+        fig.savefig(out_dir / f"{stem}.{ext}", dpi=120)
+        out.append(f"{stem}.{ext}")
+    return out
+
+
+# -------------------------------------------------------------- the folder
+def prepare_dir(out_dir) -> Path:
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: output folder is an existing file")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{out}: cannot create the output folder ({exc.strerror})") from None
+    return out
+
+
+def write_report(report, out_dir, plots: bool = True) -> list[Path]:
+    out = prepare_dir(out_dir)
+    names = plot(report.doc, out) if plots else []
+    (out / "report.json").write_text(report.to_json() + "\n")
+    (out / "report.md").write_text(markdown(report.doc, names))
+    return [out / "report.md", out / "report.json"] + [out / n for n in names]
+
+
+# -------------------------------------------------------------- terminal
+def print_summary(doc: dict, console=None) -> None:
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    t = Table(title="datafree report", show_header=False)
+    for k, v in summary_rows(doc):
+        t.add_row(k, v)
+    console.print(t)
+    t = Table(title=f"cost on {doc['target']['name']} (estimate)")
+    for h in ["choice", "BOPs", "weights", "latency", "energy", "not native"]:
+        t.add_column(h, justify="right" if h not in ("choice",) else "left")
+    for r in choice_rows(doc):
+        t.add_row(*r)
+    console.print(t)
+    head, rows = layer_rows(doc, compact=True)
+    t = Table(title="per layer (q/p: weight SQNR quantization/pruning, P = pruning wins, * = not native)",
+              box=box.SIMPLE_HEAD, padding=(0, 1))
+    for h in head:
+        t.add_column(h, justify="left" if h == "layer" else "right", no_wrap=h != "layer")
+    for r in rows:
+        t.add_row(*r)
+    console.print(t)
+    if doc.get("bounds") is not None:
+        t = Table(title="rounding bounds (output SQNR dB)")
+        for h in ["layer", "bits", "n", "channels", "RTN", "best", "limit", "prune m/m+fit/opt", "time"]:
+            t.add_column(h, justify="left" if h == "layer" else "right")
+        for r in bounds_rows(doc):
+            t.add_row(*r)
+        console.print(t)
+        for k, v in doc["bounds"]["skipped"].items():
+            console.print(f"  bounds skipped {short(k)}: {v}")
