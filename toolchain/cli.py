@@ -36,6 +36,9 @@ def _register() -> None:
     main.add_command(convert_and_compress)
     from .cli_run import run
     main.add_command(run)
+    from .cli_report import report, targets
+    main.add_command(report)
+    main.add_command(targets)
 
 
 _register()

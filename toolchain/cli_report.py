@@ -1,0 +1,80 @@
+"""``datafree report`` and ``datafree targets``: parse, call ``datafree.toolchain.report``, print."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .errors import UserError
+
+
+class _Bar:
+    """The report's progress callback drawn as a rich progress bar, one task per stage."""
+
+    def __init__(self, progress):
+        self.progress, self.tasks = progress, {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(stage, total=max(total, 1))
+        self.progress.update(self.tasks[stage], completed=done, total=max(total, 1))
+
+
+@click.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder for report.md, report.json and the plots.")
+@click.option("--reference", type=click.Path(dir_okay=False, path_type=Path),
+              help="The model MODEL was compressed from: report what compression cost.")
+@click.option("--target", default="cortex-a55", show_default=True,
+              help="Built-in device profile (see `datafree targets`) or a path to a .toml profile.")
+@click.option("--bits", default="8,6,4", show_default=True, help="Weight bit-widths to compare.")
+@click.option("--abits", default=8, show_default=True, type=int, help="Activation bits of the compared choices.")
+@click.option("--images", type=click.Path(dir_okay=False, path_type=Path),
+              help="Probe inputs: .npz with 'images' (uint8 NHWC) + 'mean'/'std', or float NCHW 'x'.")
+@click.option("--probes", "n_probes", default=16, show_default=True, type=int, help="Number of probe inputs.")
+@click.option("--synth-steps", default=50, show_default=True, type=int,
+              help="Optimisation steps of the synthetic probe images (without --images).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--measure", is_flag=True, help="Also time the model in onnxruntime on this machine (batch 1).")
+@click.option("--bounds", is_flag=True, help="Bounds on the best possible rounding error per channel (SDP).")
+@click.option("--bounds-budget", default=60.0, show_default=True, type=float, help="Time budget of --bounds in seconds.")
+def report(model, out_dir, reference, target, bits, abits, images, n_probes, synth_steps, seed, measure, bounds,
+           bounds_budget):
+    """What compressing MODEL would cost (or, with --reference, what it did cost) on a target device."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .report import build_report, write_report
+    from .report.render import prepare_dir, print_summary
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir}: output folder is an existing file")
+    console = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
+        rep = build_report(model, reference=reference, target=target, bits=bits, abits=abits, images=images,
+                           n_probes=n_probes, synth_steps=synth_steps, seed=seed, measure=measure, bounds=bounds,
+                           bounds_budget=bounds_budget, progress=_Bar(bar))
+        prepare_dir(out_dir)
+        written = write_report(rep, out_dir)
+    print_summary(rep.doc, Console())
+    click.echo(f"wrote {', '.join(p.name for p in written)} to {out_dir}")
+
+
+@click.command()
+def targets():
+    """List the built-in device profiles."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .report.targets import builtin_targets
+
+    t = Table(title="built-in targets (use --target NAME, or --target path/to/profile.toml)")
+    for h in ("name", "kind", "description", "peak GMAC/s", "GB/s", "on-chip"):
+        t.add_column(h)
+    for p in builtin_targets():
+        peaks = ", ".join(f"{k} {v:g}" for k, v in p.peak_gmacs.items())
+        t.add_row(p.name, p.kind, p.description, peaks, f"{p.bandwidth_gb_s:g}", f"{p.onchip_kib:g} KiB")
+    Console().print(t)
