@@ -115,6 +115,8 @@ def layer_rows(doc: dict, compact: bool = False) -> tuple[list[str], list[list[s
     if compact:
         keep = [i for i, h in enumerate(head) if h not in ("precision", "latency")]
         head, rows = [head[i] for i in keep], [[r[i] for i in keep] for r in rows]
+        head = [h.replace(" q/p dB", " q/p").replace("runs as", "runs") for h in head]
+        rows = [[r[0], r[1].replace(" ", "").replace(".00", "")] + [c.replace(" *", "*") for c in r[2:]] for r in rows]
     return head, rows
 
 
@@ -308,10 +310,11 @@ def print_summary(doc: dict, console=None) -> None:
         t.add_row(*r)
     console.print(t)
     head, rows = layer_rows(doc, compact=True)
-    t = Table(title="per layer (q/p: weight SQNR quantization/pruning, P = pruning wins, * = not native)",
-              box=box.SIMPLE_HEAD, padding=(0, 1))
+    t = Table(title="per layer (q/p: weight SQNR dB quantization/pruning, P = pruning wins, * = not native)",
+              box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
     for h in head:
-        t.add_column(h, justify="left" if h == "layer" else "right", no_wrap=h != "layer")
+        t.add_column(h, justify="left" if h == "layer" else "right", no_wrap=True,
+                     min_width=14 if h == "layer" else None, overflow="ellipsis")
     for r in rows:
         t.add_row(*r)
     console.print(t)
