@@ -47,28 +47,27 @@ def report(model, out_dir, reference, target, bits, abits, images, n_probes, syn
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .report import build_report, write_report
-    from .report.render import prepare_dir, print_summary
+    from .report.render import console, prepare_dir, print_summary
 
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir}: output folder is an existing file")
-    console = Console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console, transient=True) as bar:
+                  TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bar:
         rep = build_report(model, reference=reference, target=target, bits=bits, abits=abits, images=images,
                            n_probes=n_probes, synth_steps=synth_steps, seed=seed, measure=measure, bounds=bounds,
                            bounds_budget=bounds_budget, progress=_Bar(bar))
         prepare_dir(out_dir)
         written = write_report(rep, out_dir)
-    print_summary(rep.doc, Console())
+    print_summary(rep.doc, console())
     click.echo(f"wrote {', '.join(p.name for p in written)} to {out_dir}")
 
 
 @click.command()
 def targets():
     """List the built-in device profiles."""
-    from rich.console import Console
     from rich.table import Table
 
+    from .report.render import console
     from .report.targets import builtin_targets
 
     t = Table(title="built-in targets (use --target NAME, or --target path/to/profile.toml)")
@@ -77,4 +76,4 @@ def targets():
     for p in builtin_targets():
         peaks = ", ".join(f"{k} {v:g}" for k, v in p.peak_gmacs.items())
         t.add_row(p.name, p.kind, p.description, peaks, f"{p.bandwidth_gb_s:g}", f"{p.onchip_kib:g} KiB")
-    Console().print(t)
+    console().print(t)

@@ -293,12 +293,21 @@ def write_report(report, out_dir, plots: bool = True) -> list[Path]:
 
 
 # -------------------------------------------------------------- terminal
+def console(stderr: bool = False):
+    """A rich console; when the output is not a terminal (a pipe, a log), 120 columns wide."""
+    import sys
+
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else 120)
+
+
 def print_summary(doc: dict, console=None) -> None:
     from rich import box
-    from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    console = console or globals()["console"]()
     t = Table(title="datafree report", show_header=False)
     for k, v in summary_rows(doc):
         t.add_row(k, v)
