@@ -1,0 +1,367 @@
+"""The synthetic-data generator: images a model "recognises", made from the model alone.
+
+Compensation fitting, calibration and dynamic-precision training all read their
+inputs from here, so there is one way to make them and one cache.
+
+Method (DeepInversion / ZeroQ / Genie, as adapted for DynaDFQ, see methods.md §2).
+Images start as seeded Gaussian noise in the model's (normalised) input space and
+Adam (cosine-decayed learning rate) optimises the pixels to minimise
+
+    L = Σ_BN ( ||μ_batch − μ_run||₂ + ||σ_batch − σ_run||₂ )      on each BN *input*
+      + CE(softmax(logits), y)                                       soft target
+      + λ_tv · TV(x) + λ_l2 · mean(x²)                               image priors
+
+with ``y = softmax(cos(W_c, W_k) / τ)`` over classes k: ``c`` is the image's target
+class (classes balanced over the set), ``W`` the rows of the final classifier, τ
+log-uniform in [0.1, 1] per image so targets range from nearly one-hot (easy) to
+spread over similar classes (hard).  Between steps the batch is randomly shifted by
+a few pixels and flipped horizontally, so the images do not overfit one alignment.
+
+Models without BatchNormalization (BN folded into the convolutions) have no
+statistics to match: ``source = "output-only"``.  The loss is then the soft-target
+CE, stronger TV/l2 priors, and a scale prior on every convolution's output (its
+pre-activation): per channel, ``log(σ_batch)²`` pulls each channel's batch standard
+deviation towards 1 in log space, which penalises dead (σ → 0) and exploding
+channels alike without claiming to know the lost running statistics.
+
+Images are generated chunk by chunk (``batch_size`` at a time, each chunk seeded
+from ``(seed, chunk index)``), so memory is bounded by one chunk and the first k
+chunks do not depend on ``n``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+from .graph import analyse
+from .progress import ProgressFn, silent
+from .torchgraph import TorchGraph
+
+STAGE = "synthetic images"
+# Bump when the generated images change for the same arguments: old cache entries die.
+GENERATOR_VERSION = 1
+
+LR = 0.2
+TAU_RANGE = (0.1, 1.0)
+BN_PRIORS = {"tv": 1e-2, "l2": 1e-4}
+OUTPUT_ONLY_PRIORS = {"tv": 5e-2, "l2": 1e-3, "act": 1.0}
+CE_WEIGHT = 1.0
+JITTER_FRACTION = 1 / 16     # of the spatial size, at least one pixel
+
+
+@dataclass
+class SyntheticSet:
+    images: np.ndarray      # float32, N x C x H x W, in the model's input space (already normalised)
+    targets: np.ndarray     # float32, N x K soft labels used for generation
+    source: str             # "bn-statistics" or "output-only" (no BN in the model)
+    seed: int
+
+
+def generate(model: ir.Model, n: int, *, steps: int = 200, seed: int = 0, batch_size: int = 64,
+             input_shape: tuple[int, ...] | None = None, progress: ProgressFn = silent,
+             cache: bool = True, cache_dir: str | Path | None = None) -> SyntheticSet:
+    """``n`` synthetic inputs for ``model`` (cached on disk by model bytes and arguments)."""
+    if n <= 0:
+        raise UserError(f"number of synthetic images must be positive, got {n}")
+    if steps < 0 or batch_size <= 0:
+        raise UserError("steps must be >= 0 and batch_size > 0")
+    shape = sample_shape(model, input_shape)
+    path = None
+    if cache:
+        key = cache_key(model, n=n, steps=steps, seed=seed, batch_size=batch_size, shape=shape)
+        path = _cache_root(cache_dir) / f"synth-{key[:40]}.npz"
+        cached = _load(path)
+        if cached is not None:
+            progress(STAGE, n, n)
+            return cached
+    result = _Generator(model, shape).run(n, steps=steps, seed=seed, batch_size=batch_size, progress=progress)
+    if path is not None:
+        _save(path, result)
+    return result
+
+
+# ------------------------------------------------------------------ shapes and keys
+def sample_shape(model: ir.Model, input_shape: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """The shape of one input sample (no batch axis)."""
+    if not model.graph.inputs:
+        raise UserError("model has no inputs")
+    value = model.graph.inputs[0]
+    dims = list(value.shape) if value.shape is not None else None
+    if input_shape is not None:
+        given = tuple(int(d) for d in input_shape)
+        if dims is not None and len(given) == len(dims):
+            given = given[1:]
+        if dims is not None and len(given) != len(dims) - 1:
+            raise UserError(f"input_shape {tuple(input_shape)} does not fit the model input of rank {len(dims)}")
+        if dims is not None:
+            for want, have in zip(dims[1:], given):
+                if isinstance(want, int) and want != have:
+                    raise UserError(f"input_shape {tuple(input_shape)} does not match the model input "
+                                    f"{_fmt(dims)}")
+        return given
+    if dims is None:
+        raise UserError("input size is symbolic: pass input_shape")
+    if any(not isinstance(d, int) for d in dims[1:]):
+        raise UserError("input size is symbolic: pass input_shape")
+    return tuple(int(d) for d in dims[1:])
+
+
+def _fmt(dims) -> str:
+    return "[" + ", ".join(str(d) for d in dims) + "]"
+
+
+def cache_key(model: ir.Model, **args) -> str:
+    h = hashlib.sha256()
+    h.update(ir.serde.serialize_model(model).SerializeToString(deterministic=True))
+    h.update(json.dumps({"version": GENERATOR_VERSION, **{k: list(v) if isinstance(v, tuple) else v
+                                                           for k, v in sorted(args.items())}},
+                        sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _cache_root(cache_dir: str | Path | None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir)
+    env = os.environ.get("DATAFREE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "datafree"
+
+
+def _load(path: Path) -> SyntheticSet | None:
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return SyntheticSet(images=data["images"], targets=data["targets"],
+                                source=str(data["source"]), seed=int(data["seed"]))
+    except Exception:  # a damaged cache entry is regenerated, never fatal
+        return None
+
+
+def _save(path: Path, result: SyntheticSet) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.stem, suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, images=result.images, targets=result.targets,
+                         source=np.array(result.source), seed=np.array(result.seed))
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError:  # an unwritable cache only costs time
+        pass
+
+
+# ------------------------------------------------------------------ the generator
+@contextmanager
+def _deterministic():
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def _chunk_seed(seed: int, chunk: int) -> int:
+    return int(np.random.SeedSequence([seed, chunk]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class _Generator:
+    def __init__(self, model: ir.Model, shape: tuple[int, ...]):
+        self.shape = shape
+        self.net = TorchGraph(model).eval()
+        for p in self.net.buffers():
+            p.requires_grad_(False)
+        self.logits_name = _logits_value(model)
+        self.bns = [(inp, mean.float(), torch.sqrt(var.float() + 1e-5))
+                    for _, inp, mean, var in self.net.bn_nodes()]
+        self.source = "bn-statistics" if self.bns else "output-only"
+        self.similarity, self.num_classes = _class_similarity(model)
+        self.preacts = [] if self.bns else _conv_outputs(model)
+        self.priors = BN_PRIORS if self.bns else OUTPUT_ONLY_PRIORS
+
+    # targets ---------------------------------------------------------------
+    def targets(self, count: int, gen: torch.Generator, start: int) -> torch.Tensor:
+        k = self.num_classes
+        classes = (torch.arange(start, start + count) % k)[torch.randperm(count, generator=gen)]
+        lo, hi = (math.log(t) for t in TAU_RANGE)
+        tau = torch.exp(lo + (hi - lo) * torch.rand(count, generator=gen, dtype=torch.float64)).float()
+        return torch.softmax(self.similarity[classes] / tau[:, None], dim=1)
+
+    # losses ----------------------------------------------------------------
+    def losses(self, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        terms: dict[str, torch.Tensor] = {"bn": x.new_zeros(()), "act": x.new_zeros(())}
+        hooks = {}
+
+        def moments(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            dims = [0] + list(range(2, t.dim()))
+            mean = t.mean(dim=dims)
+            std = torch.sqrt(t.var(dim=dims, unbiased=False) + 1e-5)
+            return mean, std
+
+        for name, mean_run, std_run in self.bns:
+            def bn_hook(t, mean_run=mean_run, std_run=std_run, prev=hooks.get(name)):
+                if prev is not None:
+                    t = prev(t)
+                mean, std = moments(t)
+                terms["bn"] = terms["bn"] + torch.linalg.vector_norm(mean - mean_run) + \
+                    torch.linalg.vector_norm(std - std_run)
+                return t
+            hooks[name] = bn_hook
+        for name in self.preacts:
+            def act_hook(t):
+                _, std = moments(t)
+                terms["act"] = terms["act"] + torch.log(std).square().mean()
+                return t
+            hooks[name] = act_hook
+        out = self.net.run(x, capture=[self.logits_name], hooks=hooks)
+        logits = out[self.logits_name].reshape(x.shape[0], -1)
+        terms["ce"] = -(target * torch.log_softmax(logits, dim=1)).sum(dim=1).mean()
+        terms["tv"] = _total_variation(x)
+        terms["l2"] = x.square().mean()
+        if self.preacts:
+            terms["act"] = terms["act"] / len(self.preacts)
+        terms["logits"] = logits.detach()
+        return terms
+
+    def total(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        loss = terms["bn"] + CE_WEIGHT * terms["ce"] + self.priors["tv"] * terms["tv"] + \
+            self.priors["l2"] * terms["l2"]
+        if "act" in self.priors:
+            loss = loss + self.priors["act"] * terms["act"]
+        return loss
+
+    # optimisation ----------------------------------------------------------
+    def chunk(self, count: int, start: int, *, steps: int, seed: int, on_step=None):
+        gen = torch.Generator().manual_seed(seed)
+        target = self.targets(count, gen, start)
+        x = torch.randn((count, *self.shape), generator=gen).requires_grad_(True)
+        opt = torch.optim.Adam([x], lr=LR, betas=(0.5, 0.9))
+        spatial = len(self.shape) - 1
+        jitter = [max(1, int(s * JITTER_FRACTION)) for s in self.shape[1:]] if spatial >= 1 else []
+        for step in range(steps):
+            for group in opt.param_groups:
+                group["lr"] = LR * 0.5 * (1 + math.cos(math.pi * step / steps))
+            xa = x
+            if jitter:
+                shifts = [int(torch.randint(-j, j + 1, (1,), generator=gen)) for j in jitter]
+                xa = torch.roll(xa, shifts=shifts, dims=list(range(2, 2 + spatial)))
+                if spatial == 2 and bool(torch.rand(1, generator=gen) < 0.5):
+                    xa = torch.flip(xa, dims=[3])
+            opt.zero_grad(set_to_none=True)
+            self.total(self.losses(xa, target)).backward()
+            opt.step()
+            if on_step is not None:
+                on_step(step + 1)
+        return x.detach(), target
+
+    def run(self, n: int, *, steps: int, seed: int, batch_size: int, progress: ProgressFn) -> SyntheticSet:
+        images = np.empty((n, *self.shape), dtype=np.float32)
+        targets = np.empty((n, self.num_classes), dtype=np.float32)
+        progress(STAGE, 0, n)
+        with _deterministic():
+            for index, start in enumerate(range(0, n, batch_size)):
+                count = min(batch_size, n - start)
+                every = max(1, steps // 10)
+
+                def on_step(step, start=start, count=count):
+                    if step % every == 0 and step < steps:
+                        progress(STAGE, start + count * step // steps, n)
+
+                x, y = self.chunk(count, start, steps=steps, seed=_chunk_seed(seed, index), on_step=on_step)
+                images[start:start + count] = x.numpy()
+                targets[start:start + count] = y.numpy()
+                progress(STAGE, start + count, n)
+        return SyntheticSet(images=images, targets=targets, source=self.source, seed=seed)
+
+    def evaluate(self, images: np.ndarray, targets: np.ndarray, batch_size: int = 64) -> dict[str, float]:
+        """Mean loss terms and top-1 agreement with the target class, for measurements."""
+        sums: dict[str, float] = {}
+        agree = 0
+        with torch.no_grad():
+            for start in range(0, len(images), batch_size):
+                x = torch.from_numpy(images[start:start + batch_size])
+                y = torch.from_numpy(targets[start:start + batch_size])
+                terms = self.losses(x, y)
+                agree += int((terms.pop("logits").argmax(1) == y.argmax(1)).sum())
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) * len(x)
+        result = {k: v / len(images) for k, v in sums.items()}
+        result["top1_agreement"] = agree / len(images)
+        return result
+
+
+def _total_variation(x: torch.Tensor) -> torch.Tensor:
+    tv = x.new_zeros(())
+    for d in range(2, x.dim()):
+        if x.shape[d] > 1:
+            tv = tv + (x.narrow(d, 1, x.shape[d] - 1) - x.narrow(d, 0, x.shape[d] - 1)).abs().mean()
+    return tv
+
+
+# ------------------------------------------------------------------ model reading
+def _logits_value(model: ir.Model) -> str:
+    """The graph output, or the input of a final Softmax/LogSoftmax (so CE sees logits)."""
+    out = model.graph.outputs[0]
+    node = out.producer()
+    if node is not None and node.op_type in ("Softmax", "LogSoftmax"):
+        return node.inputs[0].name
+    return out.name
+
+
+def _classifier(model: ir.Model):
+    """The last linear layer feeding the first output, walking back through shape-only ops."""
+    layers = analyse(model).layers
+    by_node = {id(l.node): l for l in layers}
+    value = model.graph.outputs[0]
+    passthrough = {"Softmax", "LogSoftmax", "Flatten", "Reshape", "Squeeze", "Identity", "Transpose",
+                   "GlobalAveragePool", "ReduceMean", "Relu", "Add", "BatchNormalization", "Sigmoid"}
+    for _ in range(16):
+        node = value.producer()
+        if node is None:
+            break
+        if id(node) in by_node:
+            return by_node[id(node)]
+        if node.op_type not in passthrough or not node.inputs or node.inputs[0] is None:
+            break
+        value = node.inputs[0]
+    return layers[-1] if layers else None
+
+
+def _class_similarity(model: ir.Model) -> tuple[torch.Tensor, int]:
+    """Cosine similarity of the classifier's rows, K x K (identity when there is none)."""
+    out = model.graph.outputs[0]
+    k = out.shape[-1] if out.shape is not None and len(out.shape) >= 1 else None
+    layer = _classifier(model)
+    if layer is not None:
+        w = layer.w_oc()
+        w = torch.from_numpy(w.reshape(w.shape[0], -1).astype(np.float32))
+        if not isinstance(k, int) or k == w.shape[0]:
+            w = F.normalize(w, dim=1)
+            return w @ w.T, w.shape[0]
+    if not isinstance(k, int):
+        raise UserError("cannot tell the number of classes: the first output has no static last axis")
+    return torch.eye(k), k
+
+
+def _conv_outputs(model: ir.Model) -> list[str]:
+    """Pre-activation values of the convolutions (all but a final classifier conv)."""
+    head = _classifier(model)
+    head_node = head.node if head is not None else None
+    return [l.node.outputs[0].name for l in analyse(model).layers
+            if l.op in ("Conv", "ConvTranspose") and l.node is not head_node]
