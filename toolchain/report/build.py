@@ -124,10 +124,9 @@ def build_report(model, *, reference=None, target: str | os.PathLike = "cortex-a
     pr = None
     if needs_probes:
         clock = time.perf_counter()
-        progress("probes", 0, 1)
-        pr = probes_mod.make_probes(float_model, n_probes, images=images, steps=synth_steps, seed=seed)
+        pr = probes_mod.make_probes(float_model, n_probes, images=images, steps=synth_steps, seed=seed,
+                                    progress=progress)
         doc["probes"] = {"source": pr.source, "count": int(len(pr.x))}
-        progress("probes", 1, 1)
         t["probes"] = time.perf_counter() - clock
     if ref is not None:
         clock = time.perf_counter()

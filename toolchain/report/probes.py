@@ -70,22 +70,29 @@ def load_images(path: str | Path, model: ir.Model, n: int) -> Probes:
     return Probes(np.ascontiguousarray(x[:n]), f"images: {path.name} ({min(n, len(x))})")
 
 
-def synthetic(model: ir.Model, n: int, *, steps: int, seed: int) -> Probes:
-    """The model's own synthetic images; seeded noise while no generator is available."""
+def synthetic(model: ir.Model, n: int, *, steps: int, seed: int, progress=None) -> Probes:
+    """The model's own synthetic images; seeded noise when they cannot be made (and why)."""
     try:
         from datafree.toolchain import synth
-        images = synth.generate(model, n, steps=steps, seed=seed).images
-        return Probes(np.ascontiguousarray(images, dtype=np.float32), f"synthetic images ({n}, {steps} steps)")
-    except (ModuleNotFoundError, NotImplementedError, AttributeError):
-        x = np.random.default_rng(seed).standard_normal(probe_shape(model, n)).astype(np.float32)
-        return Probes(x, f"gaussian noise ({n}, seed {seed}; synthetic images unavailable)")
+    except ModuleNotFoundError:
+        why = "no synthetic-image generator"
+    else:
+        kwargs = {} if progress is None else {"progress": progress}
+        try:
+            s = synth.generate(model, n, steps=steps, seed=seed, **kwargs)
+            return Probes(np.ascontiguousarray(s.images, dtype=np.float32),
+                          f"synthetic images ({n}, {steps} steps, {getattr(s, 'source', 'generated')})")
+        except UserError as exc:
+            why = f"synthetic images unavailable: {exc}"
+    x = np.random.default_rng(seed).standard_normal(probe_shape(model, n)).astype(np.float32)
+    return Probes(x, f"gaussian noise ({n}, seed {seed}; {why})")
 
 
 def make_probes(model: ir.Model, n: int, *, images: str | Path | None = None, steps: int = 50,
-                seed: int = 0) -> Probes:
+                seed: int = 0, progress=None) -> Probes:
     if images is not None:
         return load_images(images, model, n)
-    return synthetic(model, n, steps=steps, seed=seed)
+    return synthetic(model, n, steps=steps, seed=seed, progress=progress)
 
 
 # ------------------------------------------------------------------- running
@@ -130,6 +137,10 @@ def run_model(model: ir.Model, x: np.ndarray, names: Iterable[str] = (), batch: 
     names = list(names)
     sess = session(with_outputs(model, names) if names else model)
     inp = sess.get_inputs()[0].name
+    fixed = sess.get_inputs()[0].shape[0] if sess.get_inputs()[0].shape else None
+    if isinstance(fixed, int) and fixed > 0:   # a static batch: run in chunks of exactly that size
+        batch = fixed
+        x = x[:max(len(x) // fixed, 1) * fixed]
     outs = [o.name for o in sess.get_outputs()]
     chunks: dict[str, list[np.ndarray]] = {o: [] for o in outs}
     for i in range(0, len(x), batch):
