@@ -256,7 +256,7 @@ def gram_from_moments(layer, source) -> list[np.ndarray] | None:
     m1, m2 = rectified_moments(*source.preact_moments())
     w = layer.w_oc()
     per = int(np.prod(w.shape[2:])) if w.ndim > 2 else 1
-    if len(m1) * per != w.shape[1]:
+    if len(m1) != w.shape[1]:
         return None
     mean, sq = np.repeat(m1, per), np.repeat(m2, per)
     G = np.outer(mean, mean)
