@@ -81,8 +81,14 @@ class _Body:
 
 
 def _function(name: str, inputs, outputs, body: _Body, opset: int, attributes=()) -> onnx.FunctionProto:
-    return helper.make_function(DOMAIN, name, list(inputs), list(outputs), body.nodes,
-                                [helper.make_opsetid("", opset)], attributes=list(attributes))
+    # Formal names get the op's prefix: inliners (onnx's, onnxruntime's) mix a formal
+    # name up with a graph value of the same name (a graph output called "bits").
+    rename = {n: f"{body._prefix}__{n}" for n in (*inputs, *outputs)}
+    for node in body.nodes:
+        node.input[:] = [rename.get(i, i) for i in node.input]
+        node.output[:] = [rename.get(o, o) for o in node.output]
+    return helper.make_function(DOMAIN, name, [rename[i] for i in inputs], [rename[o] for o in outputs],
+                                body.nodes, [helper.make_opsetid("", opset)], attributes=list(attributes))
 
 
 def bit_select(opset: int) -> onnx.FunctionProto:

@@ -19,6 +19,8 @@ import onnx
 import onnxruntime as ort
 
 from datafree.ops import domain, kernels
+
+from .specialise import GroupedRunner
 from datafree.toolchain.errors import UserError
 
 Source = str | os.PathLike | bytes | onnx.ModelProto
@@ -43,40 +45,53 @@ def _load(source) -> onnx.ModelProto:
     return load_proto(Path(source))
 
 
+def _has_selector(proto: onnx.ModelProto) -> bool:
+    return any(n.domain == domain.DOMAIN and n.op_type == "BitSelect" for n in proto.graph.node)
+
+
 class InferenceSession:
     """``onnxruntime.InferenceSession`` with the ``ai.datafree`` ops available."""
 
     def __init__(self, source: Source, *, threads: int | None = None, use_kernels: bool = True,
-                 providers: list[str] | None = None):
+                 providers: list[str] | None = None, grouped: bool = True):
         proto = _load(source)
         self.dynamic = domain.uses_domain(proto)
+        self.metadata = {p.key: p.value for p in proto.metadata_props}
         options = ort.SessionOptions()
+        options.log_severity_level = 3
         if threads is not None:
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
-        self.uses_kernels = bool(self.dynamic and use_kernels and kernels.register())
-        if self.uses_kernels:
-            options.register_custom_ops_library(kernels.library_path())
-            proto = kernels.to_kernel_model(proto)
-        self.metadata = {p.key: p.value for p in proto.metadata_props}
+        providers = providers or ["CPUExecutionProvider"]
+        self.grouped = bool(self.dynamic and grouped and _has_selector(proto))
+        self.uses_kernels = bool(self.dynamic and not self.grouped and use_kernels and kernels.register())
         try:
-            self._session = ort.InferenceSession(proto.SerializeToString(), options,
-                                                 providers=providers or ["CPUExecutionProvider"])
+            if self.grouped:
+                self._session = GroupedRunner(proto, options, providers)
+                return
+            if self.uses_kernels:
+                options.register_custom_ops_library(kernels.library_path())
+                proto = kernels.to_kernel_model(proto)
+            self._session = ort.InferenceSession(proto.SerializeToString(), options, providers=providers)
         except Exception as exc:
             raise UserError(f"onnxruntime cannot run this model: {str(exc).splitlines()[0]}") from None
 
     @property
     def input_names(self) -> list[str]:
-        return [i.name for i in self._session.get_inputs()]
+        return [i.name for i in self.get_inputs()]
 
     @property
     def output_names(self) -> list[str]:
-        return [o.name for o in self._session.get_outputs()]
+        return [o.name for o in self.get_outputs()]
 
     def get_inputs(self):
+        if self.grouped:
+            return self._session.input_info
         return self._session.get_inputs()
 
     def get_outputs(self):
+        if self.grouped:
+            return self._session.output_info
         return self._session.get_outputs()
 
     def run(self, output_names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

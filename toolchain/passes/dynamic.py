@@ -1,0 +1,636 @@
+"""Dynamic precision (DynaDFQ, methods.md §2): each input image gets its own bit-widths.
+
+    model, stats = apply_dynamic(load("m.onnx"), DynamicConfig(bits=(4, 6, 8), target_bits=5))
+    logits, bits = InferenceSession(model).run(None, {"input": x})     # bits: [N, G]
+
+What the pass writes (BN folded first; the layers' weights and activations are
+fake-quantized as a device would run them):
+
+* The first layer (the *stem*) runs at the highest candidate precision for every
+  image: its output is what the selector looks at, so it must exist before the
+  choice.  Weights are stored dequantized, its input is fake-quantized with
+  standard ops.
+* Every other Conv / Gemm belongs to one of G *groups* (``groups="stage"``: one per
+  spatial resolution, the Gemm joins the last; ``groups="3"``: three groups of about
+  equal MACs along the depth).  Its input goes through ``DynQuant`` and the layer
+  becomes ``DynQConv`` / ``DynQGemm`` (``datafree.ops``), both at the bit-width of
+  its group for that image.
+* ``BitSelect`` reads the global-average-pooled stem output, runs a tiny MLP
+  (C → 16 → K, ReLU) and picks one of K candidate *configurations* (a bit-width
+  per group).  The model's second output ``bits`` is float [N, G]: the bit-width of
+  each group for each image.  The MAC-weighted mean over groups ("average bits",
+  the quantity ``target_bits`` constrains; the stem is not counted) uses the group
+  MACs stored in the model's ``datafree.dynamic`` metadata.
+
+Candidate configurations: every combination of the candidate bit-widths over the
+groups (at most 64) is simulated on the synthetic images; the ones on the Pareto
+front of (average bits, loss against the float model) are kept, at most
+``MAX_CONFIGS``, always including the cheapest and the most precise.
+
+Training (no real data).  The configurations are fixed, so the selector only
+needs, for each synthetic image, the loss of every configuration:
+``CE(logits_k, argmax FP) + KL(FP ‖ logits_k)``, computed once by running the
+fixed-precision model of each configuration in onnxruntime.  The selector is
+trained in torch with hard Gumbel-softmax (straight-through):
+``Σ_k onehot_k·loss_k + λ·max(0, mean bits − target)``.  Because the network
+itself is not trained, no differentiable copy of it is needed and every
+candidate is simulated exactly as it will run.  Finally a price per bit μ is
+subtracted from the selector's logits (folded into its last bias; the chosen
+bit-width per image only drops as μ grows) and set by bisection so the mean bits
+on the held-out probe images is at most ``target_bits`` and as close as the probe
+set allows.
+
+Weights are stored once, as int8 at the highest candidate precision; lower
+bit-widths are requantised from those integers at run time (see ``datafree.ops``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from datafree.ops import domain, functions, reference, schemas
+
+from ..errors import NotCompressible, UserError
+from ..graph import Layer, analyse
+from ..progress import ProgressFn, silent
+from ..quant import act_qparams, quantize_weight, weight_scales
+from ..recipe import DynamicConfig
+from ..stats import mse_range
+from .fold import fold_batchnorm
+
+STAGE = "dynamic"
+METADATA_KEY = "datafree.dynamic"
+BITS_OUTPUT = "bits"
+MAX_CONFIGS = 8
+MAX_ENUMERATED = 64
+HIDDEN = 16
+PROBE_FRACTION = 0.25
+SELECTOR_LR = 1e-2
+PENALTY = 2.0            # λ, per bit above target
+DEFAULT_SYNTHETIC = 256
+DEFAULT_SYNTHETIC_STEPS = 200
+
+
+# ----------------------------------------------------------------- the plan
+@dataclass
+class ActQuant:
+    scale: np.ndarray            # [B] indexed by bits
+    zero_point: np.ndarray       # [B]
+    signed: bool
+
+
+@dataclass
+class DynLayer:
+    name: str
+    op: str                      # Conv | Gemm
+    group: int                   # -1: the stem
+    input: str                   # name of the layer's input value
+    w_int: np.ndarray            # int8, output channels first
+    w_scale: np.ndarray          # [O]
+    scale_table: np.ndarray      # [B, O]
+    bias: np.ndarray             # [O]
+    act: ActQuant | None = None
+    macs: int = 0
+    attrs: dict = field(default_factory=dict)
+
+    def weight(self, bits: int) -> np.ndarray:
+        return reference.derive_weight(self.w_int, self.w_scale, self.scale_table, bits)
+
+
+@dataclass
+class Plan:
+    candidates: tuple[int, ...]
+    stem: DynLayer
+    layers: list[DynLayer]
+    groups: list[list[str]]
+    group_macs: np.ndarray
+    features: str                        # value the selector reads (stem output)
+    base: onnx.ModelProto                # BN-folded float model
+    configs: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))   # [K, G]
+
+    @property
+    def max_bits(self) -> int:
+        return max(self.candidates)
+
+    @property
+    def table_size(self) -> int:
+        return self.max_bits + 1
+
+    def avg_bits(self, configs: np.ndarray) -> np.ndarray:
+        """MAC-weighted mean bits of each configuration row."""
+        return np.asarray(configs, np.float64) @ self.group_macs / self.group_macs.sum()
+
+    def bops(self, configs: np.ndarray) -> np.ndarray:
+        """Bit-operations per image of each configuration (stem at the highest precision)."""
+        b = np.asarray(configs, np.float64)
+        return b ** 2 @ self.group_macs + self.stem.macs * self.max_bits ** 2
+
+
+# ------------------------------------------------------------------ planning
+def _fold(model: ir.Model) -> ir.Model:
+    for layer in analyse(model).layers:
+        if layer.bn is not None and layer.op in ("Conv", "Gemm"):
+            fold_batchnorm(layer)
+    return model
+
+
+def _usable(layer: Layer) -> bool:
+    if layer.op == "Conv":
+        pad = layer.node.attributes.get("auto_pad")
+        return pad is None or str(pad.value) == "NOTSET"
+    return layer.op == "Gemm" and len(layer.weight.shape or ()) == 2
+
+
+def _conv_attrs(layer: Layer) -> dict:
+    out = {}
+    for key in ("strides", "pads", "dilations", "group"):
+        a = layer.node.attributes.get(key)
+        if a is not None:
+            out[key] = list(a.value) if key != "group" else int(a.value)
+    return out
+
+
+def _group_of(layers: list[Layer], mode: str) -> list[int]:
+    if mode == "stage":
+        sizes = []
+        for l in layers:
+            shape = l.node.outputs[0].shape
+            spatial = tuple(shape[2:]) if l.op == "Conv" and shape is not None else None
+            sizes.append(spatial)
+        stages: list = []
+        for s in sizes:
+            if s is not None and s not in stages:
+                stages.append(s)
+        if 2 <= len(stages) <= 4:
+            out, current = [], 0
+            for s in sizes:
+                current = stages.index(s) if s is not None else len(stages) - 1
+                out.append(current)
+            return out
+        mode = "3"
+    try:
+        n = int(mode)
+    except ValueError:
+        raise UserError(f"dynamic.groups must be 'stage' or a number of groups, got {mode!r}") from None
+    if not 1 <= n <= len(layers):
+        raise UserError(f"dynamic.groups: {n} groups for {len(layers)} dynamic layers")
+    macs = np.array([l.macs() or 1 for l in layers], np.float64)
+    cum = (np.cumsum(macs) - macs / 2) / macs.sum()
+    return [min(int(c * n), n - 1) for c in cum]
+
+
+def _weights(layer: Layer, candidates: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    w = layer.w_oc().astype(np.float32)
+    top = max(candidates)
+    w_int, w_scale = quantize_weight(w, top)
+    table = np.ones((top + 1, w.shape[0]), np.float32)
+    for b in candidates:
+        table[b] = w_scale if b == top else weight_scales(w, b)
+    return w_int, w_scale, table
+
+
+def _calibrate(plan_layers: list[DynLayer], base: onnx.ModelProto, images: np.ndarray,
+               candidates: tuple[int, ...]) -> None:
+    """Per-bit-width MSE-optimal activation ranges of every layer input, on ``images``."""
+    names = sorted({l.input for l in plan_layers})
+    acts = _run(base, images, names)
+    size = max(candidates) + 1
+    for l in plan_layers:
+        x = acts[l.input]
+        scale, zp = np.ones(size, np.float32), np.zeros(size, np.float32)
+        signed = bool(x.min() < 0)
+        for b in candidates:
+            lo, hi = mse_range(x, b)
+            s, z, _ = act_qparams(lo if signed else 0.0, hi, b)
+            scale[b], zp[b] = s, z
+        l.act = ActQuant(scale=scale, zero_point=zp, signed=signed)
+
+
+def _run(model: onnx.ModelProto, images: np.ndarray, outputs: list[str], feeds: dict | None = None,
+         batch: int = 128) -> dict[str, np.ndarray]:
+    """Values ``outputs`` of ``model`` on ``images`` (extra graph outputs are added to a copy)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    present = {o.name for o in m.graph.output}
+    for name in outputs:
+        if name not in present:
+            m.graph.output.append(helper.make_empty_tensor_value_info(name))
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0].name
+    parts: dict[str, list] = {n: [] for n in outputs}
+    for start in range(0, len(images), batch):
+        f = {inp: images[start:start + batch]}
+        for k, v in (feeds or {}).items():
+            f[k] = v[start:start + batch]
+        for name, val in zip(outputs, sess.run(outputs, f)):
+            parts[name].append(val)
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def make_plan(model: ir.Model, config: DynamicConfig, images: np.ndarray) -> Plan:
+    """Fold BN, choose the stem and groups, quantize weights, calibrate activations."""
+    candidates = tuple(int(b) for b in config.bits)
+    folded = _fold(ir.serde.deserialize_model(ir.serde.serialize_model(model)))
+    analysis = analyse(folded)
+    layers = [l for l in analysis.layers if l.op in ("Conv", "Gemm") and _usable(l)]
+    if len(layers) < 2:
+        raise NotCompressible("dynamic precision needs at least two Conv/Gemm layers with constant weights")
+    stem, rest = layers[0], layers[1:]
+    groups = _group_of(rest, config.groups)
+    n_groups = max(groups) + 1
+
+    def entry(layer: Layer, group: int) -> DynLayer:
+        w_int, w_scale, table = _weights(layer, candidates)
+        return DynLayer(name=layer.name, op=layer.op, group=group, input=layer.node.inputs[0].name,
+                        w_int=w_int, w_scale=w_scale, scale_table=table, bias=layer.bias_array().astype(np.float32),
+                        macs=int(layer.macs() or 0), attrs=_conv_attrs(layer) if layer.op == "Conv" else {})
+
+    dyn = [entry(l, g) for l, g in zip(rest, groups)]
+    stem_entry = entry(stem, -1)
+    base = ir.serde.serialize_model(folded)
+    _calibrate([stem_entry] + dyn, base, images, candidates)
+    group_macs = np.array([sum(l.macs for l in dyn if l.group == g) for g in range(n_groups)], np.float64)
+    return Plan(candidates=candidates, stem=stem_entry, layers=dyn,
+                groups=[[l.name for l in dyn if l.group == g] for g in range(n_groups)],
+                group_macs=np.maximum(group_macs, 1.0), features=stem.output.name, base=base)
+
+
+# -------------------------------------------------------------- graph writing
+class _Writer:
+    """Edits a copy of the BN-folded float model (ModelProto) into a quantized one."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.model = onnx.ModelProto()
+        self.model.CopyFrom(plan.base)
+        self.graph = self.model.graph
+        self.inits: list[onnx.TensorProto] = []
+        taken = {v for n in self.graph.node for v in (*n.input, *n.output)}
+        taken |= {i.name for i in self.graph.initializer} | {i.name for i in self.graph.input}
+        self._taken = taken
+
+    def name(self, base: str) -> str:
+        name, i = base, 1
+        while name in self._taken:
+            name, i = f"{base}_{i}", i + 1
+        self._taken.add(name)
+        return name
+
+    def const(self, base: str, array: np.ndarray) -> str:
+        name = self.name(base)
+        self.inits.append(numpy_helper.from_array(np.array(array, order="C"), name))
+        return name
+
+    def node_of(self, layer: DynLayer) -> tuple[int, onnx.NodeProto]:
+        return next((i, n) for i, n in enumerate(self.graph.node) if n.name == layer.name)
+
+    def static_quant(self, layer: DynLayer, bits: int) -> tuple[list[onnx.NodeProto], str]:
+        """Fake-quantize the layer input at ``bits`` with standard ops, and use the result."""
+        a = layer.act
+        lo, hi = reference.act_grid(bits, a.signed)
+        p = f"{layer.name}/aq{bits}"
+        s = self.const(p + "/scale", np.float32(a.scale[bits]))
+        z = self.const(p + "/zp", np.float32(a.zero_point[bits]))
+        qmin, qmax = self.const(p + "/qmin", np.float32(lo)), self.const(p + "/qmax", np.float32(hi))
+        t = [self.name(f"{p}/t{i}") for i in range(5)]
+        out = self.name(p + "/out")
+        nodes = [helper.make_node("Div", [layer.input, s], [t[0]], name=self.name(p + "/div")),
+                 helper.make_node("Round", [t[0]], [t[1]], name=self.name(p + "/round")),
+                 helper.make_node("Add", [t[1], z], [t[2]], name=self.name(p + "/add")),
+                 helper.make_node("Clip", [t[2], qmin, qmax], [t[3]], name=self.name(p + "/clip")),
+                 helper.make_node("Sub", [t[3], z], [t[4]], name=self.name(p + "/sub")),
+                 helper.make_node("Mul", [t[4], s], [out], name=self.name(p + "/mul"))]
+        return nodes, out
+
+    def fixed_layer(self, layer: DynLayer, bits: int) -> None:
+        idx, node = self.node_of(layer)
+        nodes, xq = self.static_quant(layer, bits)
+        w = self.const(f"{layer.name}/w{bits}", layer.weight(bits) if layer.op == "Conv" else
+                       self._gemm_weight(node, layer.weight(bits)))
+        node.input[0], node.input[1] = xq, w
+        for k, n in enumerate(nodes):
+            self.graph.node.insert(idx + k, n)
+
+    @staticmethod
+    def _gemm_weight(node: onnx.NodeProto, w_oc: np.ndarray) -> np.ndarray:
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return w_oc if trans_b else np.ascontiguousarray(w_oc.T)
+
+    def dynamic_layer(self, layer: DynLayer, bits_value: str, cache: dict) -> None:
+        idx, node = self.node_of(layer)
+        a, p = layer.act, layer.name
+        new = []
+        key = (layer.input, layer.group)
+        if key not in cache:
+            xq = self.name(f"{p}/dynquant")
+            new.append(helper.make_node(
+                "DynQuant", [layer.input, bits_value, self.const(p + "/act_scale", a.scale),
+                             self.const(p + "/act_zero_point", a.zero_point)],
+                [xq], domain=domain.DOMAIN, name=self.name(p + "/DynQuant"), signed=int(a.signed)))
+            cache[key] = xq
+        ins = [cache[key], bits_value, self.const(p + "/w_int", layer.w_int),
+               self.const(p + "/w_scale", layer.w_scale), self.const(p + "/scale_table", layer.scale_table),
+               self.const(p + "/bias", layer.bias)]
+        op = "DynQConv" if layer.op == "Conv" else "DynQGemm"
+        repl = helper.make_node(op, ins, [node.output[0]], domain=domain.DOMAIN, name=node.name,
+                                **(layer.attrs if layer.op == "Conv" else {}))
+        del self.graph.node[idx]
+        for k, n in enumerate(new + [repl]):
+            self.graph.node.insert(idx + k, n)
+
+    def finish(self, extra_outputs: list[str] = ()) -> onnx.ModelProto:
+        self.graph.initializer.extend(self.inits)
+        used = {i for n in self.graph.node for i in n.input}
+        keep = [t for t in self.graph.initializer if t.name in used]
+        del self.graph.initializer[:]
+        self.graph.initializer.extend(keep)
+        for name in extra_outputs:
+            self.graph.output.append(helper.make_empty_tensor_value_info(name))
+        return self.model
+
+
+def build_fixed(plan: Plan, config, extra_outputs: list[str] = ()) -> onnx.ModelProto:
+    """The fixed-precision model of one configuration (bit-width per group), standard ops only."""
+    w = _Writer(plan)
+    w.fixed_layer(plan.stem, plan.max_bits)
+    for layer in plan.layers:
+        w.fixed_layer(layer, int(config[layer.group]))
+    return w.finish(extra_outputs)
+
+
+@dataclass
+class Selector:
+    w1: np.ndarray
+    b1: np.ndarray
+    w2: np.ndarray
+    b2: np.ndarray
+
+    @property
+    def params(self) -> int:
+        return int(self.w1.size + self.b1.size + self.w2.size + self.b2.size)
+
+    def logits(self, pooled: np.ndarray) -> np.ndarray:
+        return np.maximum(pooled @ self.w1 + self.b1, 0) @ self.w2 + self.b2
+
+    def choose(self, pooled: np.ndarray) -> np.ndarray:
+        return np.argmax(self.logits(pooled), axis=1)
+
+
+def build_dynamic(plan: Plan, selector: Selector) -> onnx.ModelProto:
+    """The dynamic model: stem, BitSelect, and every other layer at its group's bits."""
+    schemas.register()
+    w = _Writer(plan)
+    w.fixed_layer(plan.stem, plan.max_bits)
+    stem_idx, _ = w.node_of(plan.stem)
+    # the selector right after the stem's activation
+    feat_idx = next(i for i, n in enumerate(w.graph.node) if plan.features in n.output)
+    config = w.name("config")
+    sel = helper.make_node("BitSelect", [plan.features, w.const("selector/W1", selector.w1),
+                                         w.const("selector/b1", selector.b1), w.const("selector/W2", selector.w2),
+                                         w.const("selector/b2", selector.b2),
+                                         w.const("selector/bits_table", plan.configs.astype(np.float32))],
+                           [config, BITS_OUTPUT], domain=domain.DOMAIN, name=w.name("selector/BitSelect"))
+    nodes = [sel]
+    group_bits = []
+    for g in range(len(plan.groups)):
+        out = w.name(f"bits/group{g}")
+        nodes.append(helper.make_node("Gather", [BITS_OUTPUT, w.const(f"bits/index{g}", np.int64(g))], [out],
+                                      axis=1, name=w.name(f"bits/Gather{g}")))
+        group_bits.append(out)
+    for k, n in enumerate(nodes):
+        w.graph.node.insert(feat_idx + 1 + k, n)
+    cache: dict = {}
+    for layer in plan.layers:
+        w.dynamic_layer(layer, group_bits[layer.group], cache)
+    model = w.finish()
+    model.graph.output.append(helper.make_tensor_value_info(BITS_OUTPUT, TensorProto.FLOAT,
+                                                            [_batch_dim(model), len(plan.groups)]))
+    domain.add_opset_import(model)
+    functions.attach(model, plan.candidates)
+    meta = {"candidates": list(plan.candidates), "groups": plan.groups, "group_macs": plan.group_macs.tolist(),
+            "configs": plan.configs.astype(int).tolist(), "stem": plan.stem.name, "stem_bits": plan.max_bits,
+            "bits_output": BITS_OUTPUT}
+    model.metadata_props.append(onnx.StringStringEntryProto(key=METADATA_KEY, value=json.dumps(meta)))
+    return model
+
+
+def _batch_dim(model: onnx.ModelProto):
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    if dims and dims[0].dim_param:
+        return dims[0].dim_param
+    if dims and dims[0].dim_value:
+        return dims[0].dim_value
+    return "N"
+
+
+# ------------------------------------------------------------------ training
+def _config_losses(fp_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """CE to the float model's class + KL(FP ‖ config), per image: [n]."""
+    def log_softmax(z):
+        z = z - z.max(axis=1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+    lp, lq = log_softmax(fp_logits.astype(np.float64)), log_softmax(logits.astype(np.float64))
+    ce = -lq[np.arange(len(lq)), fp_logits.argmax(axis=1)]
+    kl = (np.exp(lp) * (lp - lq)).sum(axis=1)
+    return ce + kl
+
+
+def simulate(plan: Plan, configs: np.ndarray, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(per-config logits [K, n, classes], float logits [n, classes], pooled stem features [n, C])."""
+    out_name = plan.base.graph.output[0].name
+    fp = _run(plan.base, images, [out_name])[out_name]
+    logits, pooled = [], None
+    for cfg in configs:
+        model = build_fixed(plan, cfg, extra_outputs=[plan.features] if pooled is None else [])
+        names = [out_name] + ([plan.features] if pooled is None else [])
+        res = _run(model, images, names)
+        if pooled is None:
+            f = res[plan.features]
+            pooled = f.reshape(f.shape[0], f.shape[1], -1).mean(axis=2).astype(np.float32)
+        logits.append(res[out_name])
+    return np.stack(logits), fp, pooled
+
+
+def enumerate_configs(candidates: tuple[int, ...], n_groups: int) -> np.ndarray:
+    combos = list(itertools.product(candidates, repeat=n_groups))
+    if len(combos) > MAX_ENUMERATED:
+        combos = [(b,) * n_groups for b in candidates]
+        for b in candidates:
+            for g in range(n_groups):
+                for c in candidates:
+                    if c != b:
+                        cfg = [b] * n_groups
+                        cfg[g] = c
+                        combos.append(tuple(cfg))
+        combos = sorted(set(combos))
+    return np.array(combos, np.float32)
+
+
+def pareto(avg_bits: np.ndarray, loss: np.ndarray, limit: int = MAX_CONFIGS) -> list[int]:
+    """Indices on the (bits ↓, loss ↓) front, thinned to ``limit`` keeping both ends."""
+    order = np.lexsort((loss, avg_bits))
+    front, best = [], np.inf
+    for i in order:
+        if loss[i] < best - 1e-12:
+            front.append(int(i))
+            best = loss[i]
+    if len(front) > limit:
+        keep = np.unique(np.round(np.linspace(0, len(front) - 1, limit)).astype(int))
+        front = [front[k] for k in keep]
+    return front
+
+
+def train_selector(pooled: np.ndarray, losses: np.ndarray, cfg_bits: np.ndarray, target: float, *,
+                   steps: int, seed: int = 0) -> Selector:
+    """Hard Gumbel-softmax (straight-through) on fixed per-config losses [n, K]."""
+    import torch
+
+    torch.manual_seed(seed)
+    mu, sd = pooled.mean(axis=0), pooled.std(axis=0) + 1e-6
+    x = torch.from_numpy(((pooled - mu) / sd).astype(np.float32))
+    L = torch.from_numpy(losses.astype(np.float32))
+    bits = torch.from_numpy(cfg_bits.astype(np.float32))
+    C, K = x.shape[1], L.shape[1]
+    net = torch.nn.Sequential(torch.nn.Linear(C, HIDDEN), torch.nn.ReLU(), torch.nn.Linear(HIDDEN, K))
+    opt = torch.optim.Adam(net.parameters(), lr=SELECTOR_LR)
+    for step in range(max(1, steps)):
+        tau = max(0.3, 1.0 - step / max(1, steps))
+        onehot = torch.nn.functional.gumbel_softmax(net(x), tau=tau, hard=True)
+        task = (onehot * L).sum(dim=1).mean()
+        mean_bits = (onehot @ bits).mean()
+        loss = task + PENALTY * torch.relu(mean_bits - target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    w1 = net[0].weight.detach().numpy().T.astype(np.float64)
+    b1 = net[0].bias.detach().numpy().astype(np.float64)
+    # fold the feature standardisation into the first layer
+    w1_f = w1 / sd[:, None]
+    b1_f = b1 - (mu / sd) @ w1
+    return Selector(w1=w1_f.astype(np.float32), b1=b1_f.astype(np.float32),
+                    w2=net[2].weight.detach().numpy().T.astype(np.float32),
+                    b2=net[2].bias.detach().numpy().astype(np.float32))
+
+
+def calibrate_price(selector: Selector, pooled: np.ndarray, cfg_bits: np.ndarray, target: float) -> float:
+    """Smallest price per bit μ ≥ 0 with mean chosen bits ≤ target; folds it into b2."""
+    def mean_bits(mu: float) -> float:
+        return float(cfg_bits[np.argmax(selector.logits(pooled) - mu * cfg_bits, axis=1)].mean())
+
+    lo, hi = 0.0, 1.0
+    if mean_bits(0.0) > target:
+        while mean_bits(hi) > target and hi < 1e6:
+            hi *= 2
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if mean_bits(mid) > target else (lo, mid)
+        mu = hi
+    else:
+        mu = 0.0
+    selector.b2 = (selector.b2 - mu * cfg_bits).astype(np.float32)
+    return mu
+
+
+# ------------------------------------------------------------------- the pass
+def _synthetic_images(model: ir.Model, synthetic, progress: ProgressFn) -> np.ndarray:
+    if synthetic is None:
+        from ..synth import generate
+
+        synthetic = generate(model, DEFAULT_SYNTHETIC, steps=DEFAULT_SYNTHETIC_STEPS, seed=0, progress=progress)
+    images = np.asarray(getattr(synthetic, "images", synthetic), dtype=np.float32)
+    if len(images) < 8:
+        raise UserError(f"dynamic precision needs at least 8 synthetic images, got {len(images)}")
+    return images
+
+
+def apply_dynamic(model: ir.Model, config: DynamicConfig, *, synthetic=None,
+                  progress: ProgressFn = silent, seed: int = 0) -> tuple[ir.Model, dict]:
+    """The dynamic-precision model of ``model`` (not modified) and its statistics.
+
+    ``synthetic``: a ``SyntheticSet`` (or an image array, NCHW float32 in the
+    model's input space) to calibrate and train on; generated when None.  A quarter
+    of it is held out as the probe set on which ``target_bits`` is met.
+    """
+    t0 = time.perf_counter()
+    images = _synthetic_images(model, synthetic, progress)
+    t_synth = time.perf_counter() - t0
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(images))
+    n_probe = max(4, int(round(len(images) * PROBE_FRACTION)))
+    probe_idx, train_idx = np.sort(order[:n_probe]), np.sort(order[n_probe:])
+    progress(STAGE, 0, 4)
+
+    plan = make_plan(model, config, images[train_idx])
+    progress(STAGE, 1, 4)
+    all_cfgs = enumerate_configs(plan.candidates, len(plan.groups))
+    logits, fp, pooled = simulate(plan, all_cfgs, images)
+    losses = np.stack([_config_losses(fp, lg) for lg in logits], axis=1)        # [n, K_all]
+    avg = plan.avg_bits(all_cfgs)
+    keep = pareto(avg, losses[train_idx].mean(axis=0))
+    plan.configs = all_cfgs[keep]
+    cfg_bits = avg[keep]
+    progress(STAGE, 2, 4)
+
+    selector = train_selector(pooled[train_idx], losses[train_idx][:, keep], cfg_bits, config.target_bits,
+                              steps=config.steps, seed=seed)
+    mu = calibrate_price(selector, pooled[probe_idx], cfg_bits, config.target_bits)
+    progress(STAGE, 3, 4)
+
+    proto = build_dynamic(plan, selector)
+    out = ir.serde.deserialize_model(proto)
+    choice = selector.choose(pooled[probe_idx])
+    stats = _stats(plan, selector, choice, cfg_bits, losses[probe_idx][:, keep], fp[probe_idx],
+                   logits[keep][:, probe_idx], mu, config)
+    stats["seconds"] = {"synthetic": round(t_synth, 2), "total": round(time.perf_counter() - t0, 2)}
+    progress(STAGE, 4, 4)
+    return out, stats
+
+
+def selector_cost(plan: Plan, selector: Selector, spatial: int) -> dict:
+    c, h = selector.w1.shape
+    k = selector.w2.shape[1]
+    macs = c * h + h * k
+    return {"params": selector.params, "macs": int(macs), "pool_adds": int(c * spatial),
+            "bops": int((macs + c * spatial) * 32 * 32)}
+
+
+def _stats(plan: Plan, selector: Selector, choice: np.ndarray, cfg_bits: np.ndarray, probe_losses: np.ndarray,
+           fp: np.ndarray, cfg_logits: np.ndarray, mu: float, config: DynamicConfig) -> dict:
+    feat_shape = next((v.type.tensor_type.shape for v in plan.base.graph.value_info if v.name == plan.features), None)
+    spatial = int(np.prod([d.dim_value for d in feat_shape.dim[2:]])) if feat_shape is not None and \
+        all(d.dim_value for d in feat_shape.dim[2:]) else 1
+    cost = selector_cost(plan, selector, spatial)
+    bops = plan.bops(plan.configs)
+    labels = ["/".join(str(int(b)) for b in c) for c in plan.configs]
+    hist = {lab: int((choice == k).sum()) for k, lab in enumerate(labels)}
+    agree = np.mean(cfg_logits[choice, np.arange(len(choice))].argmax(axis=1) == fp.argmax(axis=1))
+    expected_bops = float(bops[choice].mean())
+    return {
+        "candidates": list(plan.candidates),
+        "groups": plan.groups,
+        "group_macs": plan.group_macs.astype(int).tolist(),
+        "configs": labels,
+        "config_avg_bits": [round(float(b), 4) for b in cfg_bits],
+        "config_bops": [int(b) for b in bops],
+        "config_probe_loss": [round(float(v), 4) for v in probe_losses.mean(axis=0)],
+        "target_bits": float(config.target_bits),
+        "probe_images": int(len(choice)),
+        "histogram": hist,
+        "expected_bits": float(cfg_bits[choice].mean()),
+        "expected_bops": expected_bops,
+        "probe_agreement_with_float": float(agree),
+        "price_per_bit": float(mu),
+        "selector": {**cost, "bops_pct_of_model": 100.0 * cost["bops"] / expected_bops},
+    }
