@@ -555,14 +555,21 @@ def _synthetic_images(model: ir.Model, synthetic, progress: ProgressFn) -> np.nd
     return images
 
 
-def apply_dynamic(model: ir.Model, config: DynamicConfig, *, synthetic=None,
-                  progress: ProgressFn = silent, seed: int = 0) -> tuple[ir.Model, dict]:
-    """The dynamic-precision model of ``model`` (not modified) and its statistics.
+@dataclass
+class DynamicResult:
+    """Everything :func:`fit_dynamic` made: the model and what it was made from."""
 
-    ``synthetic``: a ``SyntheticSet`` (or an image array, NCHW float32 in the
-    model's input space) to calibrate and train on; generated when None.  A quarter
-    of it is held out as the probe set on which ``target_bits`` is met.
-    """
+    model: onnx.ModelProto
+    plan: Plan
+    selector: Selector
+    stats: dict
+    probe: np.ndarray                   # indices of the probe images in the synthetic set
+    images: np.ndarray                  # the synthetic images
+
+
+def fit_dynamic(model: ir.Model, config: DynamicConfig, *, synthetic=None, progress: ProgressFn = silent,
+                seed: int = 0) -> DynamicResult:
+    """Plan, simulate, train and write the dynamic model (see :func:`apply_dynamic`)."""
     t0 = time.perf_counter()
     images = _synthetic_images(model, synthetic, progress)
     t_synth = time.perf_counter() - t0
@@ -583,19 +590,36 @@ def apply_dynamic(model: ir.Model, config: DynamicConfig, *, synthetic=None,
     cfg_bits = avg[keep]
     progress(STAGE, 2, 4)
 
+    t_train = time.perf_counter()
     selector = train_selector(pooled[train_idx], losses[train_idx][:, keep], cfg_bits, config.target_bits,
                               steps=config.steps, seed=seed)
     mu = calibrate_price(selector, pooled[probe_idx], cfg_bits, config.target_bits)
+    t_train = time.perf_counter() - t_train
     progress(STAGE, 3, 4)
 
     proto = build_dynamic(plan, selector)
-    out = ir.serde.deserialize_model(proto)
     choice = selector.choose(pooled[probe_idx])
     stats = _stats(plan, selector, choice, cfg_bits, losses[probe_idx][:, keep], fp[probe_idx],
                    logits[keep][:, probe_idx], mu, config)
-    stats["seconds"] = {"synthetic": round(t_synth, 2), "total": round(time.perf_counter() - t0, 2)}
+    stats["seconds"] = {"synthetic": round(t_synth, 2), "selector_training": round(t_train, 2),
+                        "total": round(time.perf_counter() - t0, 2)}
     progress(STAGE, 4, 4)
-    return out, stats
+    return DynamicResult(model=proto, plan=plan, selector=selector, stats=stats, probe=probe_idx, images=images)
+
+
+def apply_dynamic(model: ir.Model, config: DynamicConfig, *, synthetic=None,
+                  progress: ProgressFn = silent, seed: int = 0) -> tuple[ir.Model, dict]:
+    """The dynamic-precision model of ``model`` (not modified) and its statistics.
+
+    ``synthetic``: a ``SyntheticSet`` (or an image array, NCHW float32 in the
+    model's input space) to calibrate and train on; generated when None.  A quarter
+    of it is held out as the probe set on which ``target_bits`` is met.  Statistics:
+    candidate configurations with their average bits / BOPs / probe loss, the
+    histogram of chosen configurations and the expected average bits and BOPs on
+    the probes, the selector's parameters / MACs / BOPs (and % of the model's).
+    """
+    result = fit_dynamic(model, config, synthetic=synthetic, progress=progress, seed=seed)
+    return ir.serde.deserialize_model(result.model), result.stats
 
 
 def selector_cost(plan: Plan, selector: Selector, spatial: int) -> dict:

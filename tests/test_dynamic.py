@@ -1,0 +1,112 @@
+"""The dynamic-precision pass on ResNet-20: model structure, batching, forced configurations, target bits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from datafree.runtime import InferenceSession
+from datafree.toolchain.ingest import load
+from datafree.toolchain.passes.dynamic import (BITS_OUTPUT, METADATA_KEY, apply_dynamic, build_fixed,
+                                               fit_dynamic, pareto)
+from datafree.toolchain.recipe import DynamicConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "examples/models/resnet20_bn.onnx"
+TARGET = 5.0
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load(MODEL)
+
+
+@pytest.fixture(scope="module")
+def synthetic(model):
+    from datafree.toolchain.synth import generate
+
+    return generate(model, 64, steps=8, seed=0, batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def fitted(model, synthetic):
+    return fit_dynamic(model, DynamicConfig(bits=(4, 6, 8), target_bits=TARGET, steps=150), synthetic=synthetic)
+
+
+def _plain(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+    """Stock onnxruntime, function bodies only."""
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})
+
+
+def test_model_structure_and_checker(fitted):
+    m = fitted.model
+    onnx.checker.check_model(m, full_check=True)
+    assert [o.name for o in m.graph.output] == ["logits", BITS_OUTPUT]
+    ops = {n.op_type for n in m.graph.node if n.domain == "ai.datafree"}
+    assert ops == {"BitSelect", "DynQuant", "DynQConv", "DynQGemm"}
+    meta = json.loads(next(p.value for p in m.metadata_props if p.key == METADATA_KEY))
+    assert len(meta["groups"]) == 3 and sum(len(g) for g in meta["groups"]) == 19   # 18 convs + the Gemm
+    assert meta["configs"][0] == [4, 4, 4]
+    cost = fitted.stats["selector"]
+    assert cost["params"] < 1000 and cost["bops_pct_of_model"] < 5
+
+
+def test_per_sample_bits_in_one_batch_equal_each_sample_alone(fitted):
+    x = fitted.images[:16]
+    logits, bits = _plain(fitted.model, x)
+    assert bits.shape == (16, 3)
+    assert len(np.unique(bits, axis=0)) >= 2, "the batch should mix configurations"
+    for i in range(16):
+        alone, alone_bits = _plain(fitted.model, x[i:i + 1])
+        np.testing.assert_array_equal(alone_bits, bits[i:i + 1])
+        np.testing.assert_allclose(alone, logits[i:i + 1], atol=1e-5)
+
+
+def test_forced_configuration_equals_fixed_precision_model(fitted):
+    x = fitted.images[:16]
+    for k in (0, len(fitted.plan.configs) - 1):
+        forced = onnx.ModelProto()
+        forced.CopyFrom(fitted.model)
+        sel = next(n for n in forced.graph.node if n.op_type == "BitSelect")
+        b2 = next(t for t in forced.graph.initializer if t.name == sel.input[4])
+        bias = np.full(len(fitted.plan.configs), -1e6, np.float32)
+        bias[k] = 1e6
+        b2.CopyFrom(onnx.numpy_helper.from_array(bias, b2.name))
+        logits, bits = _plain(forced, x)
+        np.testing.assert_array_equal(bits, np.repeat(fitted.plan.configs[k:k + 1], 16, axis=0))
+        (fixed,) = _plain(build_fixed(fitted.plan, fitted.plan.configs[k]), x)
+        np.testing.assert_allclose(logits, fixed, atol=1e-4)
+        grouped_logits, _ = InferenceSession(forced).run(None, {"input": x})
+        np.testing.assert_allclose(grouped_logits, fixed, atol=1e-4)
+
+
+def test_target_bits_met_on_the_probe_set(fitted):
+    x = fitted.images[fitted.probe]
+    _, bits = InferenceSession(fitted.model).run(None, {"input": x})
+    macs = fitted.plan.group_macs
+    mean_bits = float(np.mean(bits @ macs / macs.sum()))
+    assert abs(mean_bits - TARGET) <= 0.25
+    assert mean_bits == pytest.approx(fitted.stats["expected_bits"], abs=1e-6)
+    assert sum(fitted.stats["histogram"].values()) == len(fitted.probe)
+
+
+def test_apply_dynamic_returns_an_ir_model_that_runs(model, synthetic):
+    small = type(synthetic)(images=synthetic.images[:24], targets=synthetic.targets[:24],
+                            source=synthetic.source, seed=0)
+    out, stats = apply_dynamic(model, DynamicConfig(bits=(4, 8), target_bits=6.0, steps=20, groups="2"),
+                               synthetic=small)
+    logits, bits = InferenceSession(out).run(None, {"input": synthetic.images[:4]})
+    assert logits.shape == (4, 10) and bits.shape == (4, 2)
+    assert set(np.unique(bits)) <= {4.0, 8.0}
+    assert stats["candidates"] == [4, 8]
+
+
+def test_pareto_keeps_the_front_and_both_ends():
+    bits = np.array([4, 5, 5, 6, 8, 8])
+    loss = np.array([1.0, 0.5, 0.7, 0.6, 0.1, 0.2])
+    assert pareto(bits, loss) == [0, 1, 4]
