@@ -183,6 +183,8 @@ class LayerBound:
     gram: str = ""                   # where G came from
     prune: dict | None = None        # summed pruning errors over the channels, when enumerable
     prune_note: str = ""
+    samples: int | None = None       # input vectors behind G (None: from moments)
+    note: str = ""
 
     def _db(self, attr: str) -> float:
         ref = sum(c.reference for c in self.channels)
@@ -301,11 +303,20 @@ def layer_bounds(layers, inputs: dict[str, np.ndarray], bits: dict[str, int], *,
             skipped[layer.name] = how
             continue
         share = left / (len(eligible) - i)
-        lb = _one_layer(layer, n, grams, how, bits[layer.name], share, max_channels, seed)
+        lb = _one_layer(layer, n, grams, how, bits[layer.name], share, max_channels, seed, inputs)
         done.append(lb)
         if progress is not None:
             progress("bounds", i + 1, len(eligible))
     return done, skipped
+
+
+def _samples(layer, x: np.ndarray) -> int:
+    """Input vectors (patches) each output channel sees in ``x``."""
+    if layer.op in ("Gemm", "MatMul"):
+        return int(np.prod(x.shape[:-1]))
+    shape = layer.node.outputs[0].shape
+    spatial = [d for d in (shape or ())[2:] if isinstance(d, int)]
+    return int(x.shape[0] * (np.prod(spatial) if spatial else 1))
 
 
 def _grams(layer, inputs, moments):
@@ -320,12 +331,18 @@ def _grams(layer, inputs, moments):
     return None, "no probe activations and the input is not BN+ReLU"
 
 
-def _one_layer(layer, n, grams, how, bits, share_s, max_channels, seed) -> LayerBound:
+def _one_layer(layer, n, grams, how, bits, share_s, max_channels, seed, inputs_of=None) -> LayerBound:
+    inputs_of = inputs_of or {}
     w = layer.w_oc().reshape(layer.out_channels, -1).astype(np.float64)
     scales = quant.weight_scales(layer.w_oc(), bits).astype(np.float64)
     per_group = layer.out_channels // len(grams)
     order = _spread(layer.out_channels, max_channels)
     lb = LayerBound(layer=layer.name, bits=bits, n=n, out_channels=layer.out_channels, gram=how)
+    if how == "probes":
+        lb.samples = _samples(layer, inputs_of.get(layer.name)) if inputs_of.get(layer.name) is not None else None
+        if lb.samples is not None and lb.samples < n:
+            lb.note = (f"G from {lb.samples} input vectors has rank < n = {n}: the bounds hold for these probes, "
+                       f"and errors in its null space are free; use more probes")
     t0 = time.perf_counter()
     for c in order:
         if lb.channels and (time.perf_counter() - t0) * (1 + 1 / len(lb.channels)) > share_s:

@@ -230,6 +230,7 @@ def _bounds(float_model, costs, bits, pr, budget, max_n, after, progress, seed) 
         want = {l.name: min(bits) for l in layers}
     small = [l for l in layers if l.name in want and l.w_oc()[0].size <= max_n]
     run = probes_mod.run_model(float_model, pr.x, [l.node.inputs[0].name for l in small]) if small else {}
+    run.update({v.name: pr.x for v in float_model.graph.inputs[:1]})
     inputs = {l.name: run[l.node.inputs[0].name] for l in small if l.node.inputs[0].name in run}
     by_output = {id(l.output): l for l in layers}
     moments = {l.name: by_output.get(id(l.node.inputs[0])) for l in layers}
@@ -241,6 +242,7 @@ def _bounds(float_model, costs, bits, pr, budget, max_n, after, progress, seed) 
         rows.append({"layer": lb.layer, "bits": lb.bits, "n": lb.n, "channels": len(lb.channels),
                      "out_channels": lb.out_channels, "gram": lb.gram, "rtn_db": _f(lb.rtn_db),
                      "best_db": _f(lb.best_db), "limit_db": _f(lb.limit_db), "seconds": lb.seconds,
+                     "samples": lb.samples, "note": lb.note,
                      "prune": lb.prune, "prune_note": lb.prune_note})
     return {"budget_s": budget, "max_n": max_n, "layers": rows, "skipped": skipped}
 

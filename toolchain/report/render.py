@@ -190,8 +190,8 @@ def markdown(doc: dict, plots: list[str] = ()) -> str:
                             bounds_rows(doc)), ""]
         if b["skipped"]:
             parts += ["Skipped:", ""] + [f"- {short(k)}: {v}" for k, v in b["skipped"].items()] + [""]
-        notes = [r for r in b["layers"] if r["prune_note"]]
-        parts += [f"- {short(r['layer'])}: {r['prune_note']}" for r in notes] + ([""] if notes else [])
+        notes = [(r["layer"], n) for r in b["layers"] for n in (r.get("note"), r["prune_note"]) if n]
+        parts += [f"- {short(k)}: {n}" for k, n in notes] + ([""] if notes else [])
     if doc.get("measured"):
         m = doc["measured"]
         parts += ["## Measured", "", f"onnxruntime, batch 1, {m['warmup']} warm-up + {m['runs']} timed runs on "
