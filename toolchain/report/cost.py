@@ -251,55 +251,78 @@ def assume_bits(costs: list[LayerCost], wbits: int, abits: int) -> list[LayerCos
 
 
 # ------------------------------------------------------ dynamic precision
+DYNAMIC_KEY = "datafree.dynamic"
+
+
 @dataclass
 class DynamicCosts:
     """Cost of a model whose precision is chosen per input by an embedded selector."""
 
     images: int
-    bits_per_image: list[float]
+    mean_bits: list[float]          # per group, averaged over the images
     expected_bops: float
     min_bops: float
     max_bops: float
     selector_macs: int
     selector_bops: int
     selector_params: int
+    note: str = ""
 
 
 def dynamic_costs(model: ir.Model, probes: np.ndarray) -> DynamicCosts | None:
     """Expected / min / max BOPs over ``probes`` and the selector's own cost.
 
     Applies to models with nodes of domain ``ai.datafree`` whose second graph
-    output is the bit-width chosen per image (one value, or one per dynamic layer
-    in graph order).  Returns None for every other model.  Dynamic layers run at
-    the chosen bits for weights and activations unless ``datafree.layers`` fixes
-    their weight bits; the selector is what only the bit output depends on.
+    output is the bit-width chosen per image ([N] or [N, groups]); None for every
+    other model.  A dynamic layer at ``b`` bits quantizes weights and activations
+    to ``b`` (``MACs x b x b``); per-group MACs, the stem and its bits come from the
+    model's ``datafree.dynamic`` metadata when present, otherwise from the dynamic
+    nodes themselves.  The selector (``BitSelect``: pooling and a small float MLP)
+    is counted apart, at 32 x 32.
     """
     dyn = [n for n in model.graph if n.domain == DYNAMIC_DOMAIN]
     if not dyn or len(model.graph.outputs) < 2:
         return None
     from .probes import run_model  # onnxruntime only when needed
 
-    chosen = np.asarray(run_model(model, probes, [model.graph.outputs[1].name])[model.graph.outputs[1].name],
-                        dtype=np.float64).reshape(len(probes), -1)
-    meta, _ = _metadata(model)
-    static = [c for c in layer_costs(model)]
-    selector = _selector_nodes(model)
-    sel = [c for c in static if any(n.name == c.name for n in selector)]
-    main = [c for c in static if c not in sel]
-    dyn_macs = [_dynamic_macs(n) for n in dyn]
-    per_image = []
-    for row in chosen:
-        b = np.resize(row, len(dyn))
-        total = sum(c.bops for c in main)
-        for node, macs, bi in zip(dyn, dyn_macs, b):
-            wb = (meta.get(node.name) or {}).get("wbits") or bi
-            total += macs * float(wb) * float(bi)
-        per_image.append(total)
-    per_image = np.asarray(per_image)
-    return DynamicCosts(images=len(probes), bits_per_image=chosen.mean(axis=1).tolist(),
+    meta = json.loads(model.metadata_props.get(DYNAMIC_KEY) or "{}")
+    bits_name = meta.get("bits_output") or model.graph.outputs[1].name
+    chosen = np.asarray(run_model(model, probes)[bits_name], dtype=np.float64).reshape(len(probes), -1)
+    static = 0.0
+    for c in layer_costs(model):
+        b = meta.get("stem_bits") if c.name == meta.get("stem") else None
+        static += bops(c.macs, b, b) if b else c.bops
+    note = ""
+    group_macs = np.asarray(meta.get("group_macs") or [], dtype=np.float64)
+    if len(group_macs) != chosen.shape[1]:
+        layers = [n for n in dyn if n.op_type not in ("BitSelect", "DynQuant")]
+        macs = np.array([_dynamic_macs(n) for n in layers], dtype=np.float64)
+        group_macs = np.array([macs.sum()]) if chosen.shape[1] == 1 else macs
+        if len(group_macs) != chosen.shape[1]:
+            group_macs = np.full(chosen.shape[1], macs.sum() / chosen.shape[1])
+            note = "dynamic MACs split evenly over the bit outputs (no datafree.dynamic metadata)"
+    per_image = static + (chosen ** 2) @ group_macs
+    sel_macs, sel_params, pool = _selector(dyn)
+    return DynamicCosts(images=len(probes), mean_bits=chosen.mean(axis=0).round(4).tolist(),
                         expected_bops=float(per_image.mean()), min_bops=float(per_image.min()),
-                        max_bops=float(per_image.max()), selector_macs=sum(c.macs for c in sel),
-                        selector_bops=sum(c.bops for c in sel), selector_params=sum(c.params for c in sel))
+                        max_bops=float(per_image.max()), selector_macs=sel_macs,
+                        selector_bops=bops(sel_macs + pool, 32, 32), selector_params=sel_params, note=note)
+
+
+def _selector(dyn: list[ir.Node]) -> tuple[int, int, int]:
+    """(MACs of the selector MLP, its parameters, additions of its pooling)."""
+    macs = params = pool = 0
+    for n in dyn:
+        if n.op_type != "BitSelect":
+            continue
+        consts = [graph.const_array(v) for v in n.inputs[1:] if v is not None and v.const_value is not None]
+        mats = [c for c in consts[:-1] if c.ndim == 2]      # the last input is the table of configurations
+        macs += sum(int(c.size) for c in mats)
+        params += sum(int(c.size) for c in consts[:-1])
+        shape = graph.static_shape(n.inputs[0])
+        if shape and len(shape) > 2 and all(d is not None for d in shape[1:]):
+            pool += int(np.prod(shape[1:]))
+    return macs, params, pool
 
 
 def _dynamic_macs(node: ir.Node) -> int:
@@ -311,23 +334,3 @@ def _dynamic_macs(node: ir.Node) -> int:
         return 0
     w = max(weights, key=lambda a: a.size)
     return int(np.prod(shape[2:], dtype=np.int64) if len(shape) > 2 else 1) * int(w.size)
-
-
-def _ancestors(value: ir.Value, stop: ir.Node | None = None) -> set[int]:
-    seen, stack = set(), [value]
-    while stack:
-        v = stack.pop()
-        p = v.producer() if v is not None else None
-        if p is None or id(p) in seen or p is stop:
-            continue
-        seen.add(id(p))
-        stack.extend(x for x in p.inputs if x is not None)
-    return seen
-
-
-def _selector_nodes(model: ir.Model) -> list[ir.Node]:
-    bits_out = model.graph.outputs[1]
-    decider = bits_out.producer()
-    main = _ancestors(model.graph.outputs[0], stop=decider)
-    sel = _ancestors(bits_out) - main
-    return [n for n in model.graph if id(n) in sel]

@@ -97,18 +97,18 @@ def make_probes(model: ir.Model, n: int, *, images: str | Path | None = None, st
 
 # ------------------------------------------------------------------- running
 def session(model: ir.Model):
-    """An onnxruntime CPU session of ``model`` (custom ops registered when available)."""
+    """An onnxruntime CPU session of ``model`` (``ai.datafree`` ops through ``datafree.runtime``)."""
+    if any(n.domain not in ("", "ai.onnx") for n in model.graph):
+        try:
+            from datafree.runtime import InferenceSession
+        except ImportError:
+            pass
+        else:
+            return InferenceSession(model)
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    if any(n.domain not in ("", "ai.onnx") for n in model.graph):
-        try:
-            from onnxruntime_extensions import get_library_path
-            import datafree.ops  # noqa: F401  (registers the custom kernels when it defines them)
-            opts.register_custom_ops_library(get_library_path())
-        except Exception:
-            pass
     proto = ir.serde.serialize_model(model)
     try:
         return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])

@@ -73,6 +73,10 @@ def summary_rows(doc: dict) -> list[tuple[str, str]]:
         rows.append(("end-to-end output SQNR", f"{db(e['sqnr_db'])} dB"))
         if e["top1_agreement"] is not None:
             rows.append(("top-1 agreement with reference", f"{100 * e['top1_agreement']:.1f} %"))
+    dyn = doc.get("dynamic")
+    if dyn and "skipped" not in dyn:
+        rows.append(("dynamic: expected BOPs", f"{si(dyn['expected_bops'])} (min {si(dyn['min_bops'])}, "
+                                               f"max {si(dyn['max_bops'])}; selector {si(dyn['selector_bops'])})"))
     meas = doc.get("measured")
     if meas:
         rows.append(("measured latency (this machine)", f"{seconds(meas['median_s'])} median ({meas['machine']})"))
@@ -177,8 +181,10 @@ def markdown(doc: dict, plots: list[str] = ()) -> str:
         d = doc["dynamic"]
         parts += ["## Dynamic precision", ""]
         parts += [f"- {d['skipped']}"] if "skipped" in d else [
-            f"- expected BOPs {si(d['expected_bops'])} (min {si(d['min_bops'])}, max {si(d['max_bops'])}) over {d['images']} probes",
-            f"- selector: {si(d['selector_macs'])} MACs, {si(d['selector_bops'])} BOPs, {si(d['selector_params'])} parameters"]
+            f"- expected BOPs {si(d['expected_bops'])} (min {si(d['min_bops'])}, max {si(d['max_bops'])}) "
+            f"over {d['images']} probes; mean bits per group {d['mean_bits']}",
+            f"- selector: {si(d['selector_macs'])} MACs, {si(d['selector_bops'])} BOPs (pooling + MLP in float), "
+            f"{si(d['selector_params'])} parameters"] + ([f"- {d['note']}"] if d.get("note") else [])
         parts.append("")
     if doc.get("bounds") is not None:
         b = doc["bounds"]
