@@ -275,6 +275,7 @@ def main() -> None:
                          "the data-using reference, the rest are scored)")
     x, y = x_all[CALIBRATION:], y_all[CALIBRATION:]
     reps = 10 if args.quick else 50
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="datafree-peers-") as tmp:
         work = Path(tmp)
         sess = session(args.model)
@@ -310,7 +311,9 @@ def main() -> None:
              f"top-1 on images {CALIBRATION}..{len(x_all) - 1} of `{args.images.name}` ({len(y)} images); "
              f"the first {CALIBRATION} calibrate the data-using reference only. "
              f"Latency: onnxruntime {ort.__version__} CPU, median, random inputs, "
-             f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}). "
+             f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), 1-min load "
+             f"{load_before:.1f} at start and {os.getloadavg()[0]:.1f} at end (other work on the cores slows "
+             f"every latency alike). "
              f"MACs/BOPs per image; BOPs = MACs x weight bits x activation bits (float = 32). "
              f"Wall: time to make the model. {'Quick settings (64 synthetic images, 50 steps).' if args.quick else ''}"]
     why_no_nncf = nncf_available()

@@ -12,6 +12,7 @@ import zoo
 from datafree.exporters import compress_module, export, load_factory, load_torchscript
 from datafree.exporters.torch_export import parse_shape
 from datafree.toolchain.errors import UserError
+from datafree.toolchain.graph import analyse
 from datafree.toolchain.ingest import load
 from datafree.toolchain.recipe import METADATA_KEY, Recipe
 
@@ -29,13 +30,7 @@ def test_export_keeps_batchnorm(tmp_path):
     onnx.checker.check_model(str(path))
     bns = sum(isinstance(m, nn.BatchNorm2d) for m in module.modules())
     assert _ops(path).count("BatchNormalization") == bns == 5
-    assert {l.bn is not None for l in zoo_analysis(path).layers if l.kind != "gemm"} == {True}
-
-
-def zoo_analysis(path):
-    from datafree.toolchain.graph import analyse
-
-    return analyse(load(path))
+    assert {l.bn is not None for l in analyse(load(path)).layers if l.kind != "gemm"} == {True}
 
 
 @pytest.mark.parametrize("batch", [1, 5])
