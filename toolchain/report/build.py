@@ -85,7 +85,7 @@ def build_report(model, *, reference=None, target: str | os.PathLike = "cortex-a
     if not costs:
         raise UserError(f"{m_path}: no Conv/Gemm/MatMul layers with constant weights to report on")
     est = targets.estimate(prof, costs)
-    choices, per_layer_choices = _choices(costs, prof, bits, abits, ref)
+    choices, per_layer_choices = _choices(costs, prof, bits, abits, None if ref is None else cost.layer_costs(ref))
     t["cost"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -179,12 +179,14 @@ def _layer_row(c: cost.LayerCost, e: targets.LayerEstimate, choices: dict) -> di
             "bound": e.bound, "latency_s": e.latency_s, "energy_j": e.energy_j, "choices": choices}
 
 
-def _choices(costs, prof, bits, abits, ref) -> tuple[list[dict], dict[str, dict]]:
-    """Cost of each uniform choice (FP32 and W{b}A{abits}) on the target, per model and per layer."""
-    base = [c.with_bits(32, 32) for c in costs]
-    options = [("FP32", base)] + [(f"W{b}A{abits}", cost.assume_bits(base, b, abits)) for b in bits]
-    if ref is not None:
-        options = [("FP32", base), ("as stored", costs)]
+def _choices(costs, prof, bits, abits, ref_costs) -> tuple[list[dict], dict[str, dict]]:
+    """Cost on the target, per model and per layer: of each uniform choice (FP32 and
+    W{b}A{abits}) before compressing; of the reference and the model as stored after."""
+    if ref_costs is not None:
+        options = [("reference", ref_costs), ("compressed", costs)]
+    else:
+        base = [c.with_bits(32, 32) for c in costs]
+        options = [("FP32", base)] + [(f"W{b}A{abits}", cost.assume_bits(base, b, abits)) for b in bits]
     out, per_layer = [], {}
     for label, cs in options:
         e = targets.estimate(prof, cs)
