@@ -13,6 +13,13 @@ stock onnxruntime runs it.  onnxruntime would inline those bodies, so
 nodes move to ``ai.onnx.contrib``, the Conv attributes become the string/int
 attributes the Python kernels accept, and the now unused function bodies are
 dropped.  One file, two ways to run it; nothing on disk changes.
+
+Speed: onnxruntime-extensions hands every output back through a Python list, so
+on ResNet-20 (500 images, batches of 100, 2 cores) these kernels took 43 s where
+the function bodies took 4.8 s and the grouped runner of
+:mod:`datafree.runtime.specialise` 3.2 s.  The runtime therefore uses the grouped
+runner for models with a selector and keeps these kernels for single ops and as
+the reference that the function bodies are tested against.
 """
 
 from __future__ import annotations

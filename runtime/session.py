@@ -3,10 +3,20 @@
     from datafree.runtime import InferenceSession
     logits, bits = InferenceSession("dyn.onnx").run(None, {"input": x})
 
-Dynamic-precision models use the ``ai.datafree`` ops.  With ``use_kernels=True``
-(and onnxruntime-extensions installed) they run on the Python kernels, which
-group each batch by bit-width; otherwise on the ONNX function bodies stored in
-the model, exactly as a stock onnxruntime would run the file.
+Dynamic-precision models use the ``ai.datafree`` ops.  Three ways to run them:
+
+* ``grouped=True`` (default, models with a ``BitSelect``): the selector runs first,
+  then each configuration's standard-op specialisation on its own images
+  (:mod:`datafree.runtime.specialise`) — the fastest (3.2 s for 500 ResNet-20
+  images, against 4.8 s for the function bodies and 43 s for the Python kernels).
+* ``grouped=False, use_kernels=True``: the onnxruntime-extensions Python kernels
+  (:mod:`datafree.ops.kernels`), when that package is installed.
+* otherwise: the ONNX function bodies stored in the model, exactly as a stock
+  onnxruntime runs the file.
+
+All three give the same predictions; logits agree to float rounding, except that
+a rounding difference inside a conv can move an activation across a quantization
+step (seen on 1 image in 100).
 """
 
 from __future__ import annotations
