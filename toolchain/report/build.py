@@ -112,6 +112,7 @@ def build_report(model, *, reference=None, target: str | os.PathLike = "cortex-a
         "choices": choices,
         "weight_sqnr": [{**asdict(r), "winner": r.winner} for r in wrows],
         "weight_sqnr_summary": _sqnr_summary(wrows, bits),
+        "weight_sqnr_actual": None if ref is None else _actual_weight_sqnr(m, float_layers),
         "output_sqnr": None,
         "dynamic": None,
         "measured": None,
@@ -149,7 +150,20 @@ def build_report(model, *, reference=None, target: str | os.PathLike = "cortex-a
             doc["measured"]["reference"] = probes_mod.measure_latency(ref)
         progress("measure", 1, 1)
         t["measure"] = time.perf_counter() - clock
-    return Report(doc, t)
+    return Report(_finite_only(doc), t)
+
+
+def _finite_only(x):
+    """The document with every inf/nan (an exact SQNR, an empty mean) as null: JSON has neither."""
+    if isinstance(x, dict):
+        return {k: _finite_only(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite_only(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return float(x) if np.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
 
 
 _ASSUMPTIONS = [
@@ -198,6 +212,22 @@ def _choices(costs, prof, bits, abits, ref_costs) -> tuple[list[dict], dict[str,
             per_layer.setdefault(c.name, {})[label] = {"bops": c.bops, "latency_s": le.latency_s,
                                                        "runs_as": le.runs_as, "native": le.native}
     return out, per_layer
+
+
+def _actual_weight_sqnr(m: ir.Model, ref_layers) -> dict[str, float | None]:
+    """SQNR of the compressed model's (dequantized) weights against the reference's, same-shape layers."""
+    ours = {l.name: l for l in cost.compute_layers(m)}
+    out = {}
+    for r in ref_layers:
+        l = ours.get(r.name)
+        if l is None or l.w_oc().shape != r.w_oc().shape:
+            continue
+        w = r.w_oc().astype(np.float64)
+        bn = r.bn_params()
+        if bn is not None and l.bn is None:          # the compressor folded the BN into the weights
+            w = w * (bn["gamma"] / np.sqrt(bn["var"] + bn["eps"])).reshape((-1,) + (1,) * (w.ndim - 1))
+        out[r.name] = _f(sqnr.sqnr_db(w, l.w_oc()))
+    return out
 
 
 def _sqnr_summary(rows, bits) -> dict:

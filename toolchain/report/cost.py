@@ -24,6 +24,7 @@ from datafree.toolchain.errors import UserError
 from datafree.toolchain.recipe import METADATA_KEY as RECIPE_KEY, Recipe
 
 LAYERS_KEY = "datafree.layers"
+DYNAMIC_KEY = "datafree.dynamic"
 FLOAT_BITS = 32
 DYNAMIC_DOMAIN = "ai.datafree"
 _INT_BITS = {ir.DataType.INT8: 8, ir.DataType.UINT8: 8, ir.DataType.INT4: 4, ir.DataType.UINT4: 4,
@@ -233,6 +234,10 @@ def _elements(value: ir.Value) -> int:
 def layer_costs(model: ir.Model) -> list[LayerCost]:
     """Per-layer cost of ``model`` at the precision it is stored in."""
     meta, recipe = _metadata(model)
+    dyn = json.loads(model.metadata_props.get(DYNAMIC_KEY) or "{}")
+    if dyn.get("stem") and dyn.get("stem_bits") and dyn["stem"] not in meta:
+        # a dynamic model's stem: fake-quantized at the highest candidate, stored dequantized
+        meta = {**meta, dyn["stem"]: {"wbits": dyn["stem_bits"], "abits": dyn["stem_bits"]}}
     rows = []
     for layer in compute_layers(model):
         macs = layer.macs()
@@ -251,7 +256,6 @@ def assume_bits(costs: list[LayerCost], wbits: int, abits: int) -> list[LayerCos
 
 
 # ------------------------------------------------------ dynamic precision
-DYNAMIC_KEY = "datafree.dynamic"
 
 
 @dataclass
@@ -288,10 +292,7 @@ def dynamic_costs(model: ir.Model, probes: np.ndarray) -> DynamicCosts | None:
     meta = json.loads(model.metadata_props.get(DYNAMIC_KEY) or "{}")
     bits_name = meta.get("bits_output") or model.graph.outputs[1].name
     chosen = np.asarray(run_model(model, probes)[bits_name], dtype=np.float64).reshape(len(probes), -1)
-    static = 0.0
-    for c in layer_costs(model):
-        b = meta.get("stem_bits") if c.name == meta.get("stem") else None
-        static += bops(c.macs, b, b) if b else c.bops
+    static = float(sum(c.bops for c in layer_costs(model)))     # the stem at its metadata bits
     note = ""
     group_macs = np.asarray(meta.get("group_macs") or [], dtype=np.float64)
     if len(group_macs) != chosen.shape[1]:

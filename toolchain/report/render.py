@@ -39,7 +39,9 @@ def seconds(v: float | None) -> str:
         return f"{v:.2f} s"
     if v >= 1e-3:
         return f"{v * 1e3:.3g} ms"
-    return f"{v * 1e6:.3g} µs"
+    if v >= 1e-6:
+        return f"{v * 1e6:.3g} µs"
+    return f"{v * 1e9:.3g} ns"
 
 
 def joules(v: float | None) -> str:
@@ -52,7 +54,12 @@ def joules(v: float | None) -> str:
 
 
 def db(v: float | None) -> str:
+    """An SQNR in dB; null in the document means the approximation was exact."""
     return "∞" if v is None else f"{v:.2f}"
+
+
+def _db1(v: float | None) -> str:
+    return "∞" if v is None else f"{v:.1f}"
 
 
 # ------------------------------------------------------------------ tables
@@ -100,6 +107,9 @@ def layer_rows(doc: dict, compact: bool = False) -> tuple[list[str], list[list[s
     out_db = {r["layer"]: r["sqnr_db"] for r in (doc["output_sqnr"] or {}).get("layers", [])}
     head = ["layer", "MACs", "precision", "runs as", "latency"]
     head += [f"W{b} q/p dB" for b in bits] + ["kurt."]
+    actual = doc.get("weight_sqnr_actual") or {}
+    if actual:
+        head.append("weight dB")
     if doc["output_sqnr"]:
         head.append("output dB")
     rows = []
@@ -109,9 +119,12 @@ def layer_rows(doc: dict, compact: bool = False) -> tuple[list[str], list[list[s
         k = None
         for b in bits:
             w = ws.get((l["name"], b))
-            r.append("–" if w is None else f"{w['quant_db']:.1f}/{w['prune_db']:.1f}" + (" P" if w["winner"] == "prune" else ""))
+            r.append("–" if w is None else f"{_db1(w['quant_db'])}/{_db1(w['prune_db'])}" +
+                     (" P" if w["winner"] == "prune" else ""))
             k = w["kurtosis"] if w else k
         r.append("–" if k is None else f"{k:.1f}")
+        if actual:
+            r.append(db(actual[l["name"]]) if l["name"] in actual else "–")
         if doc["output_sqnr"]:
             skipped = doc["output_sqnr"]["skipped"].get(l["name"])
             r.append(db(out_db[l["name"]]) if l["name"] in out_db else ("pruned" if skipped and skipped.startswith("pruned") else "–"))
@@ -167,7 +180,9 @@ def markdown(doc: dict, plots: list[str] = ()) -> str:
     head, rows = layer_rows(doc)
     parts += ["## Per layer", "",
               "`q/p`: weight SQNR of per-channel quantization / magnitude pruning at equal size "
-              "(sparsity 1 − b/16), `P` where pruning wins; kurtosis 3 = Gaussian; `*`: not native on the target.",
+              "(sparsity 1 − b/16), `P` where pruning wins; kurtosis 3 = Gaussian; `*`: not native on the target; "
+              "`weight dB`: SQNR of the compressed weights against the reference (unpruned layers); "
+              "`output dB`: output SQNR against the reference on the probes.",
               "", _md_table(head, rows), ""]
     s = doc["weight_sqnr_summary"]
     parts += ["Pruning beats quantization on " + ", ".join(
@@ -229,8 +244,8 @@ def plot(doc: dict, out_dir: Path) -> list[str]:
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, 1, squeeze=False)[:, 0]
     for ax, b in zip(axes, bits):
-        q = [ws.get((l["name"], b), {}).get("quant_db", np.nan) for l in doc["layers"]]
-        p = [ws.get((l["name"], b), {}).get("prune_db", np.nan) for l in doc["layers"]]
+        q = [_num(ws.get((l["name"], b), {}).get("quant_db")) for l in doc["layers"]]
+        p = [_num(ws.get((l["name"], b), {}).get("prune_db")) for l in doc["layers"]]
         ax.bar(x - 0.2, q, 0.4, label=f"quantization {b} bit")
         ax.bar(x + 0.2, p, 0.4, label=f"pruning {100 * (1 - int(b) / 16):.0f} %")
         ax.set_ylabel("weight SQNR (dB)")
@@ -268,6 +283,10 @@ def plot(doc: dict, out_dir: Path) -> list[str]:
     fig.tight_layout()
     written += _save(fig, out_dir, "cost")
     return written
+
+
+def _num(v) -> float:
+    return float("nan") if v is None else float(v)
 
 
 def _save(fig, out_dir: Path, stem: str) -> list[str]:
