@@ -34,6 +34,10 @@ def test_resnet20_end_to_end(tmp_path):
     before, after = map(float, re.search(r"top-1 on 500 CIFAR-10 test images: ([\d.]+)% -> ([\d.]+)%", out).groups())
     assert before >= 80.0
     assert after >= before - 5.0, out      # W8A8 without pruning stays close to float
+    from datafree.toolchain.cli import main
+
+    if "report" in main.commands:
+        assert (tmp_path / "report" / "report.md").exists(), out
 
 
 def test_mobilenetv2_pipeline(tmp_path):
