@@ -280,3 +280,37 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, case):
     assert r.exit_code == 2, r.output
     lines = [l for l in r.output.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error:") and expect in lines[0], r.output
+
+
+# -------------------------------------------------------------- dynamic
+def test_dynamic_costs_from_chosen_bits_and_metadata(monkeypatch):
+    """Stem at 8 bits, two groups at the bits each image chose, the selector counted apart."""
+    rng = np.random.default_rng(0)
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)
+    inits = [numpy_helper.from_array(a, n) for n, a in
+             (("ws", f(4, 2, 3, 3)), ("W1", f(4, 4)), ("b1", f(4)), ("W2", f(4, 3)), ("b2", f(3)),
+              ("table", np.array([[4, 6], [8, 8], [4, 4]], np.float32)))]
+    nodes = [helper.make_node("Conv", ["x", "ws"], ["c"], pads=[1, 1, 1, 1], name="stem"),
+             helper.make_node("Relu", ["c"], ["feat"], name="act"),
+             helper.make_node("BitSelect", ["feat", "W1", "b1", "W2", "b2", "table"], ["config", "bits"],
+                              domain="ai.datafree", name="select"),
+             helper.make_node("GlobalAveragePool", ["feat"], ["y"], name="pool")]
+    vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4, 8, 8]) for n in ("c", "feat")]
+    g = helper.make_graph(nodes, "dyn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 1, 1]),
+                           helper.make_tensor_value_info("bits", TensorProto.FLOAT, [1, 2])], inits, value_info=vi)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.datafree", 1)])
+    meta = {"group_macs": [1000, 2000], "stem": "stem", "stem_bits": 8, "bits_output": "bits"}
+    m.metadata_props.append(onnx.StringStringEntryProto(key="datafree.dynamic", value=json.dumps(meta)))
+    model = ingest.load(m)
+    assert cost.dynamic_costs(ingest.load(_two_layer()), np.zeros((2, 2, 8, 8), np.float32)) is None
+
+    from datafree.toolchain.report import probes
+    monkeypatch.setattr(probes, "run_model", lambda model, x, names=(): {"bits": np.array([[4, 6], [8, 8]], float)})
+    d = cost.dynamic_costs(model, np.zeros((2, 2, 8, 8), np.float32))
+    stem = CONV_MACS * 8 * 8
+    per_image = [stem + 1000 * 16 + 2000 * 36, stem + 1000 * 64 + 2000 * 64]
+    assert (d.min_bops, d.max_bops, d.expected_bops) == (per_image[0], per_image[1], sum(per_image) / 2)
+    assert d.mean_bits == [6.0, 7.0]
+    assert d.selector_macs == 4 * 4 + 4 * 3 and d.selector_params == 16 + 4 + 12 + 3
+    assert d.selector_bops == (d.selector_macs + 4 * 8 * 8) * 32 * 32
