@@ -110,3 +110,25 @@ def test_pareto_keeps_the_front_and_both_ends():
     bits = np.array([4, 5, 5, 6, 8, 8])
     loss = np.array([1.0, 0.5, 0.7, 0.6, 0.1, 0.2])
     assert pareto(bits, loss) == [0, 1, 4]
+
+
+def test_three_ways_to_run_agree_and_cli_reports_bits(fitted, tmp_path):
+    from click.testing import CliRunner
+
+    from datafree.toolchain.cli import main
+
+    x = fitted.images[:12]
+    runs = [InferenceSession(fitted.model, grouped=True).run(None, {"input": x}),
+            InferenceSession(fitted.model, grouped=False, use_kernels=True).run(None, {"input": x}),
+            InferenceSession(fitted.model, grouped=False, use_kernels=False).run(None, {"input": x})]
+    for logits, bits in runs[1:]:
+        np.testing.assert_array_equal(bits, runs[0][1])
+        np.testing.assert_array_equal(logits.argmax(axis=1), runs[0][0].argmax(axis=1))
+    path = tmp_path / "dyn.onnx"
+    onnx.save(fitted.model, str(path))
+    np.savez(tmp_path / "x.npz", x=x)
+    r = CliRunner().invoke(main, ["run", str(path), "--images", str(tmp_path / "x.npz"), "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert len(out["bits"]) == 12 and len(out["bits"][0]) == 3
+    assert sum(out["configurations"].values()) == 12
