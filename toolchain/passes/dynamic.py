@@ -176,7 +176,7 @@ def _group_of(layers: list[Layer], mode: str) -> list[int]:
                 current = stages.index(s) if s is not None else len(stages) - 1
                 out.append(current)
             return out
-        mode = "3"
+        mode = str(min(3, len(layers)))
     try:
         n = int(mode)
     except ValueError:
