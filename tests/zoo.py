@@ -223,6 +223,11 @@ def mish_net(seed: int = 0) -> nn.Module:
                                    nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10)), seed)
 
 
+def token_mlp(seed: int = 0) -> nn.Module:
+    """Linear-ReLU-Linear on [N, tokens, features]: exported as MatMul + Add (bias), channels last."""
+    return randomize(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32)), seed)
+
+
 BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "conv_bn_relu_conv": conv_bn_relu_conv,
     "mlp": mlp,
@@ -232,8 +237,10 @@ BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "tconv_net": tconv_net,
     "split_concat_net": split_concat_net,
     "mish_net": mish_net,
+    "token_mlp": token_mlp,
 }
-INPUT_SHAPES: dict[str, tuple[int, ...]] = {name: IMAGE for name in BUILDERS} | {"mlp": (1, 64)}
+INPUT_SHAPES: dict[str, tuple[int, ...]] = {name: IMAGE for name in BUILDERS} | {"mlp": (1, 64),
+                                                                                  "token_mlp": (1, 8, 32)}
 
 
 def build(name: str, tmp_path: Path, **export_kwargs) -> tuple[nn.Module, Path]:
