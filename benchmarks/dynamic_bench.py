@@ -46,8 +46,8 @@ def _accuracy(model, images) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--targets", default="5,6")
-    ap.add_argument("--synthetic", type=int, default=192)
-    ap.add_argument("--synthetic-steps", type=int, default=80)
+    ap.add_argument("--synthetic", type=int, default=128)
+    ap.add_argument("--synthetic-steps", type=int, default=60)
     ap.add_argument("--selector-steps", type=int, default=300)
     args = ap.parse_args()
     targets = [float(t) for t in args.targets.split(",")]
@@ -81,7 +81,7 @@ def main() -> None:
         all_cfgs = enumerate_configs(plan.candidates, len(plan.groups))
         fixed = []
         for c in all_cfgs:
-            key = f"{target}:{_label(c)}"
+            key = _label(c)   # the plan does not depend on the target (same split, same calibration)
             if key not in fixed_cache:
                 fixed_cache[key] = _accuracy(build_fixed(plan, c), dev)
             fixed.append((_label(c), float(plan.avg_bits(c[None])[0]), float(plan.bops(c[None])[0]), fixed_cache[key],
