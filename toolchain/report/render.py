@@ -5,7 +5,6 @@ Rendering only formats numbers that ``build_report`` computed; it computes none.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
