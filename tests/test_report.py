@@ -314,3 +314,17 @@ def test_dynamic_costs_from_chosen_bits_and_metadata(monkeypatch):
     assert d.mean_bits == [6.0, 7.0]
     assert d.selector_macs == 4 * 4 + 4 * 3 and d.selector_params == 16 + 4 + 12 + 3
     assert d.selector_bops == (d.selector_macs + 4 * 8 * 8) * 32 * 32
+
+
+def test_cli_report_with_bounds_and_measure(tmp_path):
+    r = CliRunner().invoke(main, ["report", str(RESNET), "--images", str(IMAGES), "--probes", "2", "--bounds",
+                                  "--bounds-max-n", "27", "--bounds-budget", "2", "--measure", "--bits", "4",
+                                  "-o", str(tmp_path / "rep")])
+    assert r.exit_code == 0, r.output
+    d = json.loads((tmp_path / "rep" / "report.json").read_text())
+    (row,) = d["bounds"]["layers"]
+    assert row["layer"] == "/conv1/Conv" and row["bits"] == 4 and 1 <= row["channels"] <= 16
+    assert row["rtn_db"] <= row["best_db"] <= row["limit_db"] + 1e-6
+    assert "64 per output channel > 27" in d["bounds"]["skipped"]["/linear/Gemm"]
+    assert d["measured"]["runs"] > 0 and d["measured"]["median_s"] > 0
+    assert "How good can rounding be" in (tmp_path / "rep" / "report.md").read_text()

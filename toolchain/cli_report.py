@@ -39,9 +39,12 @@ class _Bar:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--measure", is_flag=True, help="Also time the model in onnxruntime on this machine (batch 1).")
 @click.option("--bounds", is_flag=True, help="Bounds on the best possible rounding error per channel (SDP).")
-@click.option("--bounds-budget", default=60.0, show_default=True, type=float, help="Time budget of --bounds in seconds.")
+@click.option("--bounds-budget", default=60.0, show_default=True, type=float,
+              help="Time budget of --bounds in seconds (a layer once started gets at least one channel).")
+@click.option("--bounds-max-n", default=64, show_default=True, type=int,
+              help="Largest input dimension per output channel given to the SDP (n = 64 takes ~15 s a channel).")
 def report(model, out_dir, reference, target, bits, abits, images, n_probes, synth_steps, seed, measure, bounds,
-           bounds_budget):
+           bounds_budget, bounds_max_n):
     """What compressing MODEL would cost (or, with --reference, what it did cost) on a target device."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -55,7 +58,7 @@ def report(model, out_dir, reference, target, bits, abits, images, n_probes, syn
                   TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bar:
         rep = build_report(model, reference=reference, target=target, bits=bits, abits=abits, images=images,
                            n_probes=n_probes, synth_steps=synth_steps, seed=seed, measure=measure, bounds=bounds,
-                           bounds_budget=bounds_budget, progress=_Bar(bar))
+                           bounds_budget=bounds_budget, bounds_max_n=bounds_max_n, progress=_Bar(bar))
         prepare_dir(out_dir)
         written = write_report(rep, out_dir)
     print_summary(rep.doc, console())

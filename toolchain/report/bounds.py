@@ -303,10 +303,8 @@ def layer_bounds(layers, inputs: dict[str, np.ndarray], bits: dict[str, int], *,
             skipped[layer.name] = how
             continue
         share = left / (len(eligible) - i)
-        lb = _one_layer(layer, n, grams, how, bits[layer.name], share, max_channels, seed, inputs)
+        lb = _one_layer(layer, n, grams, how, bits[layer.name], share, max_channels, seed, inputs, progress)
         done.append(lb)
-        if progress is not None:
-            progress("bounds", i + 1, len(eligible))
     return done, skipped
 
 
@@ -331,8 +329,10 @@ def _grams(layer, inputs, moments):
     return None, "no probe activations and the input is not BN+ReLU"
 
 
-def _one_layer(layer, n, grams, how, bits, share_s, max_channels, seed, inputs_of=None) -> LayerBound:
+def _one_layer(layer, n, grams, how, bits, share_s, max_channels, seed, inputs_of=None, progress=None) -> LayerBound:
+    """Bounds for evenly spread channels of one layer while its time share lasts (at least one)."""
     inputs_of = inputs_of or {}
+    stage = f"bounds {layer.name}"
     w = layer.w_oc().reshape(layer.out_channels, -1).astype(np.float64)
     scales = quant.weight_scales(layer.w_oc(), bits).astype(np.float64)
     per_group = layer.out_channels // len(grams)
@@ -347,8 +347,12 @@ def _one_layer(layer, n, grams, how, bits, share_s, max_channels, seed, inputs_o
     for c in order:
         if lb.channels and (time.perf_counter() - t0) * (1 + 1 / len(lb.channels)) > share_s:
             break
+        if progress is not None:
+            progress(stage, len(lb.channels), len(order))
         G = grams[c // per_group]
         lb.channels.append(channel_bound(G, w[c], float(scales[c]), bits, c, seed=seed + c))
+    if progress is not None:
+        progress(stage, len(order), len(order))
     keep = max(1, int(round(n * bits / 16)))
     sums = None
     for cb in lb.channels:

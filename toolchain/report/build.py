@@ -266,7 +266,6 @@ def _bounds(float_model, costs, bits, pr, budget, max_n, after, progress, seed) 
     inputs = {l.name: run[l.node.inputs[0].name] for l in small if l.node.inputs[0].name in run}
     by_output = {id(l.output): l for l in layers}
     moments = {l.name: by_output.get(id(l.node.inputs[0])) for l in layers}
-    progress("bounds", 0, max(len(small), 1))
     done, skipped = bounds_mod.layer_bounds(layers, inputs, want, budget_s=budget, max_n=max_n,
                                             moments=moments, progress=progress, seed=seed)
     rows = []
