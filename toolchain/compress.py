@@ -159,7 +159,7 @@ def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = sil
         from .passes.fit import fit_sequential
 
         weights, acts = fit_sequential(model, reference, analysis.layers, synthetic.images, recipe,
-                                       progress=progress, pruned={p.group.name for p in plans})
+                                       progress=progress, kept=_kept_channels(plans))
     else:
         weights = quantize_closed_form(analysis.layers, recipe, moments, progress)
         acts = activation_ranges_closed_form(model, analysis.layers, recipe, moments)
@@ -291,6 +291,14 @@ def prune_group(plan: prune.PrunePlan, recipe: Recipe, moments: dict, summary: S
     prune.apply(plan)
     if mom is not None:
         moments[producer.name] = (mom[0][plan.keep], mom[1][plan.keep])
+
+
+def _kept_channels(plans: list[prune.PrunePlan]) -> dict[str, np.ndarray]:
+    kept = {}
+    for p in plans:
+        for layer in [p.group.producer] + p.group.depthwise:
+            kept[layer.name] = p.keep
+    return kept
 
 
 def _expected_out(w: np.ndarray, mean: np.ndarray) -> np.ndarray:

@@ -1,0 +1,135 @@
+"""`datafree compress` through click's CliRunner: outputs, recipes, and every bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from datafree.toolchain.cli import main
+
+FAST = ["--synthetic", "0"]
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_compress_writes_model_with_recipe_metadata(tmp_path, resnet20_bn):
+    out = tmp_path / "small.onnx"
+    res = _run("compress", resnet20_bn, "-o", out, "--prune", "0.3", "--wbits", "4", "--abits", "8", *FAST)
+    assert res.exit_code == 0, res.output
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    recipe = json.loads(meta["datafree.recipe"])
+    assert recipe["prune"] == 0.3 and recipe["wbits"] == 4 and recipe["abits"] == 8
+    layers = json.loads(meta["datafree.layers"])
+    assert all(v["wbits"] == 4 for v in layers.values())
+
+
+def test_json_summary_and_dry_run(tmp_path, resnet20_bn):
+    res = _run("compress", resnet20_bn, "--dry-run", "--json", "--prune", "0.5", *FAST)
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output)
+    assert summary["totals"]["macs_after"] < summary["totals"]["macs_before"]
+    assert {"layers", "skipped", "recipe"} <= set(summary)
+    assert not list(tmp_path.iterdir())
+
+
+def test_recipe_file_reproduces_model_byte_for_byte(tmp_path, resnet20_bn):
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    assert _run("compress", resnet20_bn, "-o", a, "--prune", "0.3", "--wbits", "6", *FAST).exit_code == 0
+    recipe = json.loads({p.key: p.value for p in onnx.load(str(a)).metadata_props}["datafree.recipe"])
+    from datafree.toolchain.recipe import Recipe
+
+    (tmp_path / "r.toml").write_text(Recipe.from_dict(recipe).to_toml())
+    res = _run("compress", resnet20_bn, "-o", b, "--recipe", tmp_path / "r.toml")
+    assert res.exit_code == 0, res.output
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_recipe_per_layer_override(tmp_path, resnet20_bn):
+    (tmp_path / "r.toml").write_text('wbits = 4\nsynthetic = 0\n[layers."/linear/Gemm"]\nwbits = 8\n')
+    out = tmp_path / "o.onnx"
+    res = _run("compress", resnet20_bn, "-o", out, "--recipe", tmp_path / "r.toml")
+    assert res.exit_code == 0, res.output
+    layers = json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}["datafree.layers"])
+    assert layers["/linear/Gemm"]["wbits"] == 8 and layers["/conv1/Conv"]["wbits"] == 4
+
+
+def _bad(tmp_path, resnet20_bn):
+    cases = {}
+    text = tmp_path / "notes.onnx"
+    text.write_text("this is not a model\n" * 20)
+    cases["not onnx"] = ([text], "not a valid ONNX model")
+    trunc = tmp_path / "trunc.onnx"
+    trunc.write_bytes(resnet20_bn.read_bytes()[: 300_000])
+    cases["truncated"] = ([trunc], "not a valid ONNX model")
+    dyn = tmp_path / "dyn.onnx"
+    shutil.copy(resnet20_bn.parent / "resnet20_dynamo.onnx", dyn)
+    cases["missing external data"] = ([dyn], "external data file missing")
+    cases["ratio"] = ([resnet20_bn, "--prune", "1.0"], "prune must be a ratio in [0, 1)")
+    cases["negative ratio"] = ([resnet20_bn, "--prune", "-0.1"], "prune must be a ratio in [0, 1)")
+    cases["bits"] = ([resnet20_bn, "--wbits", "9"], "wbits must be an integer number of bits in 2..8")
+    cases["abits"] = ([resnet20_bn, "--abits", "1"], "abits must be an integer number of bits in 2..8")
+    relu = tmp_path / "relu.onnx"
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])
+    onnx.save(onnx.helper.make_model(onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])],
+                                                            "g", [x], [y]),
+                                     opset_imports=[onnx.helper.make_opsetid("", 17)]), str(relu))
+    cases["nothing compressible"] = ([relu], "nothing to compress")
+    cases["missing file"] = ([tmp_path / "nope.onnx"], "no such file")
+    return cases
+
+
+@pytest.mark.parametrize("case", ["not onnx", "truncated", "missing external data", "ratio", "negative ratio",
+                                  "bits", "abits", "nothing compressible", "missing file"])
+def test_bad_input_one_line_exit_2_nothing_written(tmp_path, resnet20_bn, case):
+    args, message = _bad(tmp_path, resnet20_bn)[case]
+    src = args[0]
+    before = _sha(src) if src.exists() else None
+    out = tmp_path / "out" / "o.onnx"
+    out.parent.mkdir()
+    res = _run("compress", *args, "-o", out, *FAST)
+    assert res.exit_code == 2, res.output
+    lines = [l for l in res.output.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and message in lines[0], res.output
+    assert "Traceback" not in res.output
+    assert not list(out.parent.iterdir())
+    if before is not None:
+        assert _sha(src) == before
+
+
+def test_output_equal_to_input_is_refused(tmp_path, resnet20_bn):
+    model = tmp_path / "m.onnx"
+    shutil.copy(resnet20_bn, model)
+    before = _sha(model)
+    res = _run("compress", model, "-o", model, *FAST)
+    assert res.exit_code == 2 and "is the input file" in res.output
+    assert _sha(model) == before
+
+
+def test_missing_output_folder(tmp_path, resnet20_bn):
+    res = _run("compress", resnet20_bn, "-o", tmp_path / "no" / "such" / "o.onnx", *FAST)
+    assert res.exit_code == 2 and "does not exist" in res.output
+
+
+def test_bad_recipe_file_names_the_field(tmp_path, resnet20_bn):
+    (tmp_path / "r.toml").write_text("prune = 0.3\nwbitz = 4\n")
+    res = _run("compress", resnet20_bn, "-o", tmp_path / "o.onnx", "--recipe", tmp_path / "r.toml")
+    assert res.exit_code == 2 and "wbitz" in res.output
+
+
+def test_convert_and_compress_accepts_onnx(tmp_path, resnet20_bn):
+    out = tmp_path / "o.onnx"
+    res = _run("convert-and-compress", resnet20_bn, "-o", out, "--wbits", "8", *FAST)
+    assert res.exit_code == 0, res.output
+    assert out.exists()

@@ -1,0 +1,147 @@
+"""UDFC pruning: the closed form, exact compensation, physical removal, MACs."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import zoo
+from datafree.toolchain import graph as G
+from datafree.toolchain.compress import compress
+from datafree.toolchain.ingest import load
+from datafree.toolchain.passes import prune
+from datafree.toolchain.recipe import Recipe
+
+
+def test_closed_form_matches_brute_force_least_squares(tmp_path):
+    module = zoo.conv_bn_relu_conv(seed=3)
+    path = zoo.export_model(module, tmp_path, "cbrc")
+    layer = G.analyse(load(path)).layers[0]
+    keep, pruned = np.arange(0, 12), np.arange(12, 16)
+    S = prune.closed_form_coefficients(layer, keep, pruned, alpha1=0.01)
+    # brute force: minimise the UDFC objective numerically, written out from the paper
+    bn = module[1]
+    w = module[0].weight.detach().numpy().reshape(16, -1).astype(np.float64)
+    gamma = bn.weight.detach().numpy().astype(np.float64)
+    sigma = np.sqrt(bn.running_var.numpy().astype(np.float64) + bn.eps)
+    K = bn.bias.detach().numpy() - gamma * bn.running_mean.numpy() / sigma
+    for col, j in enumerate(pruned):
+        def objective(s):
+            Q = sum(s[k] * gamma[i] * sigma[j] / (sigma[i] * gamma[j]) * w[i] for k, i in enumerate(keep))
+            return np.sum((Q - w[j]) ** 2) + 0.01 * (s @ K[keep] - K[j]) ** 2
+        from scipy.optimize import minimize
+
+        best = minimize(objective, np.zeros(len(keep)), method="BFGS", options={"gtol": 1e-12}).x
+        assert objective(S[:, col]) <= objective(best) + 1e-9
+        np.testing.assert_allclose(S[:, col], best, atol=1e-4)
+
+
+def _scaled_copy_conv(seed: int = 0) -> nn.Module:
+    """Conv-BN-ReLU-Conv whose channel 5 is exactly 0.01 x channel 2 after BN."""
+    module = zoo.conv_bn_relu_conv(seed)
+    conv, bn = module[0], module[1]
+    with torch.no_grad():
+        # z_5 = 0.01 z_2 requires gamma5/sigma5 W5 = 0.01 gamma2/sigma2 W2 and K5 = 0.01 K2
+        bn.running_var[5] = bn.running_var[2]
+        bn.weight[5] = bn.weight[2]
+        conv.weight[5] = 0.01 * conv.weight[2]
+        bn.running_mean[5] = 0.01 * bn.running_mean[2]
+        bn.bias[5] = 0.01 * bn.bias[2]
+    return module
+
+
+@pytest.mark.parametrize("folded", [False, True])
+def test_compensation_exact_for_scaled_copy_conv(tmp_path, folded):
+    module = _scaled_copy_conv()
+    path = zoo.folded(module, tmp_path) if folded else zoo.export_model(module, tmp_path, "copy")
+    x = zoo.images(8)
+    ref = zoo.run(path, x)
+    recipe = Recipe(prune=0.07, wbits=None, synthetic=0, bias_correction=False,
+                    layers={"*": {"prune": 0.0}} | {_first_conv(path): {"prune": 0.07}})
+    result = compress(path, recipe)
+    out = zoo.run(result.model, x)
+    assert result.summary.rows[0].channels_after == 15
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    # without compensation the same pruning changes the output far more
+    plain = compress(path, recipe.replace(compensation=False))
+    err_plain = np.abs(zoo.run(plain.model, x) - ref).max()
+    assert err_plain > 100 * max(np.abs(out - ref).max(), 1e-7)
+
+
+def _first_conv(path) -> str:
+    return G.analyse(load(path)).layers[0].name
+
+
+def test_compensation_exact_for_linear_combination_gemm(tmp_path):
+    """Gemm-Gemm with no activation: any exact linear combination is rebuilt exactly."""
+    lin1, lin2 = nn.Linear(32, 24), nn.Linear(24, 10)
+    zoo.randomize(nn.Sequential(lin1, lin2), seed=1)
+    with torch.no_grad():
+        lin1.weight[7] = 0.003 * lin1.weight[1] - 0.002 * lin1.weight[4]
+        lin1.bias[7] = 0.003 * lin1.bias[1] - 0.002 * lin1.bias[4]
+    path = zoo.export_model(nn.Sequential(lin1, lin2).eval(), tmp_path, "gemm", input_shape=(1, 32))
+    x = zoo.images(16, (32,))
+    ref = zoo.run(path, x)
+    name = _first_conv(path)
+    recipe = Recipe(wbits=None, synthetic=0, bias_correction=False, layers={name: {"prune": 0.05}})
+    out = zoo.run(compress(path, recipe).model, x)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_pruned_shapes_macs_and_onnxruntime(tmp_path):
+    module, path = zoo.build("conv_bn_relu_conv", tmp_path)
+    result = compress(path, Recipe(prune=0.5, wbits=None, synthetic=0))
+    model = result.model
+    convs = [n for n in model.graph if n.op_type == "Conv"]
+    w1 = convs[0].inputs[1].const_value.numpy()
+    w2 = convs[1].inputs[1].const_value.numpy()
+    # both convs lose half their channels (the second one feeds GAP-Flatten-Gemm)
+    assert w1.shape == (8, 3, 3, 3) and w2.shape == (16, 8, 3, 3)
+    rows = {r.name: r for r in result.summary.rows}
+    first, second = rows[convs[0].name], rows[convs[1].name]
+    assert first.macs_after == 32 * 32 * 8 * 3 * 9
+    assert second.macs_after == 32 * 32 * 16 * 8 * 9
+    assert result.summary.totals["macs_after"] == first.macs_after + second.macs_after + 16 * 10
+    out = zoo.run(model, zoo.images(2))
+    assert out.shape == (2, 10)
+
+
+def test_channel_multiple_keeps_vector_friendly_counts(tmp_path):
+    _, path = zoo.build("conv_bn_relu_conv", tmp_path)
+    result = compress(path, Recipe(prune=0.3, wbits=None, synthetic=0, channel_multiple=8))
+    assert result.summary.rows[0].channels_after == 16  # 16 - 4 = 12 -> rounded up to 16
+    result = compress(path, Recipe(prune=0.6, wbits=None, synthetic=0, channel_multiple=4))
+    assert result.summary.rows[0].channels_after == 8   # 16 - 9 = 7 -> 8
+
+
+@pytest.mark.parametrize("name", ["mobilenet_like", "vgg_like", "silu_net", "mish_net", "tconv_net",
+                                  "split_concat_net", "mlp"])
+def test_zoo_models_compress_and_run(tmp_path, name):
+    module, path = zoo.build(name, tmp_path)
+    shape = zoo.INPUT_SHAPES[name][1:]
+    x = zoo.images(4, shape)
+    ref = zoo.run(path, x)
+    result = compress(path, Recipe(prune=0.3, wbits=8, abits=8, synthetic=0))
+    out = zoo.run(result.model, x)
+    assert out.shape == ref.shape
+    assert np.isfinite(out).all()
+    onnx.checker.check_model(onnx.load_from_string(
+        __import__("onnx_ir").serde.serialize_model(result.model).SerializeToString()))
+
+
+def test_vgg_flatten_into_gemm_prunes_feature_blocks(tmp_path):
+    _, path = zoo.build("vgg_like", tmp_path)
+    result = compress(path, Recipe(prune=0.5, wbits=None, synthetic=0))
+    gemm = [n for n in result.model.graph if n.op_type == "Gemm"][0]
+    # the last conv (16 channels, 2x2 map) lost 8 channels: the Gemm reads 8*4 features
+    assert gemm.inputs[1].const_value.numpy().shape[1] == 32
+
+
+def test_mobilenet_depthwise_pruned_with_its_expand_conv(tmp_path):
+    _, path = zoo.build("mobilenet_like", tmp_path)
+    result = compress(path, Recipe(prune=0.5, wbits=None, synthetic=0))
+    dw = [n for n in result.model.graph if n.op_type == "Conv" and n.attributes["group"].value > 1][0]
+    assert dw.attributes["group"].value == 32 and dw.inputs[1].const_value.numpy().shape[0] == 32
