@@ -117,7 +117,6 @@ def build_report(model, *, reference=None, target: str | os.PathLike = "cortex-a
         "dynamic": None,
         "measured": None,
         "bounds": None,
-        "skipped": {},
         "timings": t,
     }
 
