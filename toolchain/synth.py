@@ -4,8 +4,11 @@ Compensation fitting, calibration and dynamic-precision training all read their
 inputs from here, so there is one way to make them and one cache.
 
 Method (DeepInversion / ZeroQ / Genie, as adapted for DynaDFQ, see methods.md §2).
-Images start as seeded Gaussian noise in the model's (normalised) input space and
-Adam (cosine-decayed learning rate) optimises the pixels to minimise
+Images start as seeded, smooth Gaussian noise in the model's (normalised) input
+space (drawn at a quarter of the size and upsampled: natural images are mostly low
+frequency, and starting there lowers both the BN loss and the total variation
+reached in a given number of steps).  Adam with a cosine-decayed learning rate
+optimises the pixels to minimise
 
     L = Σ_BN ( ||μ_batch − μ_run||₂ + ||σ_batch − σ_run||₂ )      on each BN *input*
       + CE(softmax(logits), y)                                       soft target
@@ -19,10 +22,15 @@ a few pixels and flipped horizontally, so the images do not overfit one alignmen
 
 Models without BatchNormalization (BN folded into the convolutions) have no
 statistics to match: ``source = "output-only"``.  The loss is then the soft-target
-CE, stronger TV/l2 priors, and a scale prior on every convolution's output (its
-pre-activation): per channel, ``log(σ_batch)²`` pulls each channel's batch standard
-deviation towards 1 in log space, which penalises dead (σ → 0) and exploding
-channels alike without claiming to know the lost running statistics.
+CE with much stronger TV and l2 priors, plus two scale priors that need no lost
+statistics: the input's per-channel batch mean and std are pulled to 0 and 1 (what
+a normalised input has by definition), and every convolution's pre-activation is
+penalised when its RMS exceeds ``ACT_RMS_LIMIT`` (``relu(log(rms / limit))²``), so
+activations cannot grow into the adversarial regime.  Pulling each channel's std
+towards 1 was tried and rejected: trained networks have many near-dead channels
+(std ≈ 0 on real images) that such a prior would force open.  Output-only images
+reach the target class about as often, but their internal statistics stay far
+from real images' (see benchmarks/synth_quality.py).
 
 Images are generated chunk by chunk (``batch_size`` at a time, each chunk seeded
 from ``(seed, chunk index)``), so memory is bounded by one chunk and the first k
@@ -52,13 +60,16 @@ from .torchgraph import TorchGraph
 
 STAGE = "synthetic images"
 # Bump when the generated images change for the same arguments: old cache entries die.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
-LR = 0.2
+DEFAULT_STEPS = 80           # 256 CIFAR-size images on ResNet-20: about a minute on 2 cores
+LR = 0.25
 TAU_RANGE = (0.1, 1.0)
 BN_PRIORS = {"tv": 1e-2, "l2": 1e-4}
-OUTPUT_ONLY_PRIORS = {"tv": 5e-2, "l2": 1e-3, "act": 1.0}
+OUTPUT_ONLY_PRIORS = {"tv": 1.0, "l2": 1e-3, "act": 1.0, "input": 1.0}
+ACT_RMS_LIMIT = 2.0          # output-only: pre-activations louder than this (RMS) are penalised
 CE_WEIGHT = 1.0
+INIT_DOWNSCALE = 4           # start from noise this many times smaller than the input, upsampled
 JITTER_FRACTION = 1 / 16     # of the spatial size, at least one pixel
 
 
@@ -70,7 +81,7 @@ class SyntheticSet:
     seed: int
 
 
-def generate(model: ir.Model, n: int, *, steps: int = 200, seed: int = 0, batch_size: int = 64,
+def generate(model: ir.Model, n: int, *, steps: int = DEFAULT_STEPS, seed: int = 0, batch_size: int = 64,
              input_shape: tuple[int, ...] | None = None, progress: ProgressFn = silent,
              cache: bool = True, cache_dir: str | Path | None = None) -> SyntheticSet:
     """``n`` synthetic inputs for ``model`` (cached on disk by model bytes and arguments)."""
@@ -210,9 +221,8 @@ class _Generator:
 
         def moments(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             dims = [0] + list(range(2, t.dim()))
-            mean = t.mean(dim=dims)
-            std = torch.sqrt(t.var(dim=dims, unbiased=False) + 1e-5)
-            return mean, std
+            var, mean = torch.var_mean(t, dim=dims, correction=0)
+            return mean, torch.sqrt(var + 1e-5)
 
         for name, mean_run, std_run in self.bns:
             def bn_hook(t, mean_run=mean_run, std_run=std_run, prev=hooks.get(name)):
@@ -225,8 +235,8 @@ class _Generator:
             hooks[name] = bn_hook
         for name in self.preacts:
             def act_hook(t):
-                _, std = moments(t)
-                terms["act"] = terms["act"] + torch.log(std).square().mean()
+                rms = torch.sqrt(t.square().mean() + 1e-8)
+                terms["act"] = terms["act"] + F.relu(torch.log(rms / ACT_RMS_LIMIT)).square()
                 return t
             hooks[name] = act_hook
         out = self.net.run(x, capture=[self.logits_name], hooks=hooks)
@@ -234,6 +244,8 @@ class _Generator:
         terms["ce"] = -(target * torch.log_softmax(logits, dim=1)).sum(dim=1).mean()
         terms["tv"] = _total_variation(x)
         terms["l2"] = x.square().mean()
+        mean, std = moments(x)
+        terms["input"] = torch.linalg.vector_norm(mean) + torch.linalg.vector_norm(std - 1.0)
         if self.preacts:
             terms["act"] = terms["act"] / len(self.preacts)
         terms["logits"] = logits.detach()
@@ -242,15 +254,16 @@ class _Generator:
     def total(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         loss = terms["bn"] + CE_WEIGHT * terms["ce"] + self.priors["tv"] * terms["tv"] + \
             self.priors["l2"] * terms["l2"]
-        if "act" in self.priors:
-            loss = loss + self.priors["act"] * terms["act"]
+        for key in ("act", "input"):
+            if key in self.priors:
+                loss = loss + self.priors[key] * terms[key]
         return loss
 
     # optimisation ----------------------------------------------------------
     def chunk(self, count: int, start: int, *, steps: int, seed: int, on_step=None):
         gen = torch.Generator().manual_seed(seed)
         target = self.targets(count, gen, start)
-        x = torch.randn((count, *self.shape), generator=gen).requires_grad_(True)
+        x = _initial_images(count, self.shape, gen).requires_grad_(True)
         opt = torch.optim.Adam([x], lr=LR, betas=(0.5, 0.9))
         spatial = len(self.shape) - 1
         jitter = [max(1, int(s * JITTER_FRACTION)) for s in self.shape[1:]] if spatial >= 1 else []
@@ -304,6 +317,16 @@ class _Generator:
         result = {k: v / len(images) for k, v in sums.items()}
         result["top1_agreement"] = agree / len(images)
         return result
+
+
+def _initial_images(count: int, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """Unit-variance Gaussian noise, drawn at 1/INIT_DOWNSCALE of the size and upsampled (smooth)."""
+    if len(shape) != 3 or INIT_DOWNSCALE <= 1:
+        return torch.randn((count, *shape), generator=gen)
+    low = [max(1, s // INIT_DOWNSCALE) for s in shape[1:]]
+    x = torch.randn((count, shape[0], *low), generator=gen)
+    x = F.interpolate(x, size=list(shape[1:]), mode="bilinear", align_corners=False)
+    return x / x.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
 
 
 def _total_variation(x: torch.Tensor) -> torch.Tensor:
