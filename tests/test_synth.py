@@ -104,3 +104,24 @@ def test_symbolic_spatial_size_needs_input_shape(folded_model):
     s = synth.generate(model, 2, steps=1, cache=False, input_shape=(3, 16, 16))
     assert s.images.shape == (2, 3, 16, 16)
     assert synth.sample_shape(model, (1, 3, 8, 8)) == (3, 8, 8)
+
+
+def test_model_with_hard_coded_batch_is_generated_in_chunks_it_accepts(tmp_path):
+    import torch
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.bn = torch.nn.BatchNorm2d(4)
+            self.fc = torch.nn.Linear(4 * 8 * 8, 3)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.bn(self.conv(x))).reshape(1, -1))
+
+    path = tmp_path / "fixed.onnx"
+    torch.onnx.export(Net().eval(), (torch.randn(1, 3, 8, 8),), str(path), dynamo=False, opset_version=13,
+                      training=torch.onnx.TrainingMode.PRESERVE)
+    model = load(path)
+    s = synth.generate(model, 3, steps=2, batch_size=4, cache=False)
+    assert s.images.shape == (3, 3, 8, 8) and s.targets.shape == (3, 3) and s.source == "bn-statistics"

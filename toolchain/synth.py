@@ -181,11 +181,12 @@ def _save(path: Path, result: SyntheticSet) -> None:
 @contextmanager
 def _deterministic():
     before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(before)
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
 
 
 def _chunk_seed(seed: int, chunk: int) -> int:
@@ -205,6 +206,7 @@ class _Generator:
         self.similarity, self.num_classes = _class_similarity(model)
         self.preacts = [] if self.bns else _conv_outputs(model)
         self.priors = BN_PRIORS if self.bns else OUTPUT_ONLY_PRIORS
+        self.max_batch = _max_batch(self.net, model, shape)
 
     # targets ---------------------------------------------------------------
     def targets(self, count: int, gen: torch.Generator, start: int) -> torch.Tensor:
@@ -288,6 +290,7 @@ class _Generator:
         targets = np.empty((n, self.num_classes), dtype=np.float32)
         progress(STAGE, 0, n)
         with _deterministic():
+            batch_size = min(batch_size, self.max_batch)
             for index, start in enumerate(range(0, n, batch_size)):
                 count = min(batch_size, n - start)
                 every = max(1, steps // 10)
@@ -327,6 +330,20 @@ def _initial_images(count: int, shape: tuple[int, ...], gen: torch.Generator) ->
     x = torch.randn((count, shape[0], *low), generator=gen)
     x = F.interpolate(x, size=list(shape[1:]), mode="bilinear", align_corners=False)
     return x / x.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
+
+
+def _max_batch(net: TorchGraph, model: ir.Model, shape: tuple[int, ...]) -> int:
+    """A fixed batch axis that the graph really depends on (e.g. Reshape to [1, -1]) caps chunks."""
+    dims = model.graph.inputs[0].shape
+    fixed = dims[0] if dims is not None and len(dims) and isinstance(dims[0], int) else None
+    if fixed is None:
+        return 1 << 30
+    try:
+        with torch.no_grad():
+            net.run(torch.zeros((fixed + 1, *shape)))
+    except Exception:  # the graph hard-codes its batch size
+        return fixed
+    return 1 << 30
 
 
 def _total_variation(x: torch.Tensor) -> torch.Tensor:

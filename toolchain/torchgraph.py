@@ -684,10 +684,11 @@ class TorchGraph(torch.nn.Module):
 
     # ----------------------------------------------------------------- running
     def bn_nodes(self) -> list[tuple[str, str, Tensor, Tensor]]:
-        """(node name, input value name, running mean, running var) of every BatchNormalization."""
+        """(node name, input value name, running mean, running var) of every BatchNormalization
+        whose statistics are constants."""
         out = []
         for step in self._steps:
-            if step.op == "BatchNormalization":
+            if step.op == "BatchNormalization" and all(n in self._const for n in step.inputs[3:5]):
                 mean, var = (self._value(step.inputs[i], {}) for i in (3, 4))
                 out.append((step.name, step.inputs[0], mean, var))
         return out
