@@ -132,3 +132,17 @@ def test_three_ways_to_run_agree_and_cli_reports_bits(fitted, tmp_path):
     out = json.loads(r.output)
     assert len(out["bits"]) == 12 and len(out["bits"][0]) == 3
     assert sum(out["configurations"].values()) == 12
+
+
+@pytest.mark.parametrize("target", [4.3, 5.0, 6.5, 7.8])
+def test_price_per_bit_meets_the_target_from_above_and_below(target):
+    from datafree.toolchain.passes.dynamic import Selector, calibrate_price
+
+    rng = np.random.default_rng(1)
+    sel = Selector(rng.normal(size=(16, 8)).astype(np.float32), np.zeros(8, np.float32),
+                   rng.normal(size=(8, 4)).astype(np.float32), np.array([3, 0, 0, -3], np.float32))
+    pooled = rng.normal(size=(200, 16)).astype(np.float32)
+    cfg_bits = np.array([4.0, 5.0, 6.0, 8.0])
+    calibrate_price(sel, pooled, cfg_bits, target)
+    mean = cfg_bits[sel.choose(pooled)].mean()
+    assert target - 0.25 <= mean <= target + 1e-9

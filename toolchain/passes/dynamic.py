@@ -25,7 +25,7 @@ fake-quantized as a device would run them):
 Candidate configurations: every combination of the candidate bit-widths over the
 groups (at most 64) is simulated on the synthetic images; the ones on the Pareto
 front of (average bits, loss against the float model) are kept, at most
-``MAX_CONFIGS``, always including the cheapest and the most precise.
+``MAX_CONFIGS``, from the cheapest to the one with the lowest loss.
 
 Training (no real data).  The configurations are fixed, so the selector only
 needs, for each synthetic image, the loss of every configuration:
@@ -34,11 +34,11 @@ fixed-precision model of each configuration in onnxruntime.  The selector is
 trained in torch with hard Gumbel-softmax (straight-through):
 ``Σ_k onehot_k·loss_k + λ·max(0, mean bits − target)``.  Because the network
 itself is not trained, no differentiable copy of it is needed and every
-candidate is simulated exactly as it will run.  Finally a price per bit μ is
-subtracted from the selector's logits (folded into its last bias; the chosen
-bit-width per image only drops as μ grows) and set by bisection so the mean bits
-on the held-out probe images is at most ``target_bits`` and as close as the probe
-set allows.
+candidate is simulated exactly as it will run.  Finally a price per bit μ
+(positive or negative) is subtracted from the selector's logits (folded into its
+last bias; the chosen bit-width per image only drops as μ grows) and set by
+bisection so the mean bits on the held-out probe images is at most
+``target_bits`` and as close to it as the probe set allows.
 
 Weights are stored once, as int8 at the highest candidate precision; lower
 bit-widths are requantised from those integers at run time (see ``datafree.ops``).
@@ -525,20 +525,28 @@ def train_selector(pooled: np.ndarray, losses: np.ndarray, cfg_bits: np.ndarray,
 
 
 def calibrate_price(selector: Selector, pooled: np.ndarray, cfg_bits: np.ndarray, target: float) -> float:
-    """Smallest price per bit μ ≥ 0 with mean chosen bits ≤ target; folds it into b2."""
+    """The price per bit μ with the largest mean chosen bits ≤ target; folds it into b2.
+
+    Each image's chosen bit-width never rises as μ grows, so the mean is monotone
+    in μ and bisection finds it.  μ < 0 (a bonus per bit) lifts a selector that
+    spends less than the target up to it.
+    """
     def mean_bits(mu: float) -> float:
         return float(cfg_bits[np.argmax(selector.logits(pooled) - mu * cfg_bits, axis=1)].mean())
 
-    lo, hi = 0.0, 1.0
-    if mean_bits(0.0) > target:
-        while mean_bits(hi) > target and hi < 1e6:
-            hi *= 2
+    hi = 1.0
+    while mean_bits(hi) > target and hi < 1e6:
+        hi *= 2
+    lo = -1.0
+    while mean_bits(lo) <= target and lo > -1e6:
+        lo *= 2
+    if mean_bits(lo) <= target:          # even the most precise choice for every image is within the target
+        mu = lo
+    else:
         for _ in range(60):
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if mean_bits(mid) > target else (lo, mid)
         mu = hi
-    else:
-        mu = 0.0
     selector.b2 = (selector.b2 - mu * cfg_bits).astype(np.float32)
     return mu
 
