@@ -531,8 +531,11 @@ def calibrate_price(selector: Selector, pooled: np.ndarray, cfg_bits: np.ndarray
     in μ and bisection finds it.  μ < 0 (a bonus per bit) lifts a selector that
     spends less than the target up to it.
     """
-    def mean_bits(mu: float) -> float:
-        return float(cfg_bits[np.argmax(selector.logits(pooled) - mu * cfg_bits, axis=1)].mean())
+    hidden = np.maximum(pooled @ selector.w1 + selector.b1, 0) @ selector.w2
+
+    def mean_bits(mu: float) -> float:      # exactly as the folded float32 bias will choose
+        b2 = (selector.b2 - mu * cfg_bits).astype(np.float32)
+        return float(cfg_bits[np.argmax(hidden + b2, axis=1)].mean())
 
     hi = 1.0
     while mean_bits(hi) > target and hi < 1e6:
