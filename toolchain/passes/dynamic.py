@@ -533,9 +533,11 @@ def calibrate_price(selector: Selector, pooled: np.ndarray, cfg_bits: np.ndarray
     """
     hidden = np.maximum(pooled @ selector.w1 + selector.b1, 0) @ selector.w2
 
-    def mean_bits(mu: float) -> float:      # exactly as the folded float32 bias will choose
-        b2 = (selector.b2 - mu * cfg_bits).astype(np.float32)
-        return float(cfg_bits[np.argmax(hidden + b2, axis=1)].mean())
+    def choices(mu: float) -> np.ndarray:   # exactly as the folded float32 bias will choose
+        return np.argmax(hidden + (selector.b2 - mu * cfg_bits).astype(np.float32), axis=1)
+
+    def mean_bits(mu: float) -> float:
+        return float(cfg_bits[choices(mu)].mean())
 
     hi = 1.0
     while mean_bits(hi) > target and hi < 1e6:
@@ -549,7 +551,17 @@ def calibrate_price(selector: Selector, pooled: np.ndarray, cfg_bits: np.ndarray
         for _ in range(60):
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if mean_bits(mid) > target else (lo, mid)
-        mu = hi
+        # hi sits on a tie of some image; move to the middle of the interval of μ with
+        # the same choices, so float noise at run time cannot flip that image back
+        same = choices(hi)
+        up = hi + max(1.0, abs(hi))
+        while np.array_equal(choices(up), same) and up < 1e6:
+            up += max(1.0, abs(up))
+        a, b = hi, up
+        for _ in range(60):
+            mid = (a + b) / 2
+            a, b = (mid, b) if np.array_equal(choices(mid), same) else (a, mid)
+        mu = (hi + a) / 2
     selector.b2 = (selector.b2 - mu * cfg_bits).astype(np.float32)
     return mu
 
