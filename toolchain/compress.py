@@ -108,9 +108,6 @@ def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = sil
         raise NotCompressible("nothing to compress: no Conv/ConvTranspose/Gemm/MatMul with constant weights"
                               + (f" ({'; '.join(f'{k}: {v}' for k, v in analysis.skipped.items())})"
                                  if analysis.skipped else ""))
-    if _needs_opset21(recipe, [l.name for l in analysis.layers]) and ingest.opset_of(model) < 21:
-        model = _upgrade(model, 21)
-        analysis = G.analyse(model)
     timings["load"] = time.perf_counter() - t_start
     progress("load", 1, 1)
 
@@ -132,13 +129,25 @@ def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = sil
                              progress=progress)
         summary.notes.append(f"{recipe.synthetic} synthetic images ({synthetic.source})")
     timings["synthetic"] = time.perf_counter() - t
+    # INT4 tensors need opset 21 (after generation, so its cache key is the user's model)
+    if _needs_opset21(recipe, [l.name for l in analysis.layers]) and ingest.opset_of(model) < 21:
+        model = _upgrade(model, 21)
+        analysis = G.analyse(model)
 
     # -------------------------------------------------------------------- prune
     t = time.perf_counter()
     reference = None
     if synthetic is not None:
         reference = ingest.to_ir(model)           # the float model, before any change
-    plans = plan_pruning(analysis, recipe)
+    output_stats = None
+    if synthetic is not None and recipe.criterion in ("auto", "output") and \
+            any(recipe.for_layer(g.name).prune for g in analysis.prunable):
+        from .passes.fit import consumer_statistics
+
+        output_stats = consumer_statistics(model, analysis.prunable, synthetic.images)
+    elif recipe.criterion == "output":
+        summary.notes.append("criterion 'output' needs synthetic images: l1 used instead")
+    plans = plan_pruning(analysis, recipe, output_stats)
     for i, plan in enumerate(plans):
         progress("prune", i, len(plans))
         prune_group(plan, recipe, moments, summary)
@@ -242,13 +251,15 @@ def _refresh_shapes(model: ir.Model) -> None:
 
 
 # ------------------------------------------------------------------ pruning
-def plan_pruning(analysis: G.Analysis, recipe: Recipe) -> list[prune.PrunePlan]:
+def plan_pruning(analysis: G.Analysis, recipe: Recipe,
+                 output_stats: dict[str, list] | None = None) -> list[prune.PrunePlan]:
+    """Which channels of which group go: ratio per layer (or global rank), then the criterion."""
     groups = [g for g in analysis.prunable if not recipe.for_layer(g.name).skip]
     ratios = {g.name: recipe.for_layer(g.name).prune for g in groups}
     groups = [g for g in groups if ratios[g.name] and ratios[g.name] > 0]
     if not groups:
         return []
-    crit = "l1" if recipe.criterion == "output" else recipe.criterion
+    crit = "l1" if recipe.criterion in ("auto", "output") else recipe.criterion
     scores = {g.name: prune.channel_scores(g.producer, crit) for g in groups}
     if recipe.prune_scope == "global":
         overridden = {g.name for g in groups if recipe.for_layer(g.name).prune != recipe.prune}
@@ -263,7 +274,11 @@ def plan_pruning(analysis: G.Analysis, recipe: Recipe) -> list[prune.PrunePlan]:
     for g in groups:
         if keep_n[g.name] >= g.channels:
             continue
-        keep, pruned = prune.choose(scores[g.name], keep_n[g.name])
+        if output_stats and g.name in output_stats:
+            pruned = prune.select_by_output(output_stats[g.name], g.channels, g.channels - keep_n[g.name])
+            keep = np.setdiff1d(np.arange(g.channels), pruned)
+        else:
+            keep, pruned = prune.choose(scores[g.name], keep_n[g.name])
         plans.append(prune.PrunePlan(group=g, keep=keep, pruned=pruned))
     return plans
 
@@ -333,13 +348,7 @@ def quantize_closed_form(layers: list[G.Layer], recipe: Recipe, moments: dict, p
 def activation_ranges_closed_form(model: ir.Model, layers: list[G.Layer], recipe: Recipe, moments: dict):
     """Ranges of quantized layers' inputs: BN Gaussians where known, probe images elsewhere."""
     producers = _input_producers(layers)
-    wanted: dict[str, int] = {}
-    for layer in layers:
-        eff = recipe.for_layer(layer.name)
-        if eff.skip or eff.abits is None:
-            continue
-        name = layer.node.inputs[0].name
-        wanted[name] = max(wanted.get(name, 0), eff.abits)
+    wanted = qdq.activation_plan(layers, recipe)
     if not wanted:
         return {}
     ranges: dict[str, tuple[float, float]] = {}
@@ -377,7 +386,9 @@ def probe_activations(model: ir.Model, names: list[str], n: int = 32, seed: int 
     for name in names:
         if name not in existing:
             proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     inp = sess.get_inputs()[0]
     shape = [n if not isinstance(d, int) else d for d in inp.shape]
     shape[0] = n

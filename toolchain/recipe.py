@@ -18,7 +18,7 @@ from .errors import UserError
 
 RECIPE_VERSION = 1
 METADATA_KEY = "datafree.recipe"
-CRITERIA = ("l1", "l2", "bn_l1", "output")
+CRITERIA = ("auto", "l1", "l2", "bn_l1", "output")
 CLIPS = ("max", "mse")
 FLOAT = "float"  # how an unquantized wbits/abits is written in TOML
 
@@ -48,7 +48,7 @@ class Recipe:
     version: int = RECIPE_VERSION
     prune: float = 0.0
     prune_scope: str = "layer"          # "layer": same ratio per layer; "global": ranked across layers
-    criterion: str = "l1"
+    criterion: str = "auto"            # "auto": output error on synthetic images, else l1
     channel_multiple: int = 1
     wbits: int | None = 8               # None: weights stay float
     abits: int | None = None            # None: activations stay float (weight-only output)

@@ -32,12 +32,14 @@ from ..progress import ProgressFn, silent
 from ..quant import act_qparams, act_range_grid, weight_qmax, weight_scales
 from ..recipe import Recipe
 from ..stats import mse_range
-from .qdq import ActQuant
+from .qdq import ActQuant, activation_plan
 from .quantize import WeightQuant
 
 RIDGE = 1e-3        # λ relative to the mean diagonal of the Gram matrix
 DAMP = 0.01         # GPTQ damping, relative to the mean diagonal
 CHUNK = 64          # images per forward pass
+MAX_ROWS = 131072   # feature rows per layer for the Gram statistics
+REF_CACHE_BYTES = 2e9  # keep all float reference outputs in memory below this
 
 
 @dataclass
@@ -63,6 +65,12 @@ def fit_sequential(model: ir.Model, reference: ir.Model, layers: list[Layer], im
     hooks: dict[str, callable] = {}
     x_all = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
     todo = [l for l in layers if not recipe.for_layer(l.name).skip and l.name in ref_layers]
+    plan = activation_plan(layers, recipe)
+    ref_outs = [ref_layers[l.name].node.outputs[0].name for l in todo]
+    cached = {}
+    if _bytes(reference, ref_outs, len(x_all)) < REF_CACHE_BYTES:
+        with torch.no_grad():
+            cached = _collect_many(ref_graph, x_all, ref_outs)
     for i, layer in enumerate(todo):
         progress("fit layers", i, len(todo))
         eff = recipe.for_layer(layer.name)
@@ -71,28 +79,55 @@ def fit_sequential(model: ir.Model, reference: ir.Model, layers: list[Layer], im
         ref_out = ref_layers[layer.name].node.outputs[0].name
         with torch.no_grad():
             X = _collect(graph, x_all, in_name, hooks)
-            Y = _collect(ref_graph, x_all, ref_out, {})
+            Y = cached[ref_out] if ref_out in cached else _collect(ref_graph, x_all, ref_out, {})
         if kept and layer.name in kept:
             idx = torch.from_numpy(kept[layer.name])
             Y = Y[..., idx] if layer.op in ("Gemm", "MatMul") else Y[:, idx]
-        if eff.abits is not None and in_name not in acts:
-            lo, hi = mse_range(_sample(X), eff.abits)
-            scale, zp, signed = act_qparams(lo, hi, eff.abits)
-            acts[in_name] = ActQuant(eff.abits, scale, zp, signed)
-            hooks[in_name] = _fake_quant_hook(scale, zp, eff.abits, signed)
+        if in_name in plan and in_name not in acts:
+            _set_range(in_name, X, plan[in_name], acts, hooks)
         if in_name in hooks:
             X = hooks[in_name](X)
         fitted = fit_layer(layer, X, Y, eff.wbits, recipe)
         if fitted is not None:
             weights[layer.name] = fitted
+        out_name = layer.output.name
+        if out_name in plan and out_name not in acts:
+            with torch.no_grad():
+                out = _collect(TorchGraph(model).eval(), x_all, out_name, hooks)
+            _set_range(out_name, out, plan[out_name], acts, hooks)
     progress("fit layers", len(todo), len(todo))
     return weights, acts
+
+
+def _set_range(name: str, x: torch.Tensor, bits: int, acts: dict, hooks: dict) -> None:
+    """MSE-optimal range of ``x`` at ``bits``; later layers see it fake-quantized."""
+    lo, hi = mse_range(_sample(x), bits)
+    scale, zp, signed = act_qparams(lo, hi, bits)
+    acts[name] = ActQuant(bits, scale, zp, signed)
+    hooks[name] = _fake_quant_hook(scale, zp, bits, signed)
 
 
 def _collect(graph, x_all: torch.Tensor, name: str, hooks) -> torch.Tensor:
     parts = [graph.run(x_all[s:s + CHUNK], capture=[name], stop_after={name}, hooks=hooks)[name]
              for s in range(0, len(x_all), CHUNK)]
     return torch.cat(parts)
+
+
+def _collect_many(graph, x_all: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+    parts = [graph.run(x_all[s:s + CHUNK], capture=names) for s in range(0, len(x_all), CHUNK)]
+    return {n: torch.cat([p[n] for p in parts]) for n in names}
+
+
+def _bytes(model: ir.Model, names: list[str], n: int) -> float:
+    """Memory the named float values take for ``n`` images (inf when a shape is unknown)."""
+    values = {v.name: v for node in model.graph for v in node.outputs}
+    total = 0.0
+    for name in names:
+        shape = values[name].shape
+        if shape is None or any(not isinstance(d, int) for d in list(shape)[1:]):
+            return float("inf")
+        total += 4.0 * n * float(np.prod(list(shape)[1:]))
+    return total
 
 
 def _sample(x: torch.Tensor, n: int = 200_000) -> np.ndarray:
@@ -136,26 +171,52 @@ def _targets(layer: Layer, Y: torch.Tensor) -> torch.Tensor:
     return Y.permute(0, 2, 3, 1).reshape(-1, Y.shape[1])
 
 
-def _stats(feats: torch.Tensor, targets: torch.Tensor) -> _Stats:
-    f = feats.double()
-    t = targets.double()
-    return _Stats(G=f.T @ f, C=f.T @ t, x_sum=f.sum(0), y_sum=t.sum(0), yy=float((t * t).sum()), n=f.shape[0])
+def _stats(layer: Layer, X: torch.Tensor, Y: torch.Tensor | None, max_rows: int = MAX_ROWS) -> _Stats | None:
+    """Gram statistics of the layer's input features, accumulated image chunk by chunk.
+
+    Products run in float32 (fast BLAS) and are summed in float64; at most
+    ``max_rows`` feature rows are used (a seeded random subset of positions).
+    """
+    total = None
+    gen = torch.Generator().manual_seed(0)
+    for s in range(0, len(X), CHUNK):
+        f = _features(layer, X[s:s + CHUNK])
+        if f is None:
+            return None
+        t = _targets(layer, Y[s:s + CHUNK]) if Y is not None else f[:, :0]
+        keep = max(1, int(round(max_rows * len(f) / _rows_total(layer, X))))
+        if len(f) > keep:
+            idx = torch.randperm(len(f), generator=gen)[:keep]
+            f, t = f[idx], t[idx]
+        part = _Stats(G=(f.T @ f).double(), C=(f.T @ t).double(), x_sum=f.double().sum(0),
+                      y_sum=t.double().sum(0), yy=float((t.double() ** 2).sum()), n=f.shape[0])
+        total = part if total is None else _Stats(total.G + part.G, total.C + part.C, total.x_sum + part.x_sum,
+                                                  total.y_sum + part.y_sum, total.yy + part.yy, total.n + part.n)
+    return total
+
+
+def _rows_total(layer: Layer, X: torch.Tensor) -> int:
+    f = _features(layer, X[:1])
+    return max(1, len(f) * len(X)) if f is not None else 1
 
 
 # ------------------------------------------------------------------- fitting
-def fit_layer(layer: Layer, X: torch.Tensor, Y: torch.Tensor, wbits: int | None, recipe: Recipe) -> WeightQuant | None:
+def fit_layer(layer: Layer, X: torch.Tensor, Y: torch.Tensor, wbits: int | None, recipe: Recipe,
+              ridge: float = RIDGE) -> WeightQuant | None:
     """Refit (and quantize) one layer in place; returns its quantization or None."""
-    feats = _features(layer, X)
     w0 = layer.w_oc()
     shape = w0.shape
-    if feats is None or feats.shape[1] != int(np.prod(shape[1:])):
+    probe = _features(layer, X[:1])
+    st = None
+    if probe is not None and probe.shape[1] == int(np.prod(shape[1:])):
+        st = _stats(layer, X, Y)
+    if st is None:
         if wbits is None:
             return None
         from .quantize import quantize_layer
         return quantize_layer(layer, wbits, recipe.clip)
-    st = _stats(feats, _targets(layer, Y))
     W0 = torch.from_numpy(w0.reshape(shape[0], -1).T.astype(np.float64))     # features x out
-    W = ridge_refit(st, W0, layer.bias is not None or layer.op != "MatMul")
+    W = ridge_refit(st, W0, layer.bias is not None or layer.op != "MatMul", ridge)
     q = scale = None
     if wbits is not None:
         H = centred_gram(st)
@@ -226,3 +287,38 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, scale: torch.Tensor,
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
     Q = Q[:, inv]
     return Q * s, Q
+
+
+def consumer_statistics(model: ir.Model, groups, images: np.ndarray) -> dict[str, list]:
+    """Per prune group, ``(H, W, block)`` of each consumer on the float model (for channel selection).
+
+    ``H``: centred Gram of the consumer's input features; ``W``: its weights as
+    (features x out), scaled by the BN after it so errors count in the space the
+    next layer sees; ``block``: features per channel of the group.
+    """
+    from ..torchgraph import TorchGraph
+
+    graph = TorchGraph(model).eval()
+    x_all = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+    out: dict[str, list] = {}
+    for g in groups:
+        entries = []
+        for c in g.consumers:
+            name = c.layer.node.inputs[0].name
+            with torch.no_grad():
+                X = _collect(graph, x_all, name, {})
+            probe = _features(c.layer, X[:1])
+            w = c.layer.w_oc()
+            if probe is None or probe.shape[1] != int(np.prod(w.shape[1:])):
+                entries = []
+                break
+            st = _stats(c.layer, X, None)
+            W = w.reshape(w.shape[0], -1).T.astype(np.float64)
+            p = c.layer.bn_params()
+            if p is not None:
+                W = W * (np.abs(p["gamma"]) / np.sqrt(p["var"] + p["eps"]))[None, :]
+            block = W.shape[0] // g.channels
+            entries.append((centred_gram(st).numpy(), W, block))
+        if entries:
+            out[g.name] = entries
+    return out

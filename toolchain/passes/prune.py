@@ -87,6 +87,47 @@ def global_keep(groups: list[PruneGroup], scores: dict[str, np.ndarray], ratio: 
     return out
 
 
+def select_by_output(consumers: list[tuple[np.ndarray, np.ndarray, int]], channels: int, n_remove: int,
+                     damp: float = 0.01) -> np.ndarray:
+    """Channels whose removal costs the consumers' outputs least (greedy structured OBS).
+
+    ``consumers``: per consumer ``(H, W, block)`` with ``H`` the centred Gram matrix of
+    its input features on synthetic images, ``W`` (features x out) its weights and
+    ``block`` the features per channel (kernel positions, or spatial positions after a
+    Flatten).  Removing channel c and refitting the rest optimally raises the squared
+    output error by ``tr(W_cᵀ [H⁻¹]_cc⁻¹ W_c)``; the cheapest channel goes, H⁻¹ and W
+    are updated as the refit would, and the search repeats.
+    """
+    state = []
+    for H, W, block in consumers:
+        H = H.astype(np.float64).copy()
+        H += damp * max(float(np.mean(np.diag(H))), 1e-12) * np.eye(len(H))
+        state.append([np.linalg.inv(H), W.astype(np.float64).copy(), block])
+    removed: list[int] = []
+    alive = np.ones(channels, dtype=bool)
+    for _ in range(n_remove):
+        cost = np.zeros(channels)
+        for Hinv, W, b in state:
+            for c in np.flatnonzero(alive):
+                sl = slice(c * b, (c + 1) * b)
+                cost[c] += np.trace(W[sl].T @ np.linalg.solve(Hinv[sl, sl], W[sl]))
+        cost[~alive] = np.inf
+        c = int(np.argmin(cost))
+        for st in state:
+            Hinv, W, b = st
+            sl = slice(c * b, (c + 1) * b)
+            K = Hinv[:, sl] @ np.linalg.inv(Hinv[sl, sl])
+            W -= K @ W[sl]
+            Hinv -= K @ Hinv[sl, :]
+            W[sl] = 0.0
+            Hinv[sl, :] = 0.0
+            Hinv[:, sl] = 0.0
+            st[0], st[1] = Hinv, W
+        alive[c] = False
+        removed.append(c)
+    return np.sort(np.array(removed, dtype=np.int64))
+
+
 # ------------------------------------------------------------- compensation
 def closed_form_coefficients(layer: Layer, keep: np.ndarray, pruned: np.ndarray,
                              alpha1: float = ALPHA1) -> np.ndarray:

@@ -28,6 +28,31 @@ class ActQuant:
     signed: bool
 
 
+def activation_plan(layers: list[Layer], recipe: Recipe) -> dict[str, int]:
+    """Which tensors get QDQ, at how many bits.
+
+    The input of every layer with activation bits; and, so onnxruntime can run the
+    layer as an integer kernel (DQ → Conv → Q), the output of every quantized layer
+    that also feeds something else (a residual Add, a pool), at no fewer than 8 bits.
+    """
+    wanted: dict[str, int] = {}
+    inputs = set()
+    for layer in layers:
+        eff = recipe.for_layer(layer.name)
+        if eff.skip or eff.abits is None:
+            continue
+        name = layer.node.inputs[0].name
+        inputs.add(id(layer.node.inputs[0]))
+        wanted[name] = max(wanted.get(name, 0), eff.abits)
+    for layer in layers:
+        eff = recipe.for_layer(layer.name)
+        out = layer.output
+        if eff.skip or eff.abits is None or out.is_graph_output() or out.name in wanted:
+            continue
+        wanted[out.name] = max(8, eff.abits)
+    return wanted
+
+
 def _int_dtype(bits: int, signed: bool, packed4: bool):
     if bits <= 4 and packed4:
         return (ml_dtypes.int4, ir.DataType.INT4) if signed else (ml_dtypes.uint4, ir.DataType.UINT4)
@@ -82,8 +107,17 @@ def emit(model: ir.Model, layers: list[Layer], weights: dict[str, WeightQuant],
                 layer.op in ("Conv", "Gemm") and wq.bits <= 8 and not (wq.bits <= 4 and int4):
             s_x = float(const_array(p.inputs[1]))
             _bias_dq(graph, names, layer, wq.scale.astype(np.float64) * s_x)
-    ir.passes.common.RemoveUnusedNodesPass()(model)
+    remove_unused(model)
     ir.passes.common.TopologicalSortPass()(model)
+
+
+def remove_unused(model: ir.Model) -> None:
+    """Drop nodes and initializers nothing reads (BN parameters after folding, old weights)."""
+    ir.passes.common.RemoveUnusedNodesPass()(model)
+    graph = model.graph
+    for name, value in list(graph.initializers.items()):
+        if not list(value.uses()) and not value.is_graph_output():
+            del graph.initializers[name]
 
 
 def _weight_dq(graph, names, layer: Layer, wq: WeightQuant, int4: bool) -> None:

@@ -1,0 +1,90 @@
+"""Fitting on synthetic images: least-squares refit, GPTQ rounding, ranges for folded models."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import zoo
+from datafree.toolchain import graph as G
+from datafree.toolchain.compress import compress
+from datafree.toolchain.ingest import load
+from datafree.toolchain.passes import fit
+from datafree.toolchain.quant import weight_scales
+from datafree.toolchain.recipe import Recipe
+
+
+def _gemm_layer(tmp_path, n_in=12, n_out=5):
+    module = torch.nn.Sequential(torch.nn.Linear(n_in, n_out))
+    zoo.randomize(module, seed=2)
+    path = zoo.export_model(module, tmp_path, "lin", input_shape=(1, n_in))
+    return G.analyse(load(path)).layers[0]
+
+
+def test_refit_is_exact_when_kept_channels_span_the_pruned_one(tmp_path):
+    rng = np.random.default_rng(0)
+    x_full = rng.standard_normal((500, 13))
+    x_full[:, 12] = 0.5 * x_full[:, 3] - 2.0 * x_full[:, 7]          # channel 12 = combination of kept ones
+    w_full = rng.standard_normal((13, 5))
+    y = x_full @ w_full + 0.3
+    for ridge, tol in ((0.0, 1e-4), (fit.RIDGE, 2e-2)):               # exact; close with the regulariser
+        layer = _gemm_layer(tmp_path)                                 # 12 inputs: the kept channels
+        got = fit.fit_layer(layer, torch.from_numpy(x_full[:, :12]).float(), torch.from_numpy(y).float(),
+                            None, Recipe(synthetic=0), ridge=ridge)
+        assert got is None
+        pred = x_full[:, :12] @ layer.w_oc().T.astype(np.float64) + layer.bias_array()
+        np.testing.assert_allclose(pred, y, rtol=tol, atol=tol)
+
+
+def test_refit_never_worse_than_the_closed_form_on_its_data(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((400, 12)).astype(np.float32)
+    y = (x @ rng.standard_normal((12, 5)) + rng.standard_normal((400, 5)) * 0.5).astype(np.float32)
+    layer = _gemm_layer(tmp_path)
+    w0, b0 = layer.w_oc().copy(), layer.bias_array().copy()
+    err0 = np.sum((x @ w0.T + b0 - y) ** 2)
+    fit.fit_layer(layer, torch.from_numpy(x), torch.from_numpy(y), None, Recipe(synthetic=0))
+    err1 = np.sum((x @ layer.w_oc().T + layer.bias_array() - y) ** 2)
+    assert err1 <= err0
+
+
+def test_gptq_beats_round_to_nearest_on_correlated_inputs():
+    rng = np.random.default_rng(2)
+    mix = rng.standard_normal((32, 32))
+    x = rng.standard_normal((2000, 32)) @ mix                         # strongly correlated features
+    w = rng.standard_normal((8, 32))
+    H = torch.from_numpy(x.T @ x)
+    scale = weight_scales(w, 3)
+    wq, q = fit.gptq(torch.from_numpy(w), H, 3, torch.from_numpy(scale.astype(np.float64)))
+    rtn = np.clip(np.round(w / scale[:, None]), -3, 3) * scale[:, None]
+    err_gptq = np.sum((x @ (w - wq.numpy()).T) ** 2)
+    err_rtn = np.sum((x @ (w - rtn).T) ** 2)
+    assert np.all(np.abs(q.numpy()) <= 3) and np.allclose(q.numpy(), np.round(q.numpy()))
+    assert err_gptq < 0.7 * err_rtn
+
+
+@pytest.fixture(scope="module")
+def synthetic_small(tmp_path_factory):
+    import os
+
+    os.environ.setdefault("DATAFREE_CACHE", str(tmp_path_factory.mktemp("cache")))
+    return {"synthetic": 64, "synthetic_steps": 30}
+
+
+def test_folded_model_gets_activation_ranges_from_synthetic_images(resnet20_folded, synthetic_small):
+    result = compress(resnet20_folded, Recipe(wbits=8, abits=8, **synthetic_small))
+    layers = json.loads(result.model.metadata_props["datafree.layers"])
+    assert all(v["abits"] == 8 for v in layers.values())
+    n_q = sum(1 for n in result.model.graph if n.op_type == "QuantizeLinear")
+    assert n_q >= 19
+
+
+def test_synthetic_fit_beats_closed_form_on_pruned_resnet20(resnet20_bn, dev_images, accuracy, synthetic_small):
+    x, y = dev_images
+    closed = compress(resnet20_bn, Recipe(prune=0.3, wbits=None, synthetic=0))
+    fitted = compress(resnet20_bn, Recipe(prune=0.3, wbits=None, **synthetic_small))
+    a_closed, a_fit = accuracy(closed.model, x, y), accuracy(fitted.model, x, y)
+    assert a_fit > a_closed + 0.05, (a_closed, a_fit)
