@@ -137,8 +137,6 @@ def test_split_concat_analysis(tmp_path):
     assert head.prunable and head.consumers[0].layer.kind == "gemm"
 
 
-@pytest.mark.xfail(reason="graph._step judges the Mul of x * tanh(softplus(x)) when it meets it from x, "
-                          "before the Tanh branch is tracked, and calls it a residual", strict=False)
 def test_hand_written_mish_keeps_channels_apart(tmp_path):
     _, path = zoo.build("mish_net", tmp_path)
     first, second, _ = analyse(load(path)).groups

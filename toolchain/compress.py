@@ -287,7 +287,9 @@ def prune_group(plan: prune.PrunePlan, recipe: Recipe, moments: dict, summary: S
     g = plan.group
     producer = g.producer
     mom = moments.get(producer.name)
-    mean_before = output_mean(producer, mom) if mom is not None and not g.depthwise else None
+    direct = all(c.layer.node.inputs[0] is producer.output for c in g.consumers)
+    # the Gaussian model knows the layer's own activation; anything else in between voids it
+    mean_before = output_mean(producer, mom) if mom is not None and direct and not g.depthwise else None
     w_before = {c.layer.name: prune.consumer_in_weight(c) for c in g.consumers}
     if recipe.compensation and not g.depthwise:
         S = prune.closed_form_coefficients(producer, plan.keep, plan.pruned)

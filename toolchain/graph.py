@@ -395,7 +395,7 @@ def _step(group, node, idx, value, stride, C, by_node, tracked, frontier) -> str
     if op in BINARY:
         other_idx = 1 - idx
         other = node.inputs[other_idx]
-        if id(other) in tracked:  # e.g. SiLU: y * sigmoid(y)
+        if id(other) in tracked or _derived_from(other, tracked):  # y * f(y): SiLU, Mish, GELU
             return _follow(node, stride, tracked, frontier)
         if const_array(other) is not None:
             return _const_operand(group, node, other_idx, C, stride, tracked, frontier)
@@ -415,6 +415,25 @@ def _step(group, node, idx, value, stride, C, by_node, tracked, frontier) -> str
     if op in ("Flatten", "Reshape", "Squeeze") and idx == 0:
         return _flatten(group, node, value, stride, C, tracked, frontier)
     return f"channels feed {where}"
+
+
+def _derived_from(value: ir.Value, tracked: set[int], depth: int = 8) -> bool:
+    """Is ``value`` an elementwise function of a tracked value alone (e.g. tanh(softplus(y)))?"""
+    for _ in range(depth):
+        if id(value) in tracked:
+            return True
+        p = value.producer()
+        if p is None or p.domain not in ("", "ai.onnx"):
+            return False
+        live = [v for v in p.inputs if v is not None and const_array(v) is None]
+        consts = [v for v in p.inputs if v is not None and const_array(v) is not None]
+        if len(live) != 1 or any(const_array(c).size != 1 for c in consts):
+            return False
+        if p.op_type not in UNARY_ACTS and p.op_type not in BINARY and \
+                p.op_type not in ("Softplus", "Tanh", "Sqrt", "Reciprocal"):
+            return False
+        value = live[0]
+    return False
 
 
 def _follow(node, stride, tracked, frontier, keep_stride=True) -> None:
