@@ -119,17 +119,11 @@ def run_compress(ctx: click.Context, params: dict, source) -> None:
         recipe = recipe.replace(synthetic=0, dynamic=None)
     with progress_bar(quiet=params["as_json"]) as progress:
         result = compress(source, recipe, progress=progress)
-        extra = {}
-        if recipe.dynamic is not None and not params["dry_run"]:
-            from .passes.dynamic import apply_dynamic
-
-            result.model, extra = apply_dynamic(result.model, recipe.dynamic, progress=progress)
+        extra = result.summary.dynamic
     if not params["dry_run"]:
         save(result.model, params["output"], external_data=params["external_data"])
     if params["as_json"]:
         out = result.summary.to_dict() | {"recipe": recipe.to_dict(), "output": str(params["output"] or "")}
-        if extra:
-            out["dynamic"] = extra
         click.echo(json.dumps(out, indent=2, default=_jsonable))
     else:
         print_summary(result.summary, params["output"], dry_run=params["dry_run"], dynamic=extra)

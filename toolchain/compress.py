@@ -55,12 +55,14 @@ class Summary:
     totals: dict[str, float] = field(default_factory=dict)     # params/macs/bytes before and after
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    dynamic: dict = field(default_factory=dict)                # selector statistics (dynamic precision)
 
     def to_dict(self) -> dict:
         import dataclasses
 
         return {"layers": [dataclasses.asdict(r) for r in self.rows], "skipped": self.skipped,
-                "totals": self.totals, "timings": self.timings, "notes": self.notes}
+                "totals": self.totals, "timings": self.timings, "notes": self.notes,
+                **({"dynamic": self.dynamic} if self.dynamic else {})}
 
 
 @dataclass
@@ -121,6 +123,7 @@ def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = sil
     t = time.perf_counter()
     synthetic = None
     wants_fit = recipe.synthetic > 0 and (recipe.prune > 0 or recipe.wbits is not None or recipe.abits is not None
+                                          or recipe.dynamic is not None
                                           or recipe.layers)
     if wants_fit:
         from .synth import generate
@@ -164,6 +167,9 @@ def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = sil
         for layer in ref_analysis.layers:
             fold.fold_batchnorm(layer)
     weights, acts = {}, {}
+    if recipe.dynamic is not None:
+        return _finish_dynamic(model, reference, analysis, synthetic, recipe, plans, before, macs_before,
+                               bytes_before, summary, timings, t_start, progress)
     if synthetic is not None:
         from .passes.fit import fit_sequential
 
@@ -200,6 +206,40 @@ def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = sil
     }
     model.metadata_props[METADATA_KEY] = recipe.to_json()
     model.metadata_props[LAYERS_KEY] = json.dumps(per_layer, sort_keys=True)
+    model.metadata_props[VERSION_KEY] = _version()
+    timings["total"] = time.perf_counter() - t_start
+    summary.timings = {k: round(v, 3) for k, v in timings.items()}
+    return CompressResult(model=model, summary=summary, recipe=recipe)
+
+
+def _finish_dynamic(model, reference, analysis, synthetic, recipe: Recipe, plans, before, macs_before,
+                    bytes_before, summary: Summary, timings, t_start, progress) -> CompressResult:
+    """Dynamic precision: refit what pruning changed (in float), then the selector pass."""
+    from .passes.dynamic import apply_dynamic
+
+    t = time.perf_counter()
+    if synthetic is not None and plans:
+        from .passes.fit import fit_sequential
+
+        fit_sequential(model, reference, analysis.layers, synthetic.images,
+                       recipe.replace(wbits=None, abits=None, layers={}), progress=progress,
+                       kept=_kept_channels(plans))
+    for layer in analysis.layers:
+        summary.rows.append(LayerRow(
+            name=layer.name, op=before[layer.name][3], kind=before[layer.name][4],
+            channels_before=before[layer.name][0], channels_after=layer.out_channels, wbits=None, abits=None,
+            macs_before=before[layer.name][1], macs_after=_macs_after(layer, before[layer.name][1], before),
+            params_before=before[layer.name][2], params_after=layer.params(), note="dynamic"))
+    model, summary.dynamic = apply_dynamic(model, recipe.dynamic, synthetic=synthetic, progress=progress,
+                                           seed=recipe.seed)
+    timings["dynamic"] = time.perf_counter() - t
+    summary.totals = {
+        "params_before": sum(r.params_before for r in summary.rows),
+        "params_after": sum(r.params_after for r in summary.rows),
+        "macs_before": macs_before, "macs_after": sum(r.macs_after or 0 for r in summary.rows),
+        "weight_bytes_before": bytes_before, "weight_bytes_after": weight_bytes(model),
+    }
+    model.metadata_props[METADATA_KEY] = recipe.to_json()
     model.metadata_props[VERSION_KEY] = _version()
     timings["total"] = time.perf_counter() - t_start
     summary.timings = {k: round(v, 3) for k, v in timings.items()}
