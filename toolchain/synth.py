@@ -21,15 +21,17 @@ spread over similar classes (hard).  Between steps the batch is randomly shifted
 a few pixels and flipped horizontally, so the images do not overfit one alignment.
 
 Models without BatchNormalization (BN folded into the convolutions) have no
-statistics to match: ``source = "output-only"``.  The loss is then the soft-target
-CE with much stronger TV and l2 priors, plus two scale priors that need no lost
-statistics: the input's per-channel batch mean and std are pulled to 0 and 1 (what
+statistics to match: ``source = "output-only"``.  The start is smoother (1/8 size)
+and the learning rate five times smaller: with nothing anchoring the internal
+statistics, large steps reach the target class through adversarial high-frequency
+patterns.  The loss is the soft-target CE with much stronger TV and l2 priors,
+plus two scale priors that need no lost statistics: the input's per-channel batch mean and std are pulled to 0 and 1 (what
 a normalised input has by definition), and every convolution's pre-activation is
 penalised when its RMS exceeds ``ACT_RMS_LIMIT`` (``relu(log(rms / limit))²``), so
 activations cannot grow into the adversarial regime.  Pulling each channel's std
 towards 1 was tried and rejected: trained networks have many near-dead channels
 (std ≈ 0 on real images) that such a prior would force open.  Output-only images
-reach the target class about as often, but their internal statistics stay far
+reach the target class about as often, but their internal statistics stay further
 from real images' (see benchmarks/synth_quality.py).
 
 Images are generated chunk by chunk (``batch_size`` at a time, each chunk seeded
@@ -60,16 +62,18 @@ from .torchgraph import TorchGraph
 
 STAGE = "synthetic images"
 # Bump when the generated images change for the same arguments: old cache entries die.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 DEFAULT_STEPS = 80           # 256 CIFAR-size images on ResNet-20: about a minute on 2 cores
 LR = 0.25
+OUTPUT_ONLY_LR = 0.05        # output-only: small steps keep the smooth start (large ones turn adversarial)
 TAU_RANGE = (0.1, 1.0)
 BN_PRIORS = {"tv": 1e-2, "l2": 1e-4}
 OUTPUT_ONLY_PRIORS = {"tv": 1.0, "l2": 1e-3, "act": 1.0, "input": 1.0}
 ACT_RMS_LIMIT = 2.0          # output-only: pre-activations louder than this (RMS) are penalised
 CE_WEIGHT = 1.0
 INIT_DOWNSCALE = 4           # start from noise this many times smaller than the input, upsampled
+OUTPUT_ONLY_INIT_DOWNSCALE = 8
 JITTER_FRACTION = 1 / 16     # of the spatial size, at least one pixel
 
 
@@ -265,13 +269,15 @@ class _Generator:
     def chunk(self, count: int, start: int, *, steps: int, seed: int, on_step=None):
         gen = torch.Generator().manual_seed(seed)
         target = self.targets(count, gen, start)
-        x = _initial_images(count, self.shape, gen).requires_grad_(True)
-        opt = torch.optim.Adam([x], lr=LR, betas=(0.5, 0.9))
+        down = INIT_DOWNSCALE if self.bns else OUTPUT_ONLY_INIT_DOWNSCALE
+        x = _initial_images(count, self.shape, gen, down).requires_grad_(True)
+        lr = LR if self.bns else OUTPUT_ONLY_LR
+        opt = torch.optim.Adam([x], lr=lr, betas=(0.5, 0.9))
         spatial = len(self.shape) - 1
         jitter = [max(1, int(s * JITTER_FRACTION)) for s in self.shape[1:]] if spatial >= 1 else []
         for step in range(steps):
             for group in opt.param_groups:
-                group["lr"] = LR * 0.5 * (1 + math.cos(math.pi * step / steps))
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
             xa = x
             if jitter:
                 shifts = [int(torch.randint(-j, j + 1, (1,), generator=gen)) for j in jitter]
@@ -322,11 +328,11 @@ class _Generator:
         return result
 
 
-def _initial_images(count: int, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
-    """Unit-variance Gaussian noise, drawn at 1/INIT_DOWNSCALE of the size and upsampled (smooth)."""
-    if len(shape) != 3 or INIT_DOWNSCALE <= 1:
+def _initial_images(count: int, shape: tuple[int, ...], gen: torch.Generator, down: int) -> torch.Tensor:
+    """Unit-variance Gaussian noise, drawn at 1/down of the size and upsampled (smooth)."""
+    if len(shape) != 3 or down <= 1:
         return torch.randn((count, *shape), generator=gen)
-    low = [max(1, s // INIT_DOWNSCALE) for s in shape[1:]]
+    low = [max(1, s // down) for s in shape[1:]]
     x = torch.randn((count, shape[0], *low), generator=gen)
     x = F.interpolate(x, size=list(shape[1:]), mode="bilinear", align_corners=False)
     return x / x.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
