@@ -222,7 +222,8 @@ def main(argv: list[str] | None = None) -> None:
                    help=f"configs {','.join(QUICK_CONFIGS)}, {QUICK_SYNTHETIC[0]} synthetic images "
                         f"({QUICK_SYNTHETIC[1]} steps), fewer latency repetitions")
     p.add_argument("--configs", help="comma-separated patterns over config names or name/mode, "
-                                     "e.g. 'p0-*' or 'p0.3-w4a8/synthetic,*/closed'")
+                                     "e.g. 'p0-*' or 'p0.3-w4a8/synthetic,*/closed' (with --quick too: "
+                                     "then --quick only shortens the synthetic images and latency)")
     p.add_argument("--synthetic", type=int, help="synthetic images for the synthetic mode "
                                                  "(default: Recipe's, or 64 with --quick)")
     p.add_argument("--synthetic-steps", type=int, help="generator steps (default: Recipe's, or 50 with --quick)")
@@ -249,7 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     cache = args.cache or Path(os.environ.get("DATAFREE_CACHE") or Path.home() / ".cache" / "datafree")
     os.environ["DATAFREE_CACHE"] = str(cache)
     defaults = Recipe()
-    n_syn = args.synthetic or (QUICK_SYNTHETIC[0] if args.quick else defaults.synthetic)
+    n_syn = args.synthetic if args.synthetic is not None else \
+        (QUICK_SYNTHETIC[0] if args.quick else defaults.synthetic)
     steps = args.synthetic_steps if args.synthetic_steps is not None else \
         (QUICK_SYNTHETIC[1] if args.quick else defaults.synthetic_steps)
     if n_syn <= 0:
@@ -268,6 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     started = dt.datetime.now(dt.timezone.utc)
     command = shlex.join(["python", "benchmarks/compress_bench.py", *(sys.argv[1:] if argv is None else argv)])
     fp_macs = float_macs(args.model)
+    code = code_state()  # at the start: the modules are imported by now
     rows: list[Row] = []
     syn_info: dict = {}
 
@@ -409,6 +412,7 @@ def main(argv: list[str] | None = None) -> None:
                     "python": platform.python_version(), "onnxruntime": _version("onnxruntime"),
                     "datafree": _version("datafree"), "torch": _version("torch"),
                     "load_start": [round(v, 2) for v in load_start], "load_end": [round(v, 2) for v in load_end]},
+        "code": code,
         "noisy_timings": peak > LOAD_LIMIT,
         "fp32_latency_ms": [{str(k): v for k, v in h.items()} for h in fp_history],
     }
@@ -429,6 +433,8 @@ def main(argv: list[str] | None = None) -> None:
                  f"CPU EP, default threads; latency = median of {lat_reps[0]} runs at batch 1 and {lat_reps[1]} at "
                  "batch 64 on random inputs; × FP32 = against the float model measured just before each row. "
                  f"1-min load {load_start[0]:.1f} at start, {load_end[0]:.1f} at end." + spread)
+    notes.append(f"Code: commit {code['commit']}" + (f" with uncommitted changes in {', '.join(code['uncommitted'])}"
+                                                    if code["uncommitted"] else "") + ".")
     if meta["noisy_timings"]:
         notes.append(f"**Timings are noisy**: the load average ({peak:.1f}) was above {LOAD_LIMIT:g} on "
                      f"{cores} cores (other jobs on the machine); accuracy, sizes and MACs are unaffected.")
@@ -453,6 +459,21 @@ def main(argv: list[str] | None = None) -> None:
                                                                   "lat64_vs_fp32": r.ratio(64)} for r in rows],
                               "surprises": odd}, indent=1) + "\n")
     console.print(f"wrote {rel(args.out)} and {rel(js)}")
+
+
+def code_state() -> dict:
+    """The commit the compressor ran from, and the source files that differed from it."""
+    import subprocess
+
+    def git(*cmd: str) -> str:
+        try:
+            return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()
+               if line[3:].endswith(".py") and not line[3:].startswith(("benchmarks/", "tests/", "examples/"))]
+    return {"commit": git("rev-parse", "--short", "HEAD").strip() or "?", "uncommitted": changed}
 
 
 def _version(name: str) -> str:
