@@ -10,8 +10,9 @@ plus W4A4 without pruning.  Each setting is compressed three ways:
                    (``Recipe(synthetic=0, bias_correction=False, compensation=False)``);
 * ``closed``    -- closed form, no images at all: UDFC compensation of pruned channels
                    and data-free bias correction (``Recipe(synthetic=0)``);
-* ``synthetic`` -- the default: compensation, rounding and activation ranges fitted on
-                   synthetic images made from the model itself (``Recipe()``).
+* ``synthetic`` -- the default recipe (``Recipe()``): pruned channels chosen, compensation,
+                   rounding and activation ranges fitted on synthetic images made from
+                   the model itself.
 
 Peers on the same images: the float model, onnxruntime ``quantize_dynamic`` (no data)
 and ``quantize_static`` W8A8 calibrated on Gaussian noise (no data), made by the
@@ -419,7 +420,8 @@ def main(argv: list[str] | None = None) -> None:
     notes = [f"Run {meta['date_utc']}. Model `{meta['model']}`; top-1 on all {len(y)} images of "
              f"`{meta['images']}` (no method sees any of them). Modes: **naive** = round to nearest, pruned "
              "channels dropped, no corrections; **closed** = UDFC compensation + data-free bias correction, no "
-             "images; **synthetic** = the default recipe, fitted on synthetic images made from the model. "
+             "images; **synthetic** = the default recipe: channel choice, compensation, rounding and ranges fitted on synthetic "
+             "images made from the model. "
              "Peers: onnxruntime `quantize_dynamic` and `quantize_static` (QDQ, per channel) calibrated on "
              f"{peers.CALIBRATION} Gaussian-noise images."]
     if syn_info.get("error"):
