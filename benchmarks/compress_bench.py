@@ -117,6 +117,7 @@ class Row:
     size_bytes: int | None = None
     macs: int | None = None
     wall_s: float | None = None
+    cpu_s: float | None = None          # CPU time of this process (all threads) for the same span
     fit_s: float | None = None          # the quantize/fit stage of compress()
     synthetic_s: float | None = None    # inside compress(): cache load, or generation on a miss
     timings: dict[str, float] = field(default_factory=dict)  # compress()'s own, per stage
@@ -153,7 +154,7 @@ def latency(model, batches: tuple[int, ...], reps: tuple[int, int]) -> dict[int,
 
 
 # --------------------------------------------------------------------- output
-HEADERS = ["config", "mode", "top-1", "Δ FP32", "size KiB", "× smaller", "MMACs", "wall s",
+HEADERS = ["config", "mode", "top-1", "Δ FP32", "size KiB", "× smaller", "MMACs", "wall s", "CPU s",
            "ms @1", "× FP32", "ms @64", "× FP32"]
 
 
@@ -165,7 +166,7 @@ def cells(r: Row, fp: Row | None) -> list[str]:
     smaller = None if not r.size_bytes or fp is None or not fp.size_bytes else fp.size_bytes / r.size_bytes
     return [r.config, r.mode, f(None if r.top1 is None else 100 * r.top1, ".1f"), f(delta, "+.1f"),
             f(None if r.size_bytes is None else r.size_bytes / 1024, ".0f"), f(smaller, ".1f"),
-            f(None if r.macs is None else r.macs / 1e6, ".1f"), f(r.wall_s, ".1f"),
+            f(None if r.macs is None else r.macs / 1e6, ".1f"), f(r.wall_s, ".1f"), f(r.cpu_s, ".1f"),
             f(r.lat1_ms, ".2f"), f(r.ratio(1), ".2f"), f(r.lat64_ms, ".1f"), f(r.ratio(64), ".2f")]
 
 
@@ -241,6 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     from datafree.runtime import InferenceSession
     from datafree.toolchain import synth
     from datafree.toolchain.compress import compress
+    from datafree.toolchain.passes import fit  # noqa: F401  (imported now, so the code is read at the start)
     from datafree.toolchain.ingest import load
     from datafree.toolchain.recipe import Recipe
 
@@ -322,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
 
         # ---- the float model
         bar.update(overall, detail="float model")
-        fp = Row("float", "FP32", wbits=None, abits=None, prune=0.0, macs=fp_macs, wall_s=0.0)
+        fp = Row("float", "FP32", wbits=None, abits=None, prune=0.0, macs=fp_macs, wall_s=0.0, cpu_s=0.0)
         try:
             measure_row(fp, args.model)
         except Exception as exc:  # without the float model nothing is comparable
@@ -338,9 +340,9 @@ def main(argv: list[str] | None = None) -> None:
             row = Row(name, data, prune=0.0, wbits=8, abits=8 if "static" in name else None, macs=fp_macs)
             try:
                 path = work / f"{name.split()[1]}.onnx"
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 make(args.model, path, ctx)
-                row.wall_s = time.perf_counter() - t
+                row.wall_s, row.cpu_s = time.perf_counter() - t, time.process_time() - c
                 measure_row(row, path)
             except Exception as exc:
                 fail(row, exc)
@@ -355,10 +357,11 @@ def main(argv: list[str] | None = None) -> None:
             key = synth.cache_key(model, n=n_syn, steps=steps, seed=defaults.seed, batch_size=64,
                                   shape=synth.sample_shape(model))
             cached = (cache / f"synth-{key[:40]}.npz").exists()
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             try:
                 s = synth.generate(model, n_syn, steps=steps, seed=defaults.seed, progress=on_progress)
                 syn_info = {"images": n_syn, "steps": steps, "seconds": time.perf_counter() - t,
+                            "cpu_seconds": time.process_time() - c,
                             "from_cache": cached, "source": s.source, "cache": str(cache)}
             except Exception as exc:
                 syn_info = {"images": n_syn, "steps": steps, "error": f"{type(exc).__name__}: {exc}"}
@@ -372,9 +375,9 @@ def main(argv: list[str] | None = None) -> None:
             row = Row(cfg.name, mode, prune=cfg.prune, wbits=cfg.wbits, abits=cfg.abits)
             try:
                 recipe = cfg.recipe(mode, n_syn, steps)
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 result = compress(args.model, recipe, progress=on_progress)
-                row.wall_s = time.perf_counter() - t
+                row.wall_s, row.cpu_s = time.perf_counter() - t, time.process_time() - c
                 row.macs = int(result.summary.totals["macs_after"])
                 row.fit_s = result.summary.timings.get("quantize")
                 row.synthetic_s = result.summary.timings.get("synthetic")
@@ -394,6 +397,9 @@ def main(argv: list[str] | None = None) -> None:
 
     # ------------------------------------------------------------------ report
     load_end = os.getloadavg()
+    code_end = code_state()
+    if code_end != code:
+        code["at_end"] = code_end
     cores = os.cpu_count() or 1
     peak = max(load_start[0], load_end[0])
     rel = lambda p: p.relative_to(ROOT) if p.resolve().is_relative_to(ROOT) else p  # noqa: E731
@@ -429,7 +435,8 @@ def main(argv: list[str] | None = None) -> None:
     elif syn_info:
         how = "loaded from the cache (generated by an earlier run)" if syn_info["from_cache"] else "generated"
         notes.append(f"Synthetic images: {syn_info['images']} images, {syn_info['steps']} steps, "
-                     f"{syn_info['source']}, {how} in {syn_info['seconds']:.1f} s, once for every synthetic row; "
+                     f"{syn_info['source']}, {how} in {syn_info['seconds']:.1f} s ({syn_info['cpu_seconds']:.1f} s CPU), "
+                     "once for every synthetic row; "
                      "each row's wall time is `compress()` alone (images read from the cache).")
     notes.append(f"Machine: {cores} cores ({meta['machine']['cpu']}), onnxruntime {meta['machine']['onnxruntime']} "
                  f"CPU EP, default threads; latency = median of {lat_reps[0]} runs at batch 1 and {lat_reps[1]} at "
@@ -437,6 +444,10 @@ def main(argv: list[str] | None = None) -> None:
                  f"1-min load {load_start[0]:.1f} at start, {load_end[0]:.1f} at end." + spread)
     notes.append(f"Code: commit {code['commit']}" + (f" with uncommitted changes in {', '.join(code['uncommitted'])}"
                                                     if code["uncommitted"] else "") + ".")
+    if "at_end" in code:
+        notes.append(f"The checkout changed while this ran (at the end: commit {code_end['commit']}, uncommitted "
+                     f"changes in {', '.join(code_end['uncommitted']) or 'nothing'}); the modules were imported "
+                     "at the start, so the rows are from the code at the start.")
     if meta["noisy_timings"]:
         notes.append(f"**Timings are noisy**: the load average ({peak:.1f}) was above {LOAD_LIMIT:g} on "
                      f"{cores} cores (other jobs on the machine); accuracy, sizes and MACs are unaffected.")
