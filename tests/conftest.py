@@ -48,3 +48,23 @@ def dev_images():
 def accuracy():
     """``accuracy(model_or_path, x, y) -> float`` (top-1, onnxruntime CPU)."""
     return zoo.accuracy
+
+
+@pytest.fixture(scope="session", autouse=True)
+def synthetic_cache(tmp_path_factory):
+    """One synthetic-image cache for the whole run (shared by xdist workers), never the user's."""
+    import os
+
+    root = tmp_path_factory.getbasetemp().parent / "datafree-cache"
+    root.mkdir(parents=True, exist_ok=True)
+    old = os.environ.get("DATAFREE_CACHE")
+    os.environ["DATAFREE_CACHE"] = str(root)
+    yield root
+    if old is None:
+        os.environ.pop("DATAFREE_CACHE", None)
+    else:
+        os.environ["DATAFREE_CACHE"] = old
+
+
+# a small synthetic set the tests share (generated once per run, then cached)
+SMALL_SYNTHETIC = {"synthetic": 64, "synthetic_steps": 30}

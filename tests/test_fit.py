@@ -30,7 +30,7 @@ def test_refit_is_exact_when_kept_channels_span_the_pruned_one(tmp_path):
     x_full[:, 12] = 0.5 * x_full[:, 3] - 2.0 * x_full[:, 7]          # channel 12 = combination of kept ones
     w_full = rng.standard_normal((13, 5))
     y = x_full @ w_full + 0.3
-    for ridge, tol in ((0.0, 1e-4), (fit.RIDGE, 2e-2)):               # exact; close with the regulariser
+    for ridge, tol in ((0.0, 1e-4), (fit.RIDGE, 6e-2)):               # exact; close with the regulariser
         layer = _gemm_layer(tmp_path)                                 # 12 inputs: the kept channels
         got = fit.fit_layer(layer, torch.from_numpy(x_full[:, :12]).float(), torch.from_numpy(y).float(),
                             None, Recipe(synthetic=0), ridge=ridge)
@@ -67,11 +67,10 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs():
 
 
 @pytest.fixture(scope="module")
-def synthetic_small(tmp_path_factory):
-    import os
+def synthetic_small():
+    from conftest import SMALL_SYNTHETIC
 
-    os.environ.setdefault("DATAFREE_CACHE", str(tmp_path_factory.mktemp("cache")))
-    return {"synthetic": 64, "synthetic_steps": 30}
+    return SMALL_SYNTHETIC
 
 
 def test_folded_model_gets_activation_ranges_from_synthetic_images(resnet20_folded, synthetic_small):

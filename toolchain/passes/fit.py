@@ -35,7 +35,7 @@ from ..stats import mse_range
 from .qdq import ActQuant, activation_plan
 from .quantize import WeightQuant
 
-RIDGE = 1e-3        # λ relative to the mean diagonal of the Gram matrix
+RIDGE = 1e-3        # λ relative to the mean diagonal of the Gram matrix (plus features / rows)
 DAMP = 0.01         # GPTQ damping, relative to the mean diagonal
 CHUNK = 64          # images per forward pass
 MAX_ROWS = 131072   # feature rows per layer for the Gram statistics
@@ -244,7 +244,9 @@ def ridge_refit(st: _Stats, W0: torch.Tensor, with_bias: bool, ridge: float = RI
         C = st.C - torch.outer(st.x_sum, st.y_sum) / st.n
     else:
         G, C = st.G, st.C
-    lam = ridge * float(torch.diagonal(G).mean().clamp_min(1e-12))
+    # shrink toward W0 more when rows are few per feature (d/n): no overfitting on small sets
+    d = G.shape[0]
+    lam = (ridge + (d / max(st.n, 1) if ridge > 0 else 0.0)) * float(torch.diagonal(G).mean().clamp_min(1e-12))
     A = G + lam * torch.eye(G.shape[0], dtype=G.dtype)
     return torch.linalg.solve(A, C + lam * W0)
 
