@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> None:
         code["at_end"] = code_end
     cores = os.cpu_count() or 1
     peak = max(load_start[0], load_end[0])
-    rel = lambda p: p.relative_to(ROOT) if p.resolve().is_relative_to(ROOT) else p  # noqa: E731
+    rel = lambda p: p.resolve().relative_to(ROOT) if p.resolve().is_relative_to(ROOT) else p  # noqa: E731
     spread = ""
     if len(fp_history) > 1:
         lo1, hi1 = min(h[1] for h in fp_history), max(h[1] for h in fp_history)

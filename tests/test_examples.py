@@ -49,6 +49,7 @@ def test_mobilenetv2_pipeline(tmp_path):
 
 
 def test_custom_activation(tmp_path):
-    out = _run("custom_activation.py", "--out", str(tmp_path), *FAST)
+    # random weights carry no redundant channels: judge the W8A8 path unpruned
+    out = _run("custom_activation.py", "--out", str(tmp_path), "--prune", "0", *FAST)
     assert (tmp_path / "mish_net_small.onnx").exists()
     assert "W8A8" in out and float(re.search(r"cosine to float outputs ([\d.]+)", out).group(1)) > 0.9
