@@ -127,14 +127,7 @@ def _weight_dq(graph, names, layer: Layer, wq: WeightQuant, int4: bool) -> None:
     q_val = _init(graph, names, f"{base}_quantized", q.astype(np_dt), ir_dt)
     s_val = _init(graph, names, f"{base}_scale", wq.scale.astype(np.float32))
     z_val = _init(graph, names, f"{base}_zero_point", np.zeros(len(wq.scale), dtype=np_dt), ir_dt)
-    out = ir.Value(name=names(f"{base}_dequantized"))
-    dq = ir.Node("", "DequantizeLinear", [q_val, s_val, z_val], attributes=[ir.AttrInt64("axis", axis)],
-                 outputs=[out], name=names(f"{layer.name}_weight_DequantizeLinear"))
-    graph.insert_before(layer.node, dq)
-    old = layer.weight
-    layer.node.replace_input_with(1, out)
-    if not list(old.uses()) and old.name in graph.initializers:
-        del graph.initializers[old.name]
+    _dequantized_input(graph, names, layer, 1, (q_val, s_val, z_val), axis, "weight")
 
 
 def _bias_dq(graph, names, layer: Layer, scale: np.ndarray) -> None:
@@ -145,12 +138,17 @@ def _bias_dq(graph, names, layer: Layer, scale: np.ndarray) -> None:
     q_val = _init(graph, names, f"{base}_quantized", q)
     s_val = _init(graph, names, f"{base}_scale", scale.astype(np.float32))
     z_val = _init(graph, names, f"{base}_zero_point", np.zeros(len(q), dtype=np.int32))
-    out = ir.Value(name=names(f"{base}_dequantized"))
-    dq = ir.Node("", "DequantizeLinear", [q_val, s_val, z_val], attributes=[ir.AttrInt64("axis", 0)],
-                 outputs=[out], name=names(f"{layer.name}_bias_DequantizeLinear"))
+    _dequantized_input(graph, names, layer, 2, (q_val, s_val, z_val), 0, "bias")
+
+
+def _dequantized_input(graph, names, layer: Layer, index: int, qsz: tuple, axis: int, what: str) -> None:
+    """Feed input ``index`` of the layer from ``DequantizeLinear(q, scale, zero point)``; drop the float one."""
+    old = layer.node.inputs[index]
+    out = ir.Value(name=names(f"{old.name}_dequantized"))
+    dq = ir.Node("", "DequantizeLinear", list(qsz), attributes=[ir.AttrInt64("axis", axis)],
+                 outputs=[out], name=names(f"{layer.name}_{what}_DequantizeLinear"))
     graph.insert_before(layer.node, dq)
-    old = layer.bias
-    layer.node.replace_input_with(2, out)
+    layer.node.replace_input_with(index, out)
     if not list(old.uses()) and old.name in graph.initializers:
         del graph.initializers[old.name]
 
