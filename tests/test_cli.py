@@ -133,3 +133,24 @@ def test_convert_and_compress_accepts_onnx(tmp_path, resnet20_bn):
     res = _run("convert-and-compress", resnet20_bn, "-o", out, "--wbits", "8", *FAST)
     assert res.exit_code == 0, res.output
     assert out.exists()
+
+
+def test_dynamic_precision_through_compress(tmp_path, resnet20_bn):
+    out = tmp_path / "dyn.onnx"
+    res = _run("compress", resnet20_bn, "-o", out, "--dynamic", "--bits", "4,6,8", "--target-bits", "6",
+               "--synthetic", "16", "--synthetic-steps", "5", "--json")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output)
+    assert "dynamic" in summary
+    model = onnx.load(str(out))
+    assert any(n.domain == "ai.datafree" for n in model.graph.node)
+    assert [o.name for o in model.graph.output][1:] == ["bits"] or len(model.graph.output) == 2
+
+
+@pytest.mark.parametrize("bits,target,message", [("6,4,8", "5", "sorted"), ("4,4,8", "5", "sorted"),
+                                                 ("4,6,8", "9", "outside the candidate range")])
+def test_dynamic_bad_options(tmp_path, resnet20_bn, bits, target, message):
+    res = _run("compress", resnet20_bn, "-o", tmp_path / "d.onnx", "--dynamic", "--bits", bits,
+               "--target-bits", target, *FAST)
+    assert res.exit_code == 2 and message in res.output, res.output
+    assert not (tmp_path / "d.onnx").exists()
