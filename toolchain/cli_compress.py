@@ -42,9 +42,10 @@ def compress_options(f):
         click.option("--prune", type=float, default=0.0, show_default=True,
                      help="Ratio of prunable channels to remove, in [0, 1)."),
         click.option("--prune-scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True),
-        click.option("--criterion", type=click.Choice(["auto", "l1", "l2", "bn_l1", "output"]), default="auto",
+        click.option("--criterion", type=click.Choice(["l1", "l2", "bn_l1", "output", "auto"]), default="l1",
                      show_default=True,
-                     help="Channel importance; auto = output error on synthetic images (l1 without them)."),
+                     help="Channel importance; output = error it causes on synthetic images (auto: output "
+                          "when synthetic images are made, else l1)."),
         click.option("--channel-multiple", type=int, default=1, show_default=True,
                      help="Keep channel counts at a multiple of this (vector units like 4 or 8)."),
         click.option("--wbits", callback=_bits, default="8", show_default=True, help="Weight bits (2..8 or 'float')."),

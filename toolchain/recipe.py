@@ -48,7 +48,7 @@ class Recipe:
     version: int = RECIPE_VERSION
     prune: float = 0.0
     prune_scope: str = "layer"          # "layer": same ratio per layer; "global": ranked across layers
-    criterion: str = "auto"            # "auto": output error on synthetic images, else l1
+    criterion: str = "l1"              # "output": output error on synthetic images (opt-in)
     channel_multiple: int = 1
     wbits: int | None = 8               # None: weights stay float
     abits: int | None = None            # None: activations stay float (weight-only output)
