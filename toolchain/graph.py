@@ -144,7 +144,6 @@ class Layer:
             graph.register_initializer(val)
             if self.op == "MatMul":
                 raise ValueError("MatMul has no bias input")
-            inputs = list(self.node.inputs) + [None] * (3 - len(self.node.inputs))
             self.node.resize_inputs(3)
             self.node.replace_input_with(2, val)
             self.bias = val
@@ -405,7 +404,7 @@ def _step(group, node, idx, value, stride, C, by_node, tracked, frontier) -> str
     if stride == 1 and op in ("ReduceMean", "ReduceMax", "ReduceSum") and idx == 0:
         axes = _reduce_axes(node)
         if axes is not None and 1 not in axes and all(a >= 2 for a in axes):
-            return _follow(node, stride, tracked, frontier, keep_stride=bool(attr(node, "keepdims", 1)))
+            return _follow(node, stride, tracked, frontier)
         return f"{where} reduces over channels"
     if op == "Pad" and idx == 0:
         pads = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
@@ -436,7 +435,7 @@ def _derived_from(value: ir.Value, tracked: set[int], depth: int = 8) -> bool:
     return False
 
 
-def _follow(node, stride, tracked, frontier, keep_stride=True) -> None:
+def _follow(node, stride, tracked, frontier) -> None:
     out = node.outputs[0]
     tracked.add(id(out))
     frontier.append((out, stride))
