@@ -136,14 +136,14 @@ class Layer:
         """Set the bias, adding a bias input when the layer has none."""
         b = np.asarray(b, dtype=np.float32)
         if self.bias is None:
+            if self.op == "MatMul":
+                raise ValueError("MatMul has no bias input")
             graph = self.node.graph
             val = ir.Value(name=f"{self.name}.bias", const_value=ir.tensor(b, name=f"{self.name}.bias"),
                            shape=ir.Shape(b.shape), type=ir.TensorType(ir.DataType.FLOAT))
             val.name = _unique_name(graph, f"{self.name}.bias")
             val.const_value.name = val.name
             graph.register_initializer(val)
-            if self.op == "MatMul":
-                raise ValueError("MatMul has no bias input")
             self.node.resize_inputs(3)
             self.node.replace_input_with(2, val)
             self.bias = val
