@@ -138,12 +138,7 @@ class Layer:
         if self.bias is None:
             if self.op == "MatMul":
                 raise ValueError("MatMul has no bias input")
-            graph = self.node.graph
-            val = ir.Value(name=f"{self.name}.bias", const_value=ir.tensor(b, name=f"{self.name}.bias"),
-                           shape=ir.Shape(b.shape), type=ir.TensorType(ir.DataType.FLOAT))
-            val.name = _unique_name(graph, f"{self.name}.bias")
-            val.const_value.name = val.name
-            graph.register_initializer(val)
+            val = add_initializer(self.node.graph, f"{self.name}.bias", b)
             self.node.resize_inputs(3)
             self.node.replace_input_with(2, val)
             self.bias = val
@@ -187,12 +182,29 @@ class Layer:
         return int(const_array(self.weight).size + (0 if self.bias is None else const_array(self.bias).size))
 
 
-def _unique_name(graph: ir.Graph, base: str) -> str:
-    taken = set(graph.initializers) | {v.name for n in graph for v in n.outputs} | {v.name for v in graph.inputs}
-    name, i = base, 1
-    while name in taken:
-        name, i = f"{base}_{i}", i + 1
-    return name
+class UniqueNames:
+    """Fresh value names for one graph (remembers the ones it handed out)."""
+
+    def __init__(self, graph: ir.Graph):
+        self.taken = set(graph.initializers) | {v.name for n in graph for v in n.outputs} | \
+            {v.name for v in graph.inputs}
+
+    def __call__(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.taken:
+            name, i = f"{base}_{i}", i + 1
+        self.taken.add(name)
+        return name
+
+
+def add_initializer(graph: ir.Graph, base: str, array: np.ndarray, dtype: ir.DataType | None = None,
+                    names: UniqueNames | None = None) -> ir.Value:
+    """Register ``array`` as a new initializer named ``base`` (made unique)."""
+    name = (names or UniqueNames(graph))(base)
+    tensor = ir.Tensor(array, dtype=dtype, name=name) if dtype is not None else ir.tensor(array, name=name)
+    value = ir.Value(name=name, const_value=tensor, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype))
+    graph.register_initializer(value)
+    return value
 
 
 def _act_chain(value: ir.Value) -> tuple[list[ir.Node], str | None]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..graph import Consumer, Layer, PruneGroup, attr, const_array, set_const
+from ..graph import Consumer, Layer, PruneGroup, add_initializer, const_array, set_const
 
 ALPHA1 = 0.01
 
@@ -216,12 +216,8 @@ def _slice_member(node, keep: np.ndarray, group: PruneGroup | None) -> None:
             set_const(v, const_array(v)[keep])
         return
     if node.op_type == "Reshape":
-        import onnx_ir as ir
-
         shape = np.array([0, -1], dtype=np.int64)
-        node.replace_input_with(1, ir.Value(name=node.inputs[1].name + "_pruned",
-                                            const_value=ir.tensor(shape, name=node.inputs[1].name + "_pruned")))
-        node.graph.register_initializer(node.inputs[1])
+        node.replace_input_with(1, add_initializer(node.graph, node.inputs[1].name + "_pruned", shape))
         return
     C = group.channels if group is not None else None
     for i, v in enumerate(node.inputs):
@@ -240,11 +236,7 @@ def _slice_member(node, keep: np.ndarray, group: PruneGroup | None) -> None:
         else:
             idx = keep
         if v.is_initializer() and len(list(v.uses())) > 1:
-            import onnx_ir as ir
-
-            new = ir.Value(name=f"{v.name}_{node.name}", const_value=ir.tensor(np.take(arr, idx, axis=ax),
-                                                                                 name=f"{v.name}_{node.name}"))
-            node.graph.register_initializer(new)
-            node.replace_input_with(i, new)
+            node.replace_input_with(i, add_initializer(node.graph, f"{v.name}_{node.name}",
+                                                       np.take(arr, idx, axis=ax)))
         else:
             set_const(v, np.take(arr, idx, axis=ax))

@@ -16,7 +16,8 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from ..graph import Layer, attr, const_array
+from ..recipe import Recipe
+from ..graph import Layer, UniqueNames, add_initializer, attr, const_array
 from .quantize import WeightQuant
 
 
@@ -59,27 +60,6 @@ def _int_dtype(bits: int, signed: bool, packed4: bool):
     return (np.int8, ir.DataType.INT8) if signed else (np.uint8, ir.DataType.UINT8)
 
 
-class _Names:
-    def __init__(self, graph: ir.Graph):
-        self.taken = set(graph.initializers) | {v.name for n in graph for v in n.outputs} | \
-            {v.name for v in graph.inputs}
-
-    def __call__(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.taken:
-            name, i = f"{base}_{i}", i + 1
-        self.taken.add(name)
-        return name
-
-
-def _init(graph: ir.Graph, names: _Names, base: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
-    name = names(base)
-    tensor = ir.Tensor(array, dtype=dtype, name=name) if dtype is not None else ir.tensor(array, name=name)
-    val = ir.Value(name=name, const_value=tensor, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype))
-    graph.register_initializer(val)
-    return val
-
-
 def _weight_layout(layer: Layer, q_oc: np.ndarray) -> tuple[np.ndarray, int]:
     """Integer weights back in the layer's own layout, and the channel axis for DQ."""
     if layer.op == "Gemm" and not attr(layer.node, "transB", 0) or layer.op == "MatMul":
@@ -92,10 +72,10 @@ def _weight_layout(layer: Layer, q_oc: np.ndarray) -> tuple[np.ndarray, int]:
 def emit(model: ir.Model, layers: list[Layer], weights: dict[str, WeightQuant],
          acts: dict[str, ActQuant], *, int4: bool) -> None:
     graph = model.graph
-    names = _Names(graph)
+    names = UniqueNames(graph)
     values = {v.name: v for n in graph for v in n.outputs} | {v.name: v for v in graph.inputs}
     for value_name, aq in acts.items():
-        _insert_act_qdq(graph, names, values[value_name], aq, int4)
+        _insert_act_qdq(graph, names, values[value_name], aq)
     for layer in layers:
         wq = weights.get(layer.name)
         if wq is None:
@@ -124,9 +104,9 @@ def _weight_dq(graph, names, layer: Layer, wq: WeightQuant, int4: bool) -> None:
     np_dt, ir_dt = _int_dtype(wq.bits, True, int4)
     q, axis = _weight_layout(layer, wq.q)
     base = layer.weight.name
-    q_val = _init(graph, names, f"{base}_quantized", q.astype(np_dt), ir_dt)
-    s_val = _init(graph, names, f"{base}_scale", wq.scale.astype(np.float32))
-    z_val = _init(graph, names, f"{base}_zero_point", np.zeros(len(wq.scale), dtype=np_dt), ir_dt)
+    q_val = add_initializer(graph, f"{base}_quantized", q.astype(np_dt), ir_dt, names=names)
+    s_val = add_initializer(graph, f"{base}_scale", wq.scale.astype(np.float32), names=names)
+    z_val = add_initializer(graph, f"{base}_zero_point", np.zeros(len(wq.scale), dtype=np_dt), ir_dt, names=names)
     _dequantized_input(graph, names, layer, 1, (q_val, s_val, z_val), axis, "weight")
 
 
@@ -135,9 +115,9 @@ def _bias_dq(graph, names, layer: Layer, scale: np.ndarray) -> None:
     scale = np.where(scale > 0, scale, 1e-12)
     q = np.clip(np.round(b / scale), -(2 ** 31), 2 ** 31 - 1).astype(np.int32)
     base = layer.bias.name
-    q_val = _init(graph, names, f"{base}_quantized", q)
-    s_val = _init(graph, names, f"{base}_scale", scale.astype(np.float32))
-    z_val = _init(graph, names, f"{base}_zero_point", np.zeros(len(q), dtype=np.int32))
+    q_val = add_initializer(graph, f"{base}_quantized", q, names=names)
+    s_val = add_initializer(graph, f"{base}_scale", scale.astype(np.float32), names=names)
+    z_val = add_initializer(graph, f"{base}_zero_point", np.zeros(len(q), dtype=np.int32), names=names)
     _dequantized_input(graph, names, layer, 2, (q_val, s_val, z_val), 0, "bias")
 
 
@@ -153,13 +133,13 @@ def _dequantized_input(graph, names, layer: Layer, index: int, qsz: tuple, axis:
         del graph.initializers[old.name]
 
 
-def _insert_act_qdq(graph, names, value: ir.Value, aq: ActQuant, int4: bool) -> None:
+def _insert_act_qdq(graph, names, value: ir.Value, aq: ActQuant) -> None:
     uses = [u for u in value.uses()]
     np_dt, ir_dt = _int_dtype(aq.bits, aq.signed, True)
     if aq.bits > 4:
         np_dt, ir_dt = _int_dtype(8, aq.signed, False)
-    s_val = _init(graph, names, f"{value.name}_scale", np.array(aq.scale, dtype=np.float32))
-    z_val = _init(graph, names, f"{value.name}_zero_point", np.array(aq.zero_point).astype(np_dt), ir_dt)
+    s_val = add_initializer(graph, f"{value.name}_scale", np.array(aq.scale, dtype=np.float32), names=names)
+    z_val = add_initializer(graph, f"{value.name}_zero_point", np.array(aq.zero_point).astype(np_dt), ir_dt, names=names)
     q_out = ir.Value(name=names(f"{value.name}_quantized"))
     dq_out = ir.Value(name=names(f"{value.name}_dequantized"), shape=value.shape, type=value.type)
     q = ir.Node("", "QuantizeLinear", [value, s_val, z_val], outputs=[q_out],
