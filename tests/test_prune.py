@@ -145,3 +145,17 @@ def test_mobilenet_depthwise_pruned_with_its_expand_conv(tmp_path):
     result = compress(path, Recipe(prune=0.5, wbits=None, synthetic=0))
     dw = [n for n in result.model.graph if n.op_type == "Conv" and n.attributes["group"].value > 1][0]
     assert dw.attributes["group"].value == 32 and dw.inputs[1].const_value.numpy().shape[0] == 32
+
+
+def test_scale_compensation_is_applied_when_asked(tmp_path):
+    from datafree.toolchain.passes.quantize import scale_compensation
+
+    w = np.random.default_rng(0).standard_normal((4, 9))
+    np.testing.assert_allclose(scale_compensation(w, w, np.ones(4)), 1.0)     # nothing lost: s~ = 1
+    _, path = zoo.build("conv_bn_relu_conv", tmp_path)
+    plain = compress(path, Recipe(wbits=3, synthetic=0))
+    scaled = compress(path, Recipe(wbits=3, synthetic=0, scale_compensation=True))
+    second_w = lambda r: [n for n in r.model.graph if n.op_type == "Conv"][1].inputs[1]   # noqa: E731
+    w_plain = second_w(plain).producer().inputs[1].const_value.numpy()
+    w_scaled = second_w(scaled).producer().inputs[1].const_value.numpy()
+    assert not np.array_equal(w_plain, w_scaled)

@@ -176,7 +176,7 @@ def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = sil
         weights, acts = fit_sequential(model, reference, analysis.layers, synthetic.images, recipe,
                                        progress=progress, kept=_kept_channels(plans))
     else:
-        weights = quantize_closed_form(analysis.layers, recipe, moments, progress)
+        weights = quantize_closed_form(analysis.layers, recipe, moments, progress, analysis.prunable)
         acts = activation_ranges_closed_form(model, analysis.layers, recipe, moments)
     timings["quantize"] = time.perf_counter() - t
 
@@ -368,8 +368,11 @@ def _input_producers(layers: list[G.Layer]) -> dict[int, G.Layer]:
     return {id(l.output): l for l in layers}
 
 
-def quantize_closed_form(layers: list[G.Layer], recipe: Recipe, moments: dict, progress: ProgressFn):
+def quantize_closed_form(layers: list[G.Layer], recipe: Recipe, moments: dict, progress: ProgressFn,
+                         groups: list[G.PruneGroup] = ()):
+    """Round to nearest; bias correction and (if asked) UDFC's s̃ folded into the next layers."""
     producers = _input_producers(layers)
+    by_producer = {g.name: g for g in groups if not g.depthwise}
     weights = {}
     for i, layer in enumerate(layers):
         progress("quantize", i, len(layers))
@@ -383,13 +386,18 @@ def quantize_closed_form(layers: list[G.Layer], recipe: Recipe, moments: dict, p
             mean = output_mean(src, moments[src.name])
             if mean is not None and len(mean) == layer.in_channels:
                 quantize.bias_correction(layer, w0, mean)
+        group = by_producer.get(layer.name)
+        if recipe.scale_compensation and group is not None:
+            s_tilde = quantize.scale_compensation(w0, layer.w_oc(), layer.bias_array().astype(np.float64))
+            for c in group.consumers:   # consumers come later in the order: scaled before they are quantized
+                w = prune.consumer_in_weight(c)
+                prune.set_consumer_in_weight(c, w * s_tilde.reshape((1, -1) + (1,) * (w.ndim - 2)))
     progress("quantize", len(layers), len(layers))
     return weights
 
 
 def activation_ranges_closed_form(model: ir.Model, layers: list[G.Layer], recipe: Recipe, moments: dict):
     """Ranges of quantized layers' inputs: BN Gaussians where known, probe images elsewhere."""
-    producers = _input_producers(layers)
     wanted = qdq.activation_plan(layers, recipe)
     if not wanted:
         return {}
