@@ -760,6 +760,41 @@ class TorchGraph(torch.nn.Module):
                     env.pop(name, None)
         return result
 
+    def region(self, feeds: Iterable[str], targets: Iterable[str]) -> list[int]:
+        """Indices of the steps computing ``targets`` from the values ``feeds`` (and constants)."""
+        fed, wanted = set(feeds), set(targets)
+        producer = {o: i for i, s in enumerate(self._steps) for o in s.outputs if o}
+        needed, stack = set(), [n for n in wanted if n not in fed]
+        while stack:
+            name = stack.pop()
+            if name in fed or name in self._const:
+                continue
+            if name not in producer:
+                raise KeyError(f"value {name!r} cannot be computed from {sorted(fed)}")
+            i = producer[name]
+            if i in needed:
+                continue
+            needed.add(i)
+            stack += [n for n in self._steps[i].inputs if n]
+        return sorted(needed)
+
+    def run_region(self, feeds: Mapping[str, Tensor], targets: Iterable[str],
+                   steps: list[int] | None = None, hooks: Mapping[str, Hook] | None = None) -> dict[str, Tensor]:
+        """``targets`` computed from ``feeds``: any values by name, initializers included
+        (a fed initializer overrides the stored one, e.g. with a trainable tensor)."""
+        targets = list(targets)
+        steps = self.region(feeds, targets) if steps is None else steps
+        all_hooks = {**self.hooks, **(hooks or {})}
+        env = dict(feeds)
+        for i in steps:
+            step = self._steps[i]
+            out = step.fn(*[self._value(n, env) for n in step.inputs], attrs=step.attrs)
+            for name, value in zip(step.outputs, out if isinstance(out, tuple) else (out,)):
+                if name:
+                    hook = all_hooks.get(name)
+                    env[name] = hook(value) if hook is not None else value
+        return {n: env[n] for n in targets}
+
     def _output_cast(self, name: str, value: Tensor) -> Tensor:
         dt = self._out_dtypes.get(name)
         if dt in _INT_RANGES and value.is_floating_point():  # QuantizeLinear output
