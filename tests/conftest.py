@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 import zoo
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one thread per worker: two workers with two spinning threads each on two cores run
+    # the many small steps of the fitting passes over ten times slower
+    torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "examples" / "models"
@@ -67,4 +74,4 @@ def synthetic_cache(tmp_path_factory):
 
 
 # a small synthetic set the tests share (generated once per run, then cached)
-SMALL_SYNTHETIC = {"synthetic": 64, "synthetic_steps": 30}
+SMALL_SYNTHETIC = {"synthetic": 64, "synthetic_steps": 30, "joint_steps": 40}
