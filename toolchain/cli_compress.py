@@ -9,11 +9,12 @@ from pathlib import Path
 import click
 
 from .errors import UserError
-from .recipe import FLOAT, DynamicConfig, Recipe
+from .recipe import CRITERIA, FLOAT, SCOPES, DynamicConfig, Recipe
 
 # CLI option name -> recipe field
 _FIELDS = {
     "prune": "prune", "prune_scope": "prune_scope", "criterion": "criterion",
+    "joint_steps": "joint_steps", "mirror": "mirror",
     "channel_multiple": "channel_multiple", "wbits": "wbits", "abits": "abits", "clip": "clip",
     "compensation": "compensation", "bias_correction": "bias_correction",
     "scale_compensation": "scale_compensation", "synthetic": "synthetic",
@@ -41,8 +42,11 @@ def compress_options(f):
                      help="Recipe file (TOML or JSON); options given on the command line override it."),
         click.option("--prune", type=float, default=0.0, show_default=True,
                      help="Ratio of prunable channels to remove, in [0, 1)."),
-        click.option("--prune-scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True),
-        click.option("--criterion", type=click.Choice(["l1", "l2", "bn_l1", "output", "auto"]), default="l1",
+        click.option("--prune-scope", type=click.Choice(list(SCOPES)), default=Recipe.prune_scope, show_default=True,
+                     help="global: remove the MACs --prune would remove from every layer, where they cost least; "
+                          "layer: the same ratio in every layer (auto: global when channels are chosen by output "
+                          "error, else layer)."),
+        click.option("--criterion", type=click.Choice(list(CRITERIA)), default=Recipe.criterion,
                      show_default=True,
                      help="Channel importance; output = error it causes on synthetic images (auto: output "
                           "when synthetic images are made, else l1)."),
@@ -58,6 +62,10 @@ def compress_options(f):
         click.option("--synthetic", type=int, default=Recipe.synthetic, show_default=True,
                      help="Synthetic images generated from the model to fit on (0: closed form only)."),
         click.option("--synthetic-steps", type=int, default=Recipe.synthetic_steps, show_default=True),
+        click.option("--joint-steps", type=int, default=Recipe.joint_steps, show_default=True,
+                     help="Steps fitting each pruned layer jointly with its consumers (0: least squares only)."),
+        click.option("--mirror/--no-mirror", default=Recipe.mirror, show_default=True,
+                     help="Also fit on the mirror images of the synthetic images."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--int4/--no-int4", default=True, show_default=True,
                      help="Store <= 4-bit weights packed as INT4 (opset 21)."),

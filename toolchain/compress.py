@@ -95,8 +95,14 @@ def weight_bytes(model: ir.Model) -> int:
 
 
 # --------------------------------------------------------------------- main
-def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = silent) -> CompressResult:
-    """Compress ``source`` (path, ModelProto or ir.Model; never modified) as ``recipe`` says."""
+def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = silent,
+             images: np.ndarray | None = None) -> CompressResult:
+    """Compress ``source`` (path, ModelProto or ir.Model; never modified) as ``recipe`` says.
+
+    ``images``: fit on these (N x input shape, preprocessed) instead of generating
+    synthetic images: for measuring the synthetic path against real data, which the
+    compressor itself never needs.  ``recipe.synthetic`` must then be > 0.
+    """
     recipe = recipe or Recipe()
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -121,16 +127,26 @@ def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = sil
 
     # ---------------------------------------------------------- synthetic images
     t = time.perf_counter()
-    synthetic = None
+    synthetic = fit_images = None
     wants_fit = recipe.synthetic > 0 and (recipe.prune > 0 or recipe.wbits is not None or recipe.abits is not None
                                           or recipe.dynamic is not None
                                           or recipe.layers)
-    if wants_fit:
+    if wants_fit and images is not None:
+        from .synth import SyntheticSet
+
+        synthetic = SyntheticSet(images=np.ascontiguousarray(images, dtype=np.float32),
+                                 targets=np.zeros((len(images), 0), np.float32), source="caller",
+                                 seed=recipe.seed)
+    elif wants_fit:
         from .synth import generate
 
         synthetic = generate(model, recipe.synthetic, steps=recipe.synthetic_steps, seed=recipe.seed,
                              progress=progress)
-        summary.notes.append(f"{recipe.synthetic} synthetic images ({synthetic.source})")
+    if synthetic is not None:
+        summary.notes.append((f"{len(synthetic.images)} images given by the caller" if synthetic.source == "caller"
+                              else f"{recipe.synthetic} synthetic images ({synthetic.source})")
+                             + (", fitted with their mirror images" if _mirrorable(synthetic.images, recipe) else ""))
+        fit_images = _fitting_set(synthetic.images, recipe)
     timings["synthetic"] = time.perf_counter() - t
     # INT4 tensors need opset 21 (after generation, so its cache key is the user's model)
     if _needs_opset21(recipe, [l.name for l in analysis.layers]) and ingest.opset_of(model) < 21:
@@ -147,7 +163,7 @@ def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = sil
             any(recipe.for_layer(g.name).prune for g in analysis.prunable):
         from .passes.fit import consumer_statistics
 
-        output_stats = consumer_statistics(model, analysis.prunable, synthetic.images)
+        output_stats = consumer_statistics(model, analysis.prunable, fit_images)
     elif recipe.criterion == "output":
         summary.notes.append("criterion 'output' needs synthetic images: l1 used instead")
     plans = plan_pruning(analysis, recipe, output_stats)
@@ -173,8 +189,9 @@ def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = sil
     if synthetic is not None:
         from .passes.fit import fit_sequential
 
-        weights, acts = fit_sequential(model, reference, analysis.layers, synthetic.images, recipe,
-                                       progress=progress, kept=_kept_channels(plans))
+        weights, acts = fit_sequential(model, reference, analysis.layers, fit_images, recipe,
+                                       progress=progress, kept=_kept_channels(plans), regions=_regions(plans),
+                                       joint_steps=recipe.joint_steps)
     else:
         weights = quantize_closed_form(analysis.layers, recipe, moments, progress, analysis.prunable)
         acts = activation_ranges_closed_form(model, analysis.layers, recipe, moments)
@@ -221,9 +238,9 @@ def _finish_dynamic(model, reference, analysis, synthetic, recipe: Recipe, plans
     if synthetic is not None and plans:
         from .passes.fit import fit_sequential
 
-        fit_sequential(model, reference, analysis.layers, synthetic.images,
+        fit_sequential(model, reference, analysis.layers, _fitting_set(synthetic.images, recipe),
                        recipe.replace(wbits=None, abits=None, layers={}), progress=progress,
-                       kept=_kept_channels(plans))
+                       kept=_kept_channels(plans), regions=_regions(plans), joint_steps=recipe.joint_steps)
     for layer in analysis.layers:
         summary.rows.append(LayerRow(
             name=layer.name, op=before[layer.name][3], kind=before[layer.name][4],
@@ -292,7 +309,7 @@ def _refresh_shapes(model: ir.Model) -> None:
 
 # ------------------------------------------------------------------ pruning
 def plan_pruning(analysis: G.Analysis, recipe: Recipe,
-                 output_stats: dict[str, list] | None = None) -> list[prune.PrunePlan]:
+                 output_stats: dict | None = None) -> list[prune.PrunePlan]:
     """Which channels of which group go: ratio per layer (or global rank), then the criterion."""
     groups = [g for g in analysis.prunable if not recipe.for_layer(g.name).skip]
     ratios = {g.name: recipe.for_layer(g.name).prune for g in groups}
@@ -301,10 +318,22 @@ def plan_pruning(analysis: G.Analysis, recipe: Recipe,
         return []
     crit = "l1" if recipe.criterion in ("auto", "output") else recipe.criterion
     scores = {g.name: prune.channel_scores(g.producer, crit) for g in groups}
-    if recipe.prune_scope == "global":
+    orders: dict[str, np.ndarray] = {}
+    scope = recipe.prune_scope
+    if scope == "auto":
+        scope = "global" if output_stats else "layer"
+    if scope == "global":
         overridden = {g.name for g in groups if recipe.for_layer(g.name).prune != recipe.prune}
-        keep_n = prune.global_keep([g for g in groups if g.name not in overridden], scores,
-                                   recipe.prune, recipe.channel_multiple)
+        ranked = [g for g in groups if g.name not in overridden]
+        curves = {}
+        for g in ranked:
+            if output_stats and g.name in output_stats:
+                st = output_stats[g.name]
+                orders[g.name], curves[g.name] = prune.removal_order(
+                    st.consumers, g.channels, int(0.9 * g.channels), energy=st.energy)
+            else:
+                curves[g.name] = prune.score_curve(scores[g.name])
+        keep_n = prune.global_allocation(ranked, curves, recipe.prune, recipe.channel_multiple)
         for g in groups:
             if g.name in overridden:
                 keep_n[g.name] = prune.n_keep(g.channels, ratios[g.name], recipe.channel_multiple)
@@ -312,10 +341,14 @@ def plan_pruning(analysis: G.Analysis, recipe: Recipe,
         keep_n = {g.name: prune.n_keep(g.channels, ratios[g.name], recipe.channel_multiple) for g in groups}
     plans = []
     for g in groups:
-        if keep_n[g.name] >= g.channels:
+        n_remove = g.channels - keep_n[g.name]
+        if n_remove <= 0:
             continue
-        if output_stats and g.name in output_stats:
-            pruned = prune.select_by_output(output_stats[g.name], g.channels, g.channels - keep_n[g.name])
+        if g.name in orders:
+            pruned = np.sort(orders[g.name][:n_remove])
+            keep = np.setdiff1d(np.arange(g.channels), pruned)
+        elif output_stats and g.name in output_stats:
+            pruned = prune.select_by_output(output_stats[g.name].consumers, g.channels, n_remove)
             keep = np.setdiff1d(np.arange(g.channels), pruned)
         else:
             keep, pruned = prune.choose(scores[g.name], keep_n[g.name])
@@ -356,6 +389,24 @@ def _kept_channels(plans: list[prune.PrunePlan]) -> dict[str, np.ndarray]:
         for layer in [p.group.producer] + p.group.depthwise:
             kept[layer.name] = p.keep
     return kept
+
+
+def _mirrorable(images: np.ndarray, recipe: Recipe) -> bool:
+    return recipe.mirror and images.ndim == 4
+
+
+def _fitting_set(images: np.ndarray, recipe: Recipe) -> np.ndarray:
+    """The synthetic images, and their left-right mirror images when the recipe asks: twice
+    the fitting data for free (image models see mirrored scenes as the same kind of input)."""
+    if not _mirrorable(images, recipe):
+        return images
+    return np.ascontiguousarray(np.concatenate([images, images[..., ::-1]]))
+
+
+def _regions(plans: list[prune.PrunePlan]) -> dict[str, tuple[list[str], list[str]]]:
+    """Per pruned producer: the depthwise layers carried with it and its consumers."""
+    return {p.group.producer.name: ([d.name for d in p.group.depthwise], [c.layer.name for c in p.group.consumers])
+            for p in plans if len(p.pruned)}
 
 
 def _expected_out(w: np.ndarray, mean: np.ndarray) -> np.ndarray:

@@ -20,6 +20,7 @@ RECIPE_VERSION = 1
 METADATA_KEY = "datafree.recipe"
 CRITERIA = ("auto", "l1", "l2", "bn_l1", "output")
 CLIPS = ("max", "mse")
+SCOPES = ("auto", "layer", "global")
 FLOAT = "float"  # how an unquantized wbits/abits is written in TOML
 
 
@@ -47,8 +48,10 @@ class DynamicConfig:
 class Recipe:
     version: int = RECIPE_VERSION
     prune: float = 0.0
-    prune_scope: str = "layer"          # "layer": same ratio per layer; "global": ranked across layers
-    criterion: str = "l1"              # "output": output error on synthetic images (opt-in)
+    prune_scope: str = "auto"           # "global": the MACs of the uniform ratio, removed where cheapest;
+                                        # "layer": the same ratio in every layer; auto: global when
+                                        # channels are chosen by output error, else layer
+    criterion: str = "auto"             # auto: output error on synthetic images, l1 without them
     channel_multiple: int = 1
     wbits: int | None = 8               # None: weights stay float
     abits: int | None = None            # None: activations stay float (weight-only output)
@@ -57,8 +60,10 @@ class Recipe:
     compensation: bool = True           # UDFC next-layer compensation for pruned channels
     scale_compensation: bool = False    # UDFC s~ for quantized channels (measured to hurt; off)
     bias_correction: bool = True
-    synthetic: int = 256                # synthetic images for fitting (0 = closed form only)
-    synthetic_steps: int = 80           # the generator's default: ~1 min for 256 CIFAR images on 2 cores
+    synthetic: int = 512                # synthetic images for fitting (0 = closed form only)
+    synthetic_steps: int = 80           # the generator's default: ~80 s for 512 CIFAR images on 2 cores
+    mirror: bool = True                 # fit on the synthetic images and their mirror images (4-D inputs)
+    joint_steps: int = 300              # Adam steps fitting each pruned group with its consumers (0 = off)
     seed: int = 0
     layers: dict[str, LayerOverride] = field(default_factory=dict)
     dynamic: DynamicConfig | None = None
@@ -82,12 +87,14 @@ class Recipe:
             raise UserError(f"criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
         if self.clip not in CLIPS:
             raise UserError(f"clip must be one of {', '.join(CLIPS)}, got {self.clip!r}")
-        if self.prune_scope not in ("layer", "global"):
-            raise UserError(f"prune_scope must be 'layer' or 'global', got {self.prune_scope!r}")
+        if self.prune_scope not in SCOPES:
+            raise UserError(f"prune_scope must be one of {', '.join(SCOPES)}, got {self.prune_scope!r}")
         if not isinstance(self.channel_multiple, int) or self.channel_multiple < 1:
             raise UserError(f"channel_multiple must be a positive integer, got {self.channel_multiple!r}")
         if not isinstance(self.synthetic, int) or self.synthetic < 0:
             raise UserError(f"synthetic must be a non-negative number of images, got {self.synthetic!r}")
+        if not isinstance(self.joint_steps, int) or self.joint_steps < 0:
+            raise UserError(f"joint_steps must be a non-negative number of steps, got {self.joint_steps!r}")
         for name, o in self.layers.items():
             _check_ratio(f"layers.{name}.prune", o.prune, allow_none=True)
             _check_bits(f"layers.{name}.wbits", o.wbits, allow_none=True)

@@ -14,6 +14,12 @@ output in the float network:
    columns not yet quantized;
 4. bias: refitted as ``ȳ − x̄ᵀŴ`` so the output mean is right.
 
+A pruned layer is first fitted together with its consumers (:func:`fit_region`):
+Adam moves the weights of both so the block's output (followed through a residual
+Add and its activation) matches the float network's, so the kept channels can carry
+what the removed ones did — least squares on the consumer alone can only recombine
+what is left.  The pruned layer's own target is then the output that fit gave it.
+
 All statistics are accumulated as Gram matrices, so memory is O(features²) per
 layer, whatever the number of images.
 """
@@ -27,7 +33,7 @@ import onnx_ir as ir
 import torch
 import torch.nn.functional as F
 
-from ..graph import Layer, analyse, attr
+from ..graph import Layer, analyse, attr, set_const, single_consumer
 from ..progress import ProgressFn, silent
 from ..quant import act_qparams, act_range_grid, weight_qmax, weight_scales
 from ..recipe import Recipe
@@ -39,6 +45,7 @@ RIDGE = 1e-3        # λ relative to the mean diagonal of the Gram matrix (plus 
 DAMP = 0.01         # GPTQ damping, relative to the mean diagonal
 CHUNK = 64          # images per forward pass
 MAX_ROWS = 131072   # feature rows per layer for the Gram statistics
+STATS_IMAGES = 512  # at most this many images (evenly spaced) for channel selection
 REF_CACHE_BYTES = 2e9  # keep all float reference outputs in memory below this
 
 
@@ -53,8 +60,15 @@ class _Stats:
 
 
 def fit_sequential(model: ir.Model, reference: ir.Model, layers: list[Layer], images: np.ndarray,
-                   recipe: Recipe, *, progress: ProgressFn = silent, kept: dict[str, np.ndarray] | None = None):
-    """``kept``: output channels kept by pruning, per layer name (the float targets are sliced to them)."""
+                   recipe: Recipe, *, progress: ProgressFn = silent, kept: dict[str, np.ndarray] | None = None,
+                   regions: dict[str, tuple[list[str], list[str]]] | None = None, joint_steps: int = 0):
+    """``kept``: output channels kept by pruning, per layer name (the float targets are sliced to them).
+
+    ``regions``: per pruned producer, the names of the layers carried with it
+    (depthwise) and of its consumers; with ``joint_steps`` > 0 each region is first
+    fitted jointly (:func:`fit_region`) and its producer and carried layers then keep
+    the outputs that fit gave them as their targets.
+    """
     from ..torchgraph import TorchGraph
 
     torch.manual_seed(recipe.seed)
@@ -67,33 +81,58 @@ def fit_sequential(model: ir.Model, reference: ir.Model, layers: list[Layer], im
     todo = [l for l in layers if not recipe.for_layer(l.name).skip and l.name in ref_layers]
     plan = activation_plan(layers, recipe)
     ref_outs = [ref_layers[l.name].node.outputs[0].name for l in todo]
+    by_name = {l.name: l for l in layers}
+    layer_nodes = {id(l.node) for l in layers}
+    own_target: set[str] = set()
     cached = {}
     if _bytes(reference, ref_outs, len(x_all)) < REF_CACHE_BYTES:
         with torch.no_grad():
             cached = _collect_many(ref_graph, x_all, ref_outs)
+
+    def _reference(name: str) -> torch.Tensor:
+        """The float network's output of layer ``name``, sliced to its kept channels."""
+        out = ref_layers[name].node.outputs[0].name
+        with torch.no_grad():
+            Y = cached[out] if out in cached else _collect(ref_graph, x_all, out, {})
+        if kept and name in kept:
+            idx = torch.from_numpy(kept[name])
+            Y = Y[..., idx] if by_name[name].op in ("Gemm", "MatMul") else Y[:, idx]
+        return Y
+
     for i, layer in enumerate(todo):
         progress("fit layers", i, len(todo))
         eff = recipe.for_layer(layer.name)
         graph = TorchGraph(model).eval()
         in_name = layer.node.inputs[0].name
-        ref_out = ref_layers[layer.name].node.outputs[0].name
         with torch.no_grad():
             X = _collect(graph, x_all, in_name, hooks)
-            Y = cached[ref_out] if ref_out in cached else _collect(ref_graph, x_all, ref_out, {})
-        if kept and layer.name in kept:
-            idx = torch.from_numpy(kept[layer.name])
-            Y = Y[..., idx] if layer.op in ("Gemm", "MatMul") else Y[:, idx]
         if in_name in plan and in_name not in acts:
             _set_range(in_name, X, plan[in_name], acts, hooks)
         if in_name in hooks:
             X = hooks[in_name](X)
+        if joint_steps > 0 and regions and layer.name in regions:
+            carried, consumers = regions[layer.name]
+            members = [layer] + [by_name[n] for n in carried + consumers]
+            targets = {}
+            for n in consumers:
+                if kept and n in kept:
+                    targets[by_name[n].node.outputs[0].name] = _reference(n)
+                    continue
+                name = _region_end(by_name[n].node.outputs[0], graph, in_name, layer_nodes)
+                with torch.no_grad():
+                    targets[name] = cached[name] if name in cached else _collect(ref_graph, x_all, name, {})
+            fit_region(model, X, in_name, members, targets, joint_steps, seed=recipe.seed)
+            own_target.update([layer.name, *carried])
+        if layer.name in own_target:
+            Y = _collect_after(TorchGraph(model).eval(), in_name, X, layer.node.outputs[0].name, hooks, x_all)
+        else:
+            Y = _reference(layer.name)
         fitted = fit_layer(layer, X, Y, eff.wbits, recipe)
         if fitted is not None:
             weights[layer.name] = fitted
         out_name = layer.output.name
         if out_name in plan and out_name not in acts:
-            with torch.no_grad():
-                out = _collect(TorchGraph(model).eval(), x_all, out_name, hooks)
+            out = _collect_after(TorchGraph(model).eval(), in_name, X, out_name, hooks, x_all)
             _set_range(out_name, out, plan[out_name], acts, hooks)
     progress("fit layers", len(todo), len(todo))
     return weights, acts
@@ -111,6 +150,18 @@ def _collect(graph, x_all: torch.Tensor, name: str, hooks) -> torch.Tensor:
     parts = [graph.run(x_all[s:s + CHUNK], capture=[name], stop_after={name}, hooks=hooks)[name]
              for s in range(0, len(x_all), CHUNK)]
     return torch.cat(parts)
+
+
+def _collect_after(graph, in_name: str, X: torch.Tensor, name: str, hooks, x_all: torch.Tensor) -> torch.Tensor:
+    """Value ``name`` computed from ``X`` (all images' value ``in_name``) when it depends on
+    nothing else (a layer's output from its input), else from the network input."""
+    with torch.no_grad():
+        try:
+            steps = graph.region([in_name], [name])
+        except KeyError:
+            return _collect(graph, x_all, name, hooks)
+        return torch.cat([graph.run_region({in_name: X[s:s + CHUNK]}, [name], steps, hooks)[name]
+                          for s in range(0, len(X), CHUNK)])
 
 
 def _collect_many(graph, x_all: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
@@ -291,24 +342,40 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, scale: torch.Tensor,
     return Q * s, Q
 
 
-def consumer_statistics(model: ir.Model, groups, images: np.ndarray) -> dict[str, list]:
-    """Per prune group, ``(H, W, block)`` of each consumer on the float model (for channel selection).
+@dataclass
+class GroupStats:
+    """What choosing a prune group's channels by output error needs (float model, synthetic images).
 
-    ``H``: centred Gram of the consumer's input features; ``W``: its weights as
-    (features x out), scaled by the BN after it so errors count in the space the
-    next layer sees; ``block``: features per channel of the group.
+    ``consumers``: per consumer ``(H, W, block)``: ``H`` the centred Gram of its input
+    features, ``W`` its weights as (features x out), scaled by the BN after it so errors
+    count in the space the next layer sees, ``block`` the features per channel.
+    ``energy``: centred energy, in the same rows as ``H``, of the values where the
+    consumers' outputs end up (after a residual Add and its activation), so an error in
+    a block whose skip path carries most of the signal counts for less.
     """
+
+    consumers: list[tuple[np.ndarray, np.ndarray, int]]
+    energy: float
+
+
+def consumer_statistics(model: ir.Model, groups, images: np.ndarray) -> dict[str, GroupStats]:
+    """:class:`GroupStats` per prune group whose consumers are all plain Conv/Gemm layers."""
     from ..torchgraph import TorchGraph
 
     graph = TorchGraph(model).eval()
-    x_all = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
-    out: dict[str, list] = {}
+    step = max(1, -(-len(images) // STATS_IMAGES))
+    x_all = torch.from_numpy(np.ascontiguousarray(images[::step], dtype=np.float32))
+    out: dict[str, GroupStats] = {}
+    layer_nodes = {id(l.node) for l in analyse(model).layers}
     for g in groups:
         entries = []
+        end_energy = 0.0
         for c in g.consumers:
             name = c.layer.node.inputs[0].name
+            end = _region_end(c.layer.node.outputs[0], graph, g.producer.node.inputs[0].name, layer_nodes)
             with torch.no_grad():
-                X = _collect(graph, x_all, name, {})
+                got = _collect_many(graph, x_all, [name, end])
+            X, V = got[name], got[end]
             probe = _features(c.layer, X[:1])
             w = c.layer.w_oc()
             if probe is None or probe.shape[1] != int(np.prod(w.shape[1:])):
@@ -321,6 +388,87 @@ def consumer_statistics(model: ir.Model, groups, images: np.ndarray) -> dict[str
                 W = W * (np.abs(p["gamma"]) / np.sqrt(p["var"] + p["eps"]))[None, :]
             block = W.shape[0] // g.channels
             entries.append((centred_gram(st).numpy(), W, block))
+            if c.layer.op in ("Gemm", "MatMul") or V.dim() < 3:
+                V = V.reshape(-1, V.shape[-1]).T.double()
+            else:
+                V = V.transpose(0, 1).reshape(V.shape[1], -1).double()
+            end_energy += float(((V - V.mean(1, keepdim=True)) ** 2).sum(0).mean()) * st.n
         if entries:
-            out[g.name] = entries
+            out[g.name] = GroupStats(entries, end_energy)
     return out
+
+
+# ------------------------------------------------------------- joint regions
+_ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Relu", "Clip", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid",
+                "HardSwish", "Tanh", "Elu", "Selu", "Softplus", "Gelu", "BatchNormalization"}
+
+
+def _region_end(value: ir.Value, graph, in_name: str, layer_nodes: set[int]) -> str:
+    """Follow ``value`` through single-use elementwise ops (a residual Add, the activation
+    after it) while the result stays computable from ``in_name`` alone: errors that the
+    activation then removes need not be fitted."""
+    while True:
+        node = single_consumer(value)
+        if node is None or node.op_type not in _ELEMENTWISE or id(node) in layer_nodes:
+            return value.name
+        try:
+            graph.region([in_name], [node.outputs[0].name])
+        except KeyError:
+            return value.name
+        value = node.outputs[0]
+
+
+def fit_region(model: ir.Model, x_in: torch.Tensor, in_name: str, layers: list[Layer],
+               targets: dict[str, torch.Tensor], steps: int, *, seed: int = 0,
+               batch: int = 32, lr: float = 3e-2) -> tuple[float, float]:
+    """Fit the weights of ``layers`` jointly so the region's outputs match ``targets``.
+
+    The region runs from the value ``in_name`` (fed with ``x_in``, the inputs the
+    compressed network gives it) to the values named in ``targets`` (float outputs of
+    the original network).  Every weight and bias of ``layers`` moves, so a pruned
+    producer's kept channels can carry what the removed ones did and the consumers
+    read it back; Adam on the normalised squared error, learning rate relative to each
+    tensor's RMS, cosine decay.  Returns (error before, error after) on all of
+    ``x_in``; the weights change only when the error went down.
+    """
+    from ..torchgraph import TorchGraph
+
+    graph = TorchGraph(model).eval()
+    for p in graph.parameters():
+        p.requires_grad_(False)
+    names = list(targets)
+    order = graph.region([in_name], names)
+    for layer in layers:
+        if layer.bias is None and layer.op != "MatMul":
+            layer.set_bias(np.zeros(layer.out_channels, np.float32))
+    values = [v for l in layers for v in (l.weight, l.bias) if v is not None]
+    start = {v.name: torch.from_numpy(np.array(v.const_value.numpy(), dtype=np.float32)) for v in values}
+    params = {n: t.clone().requires_grad_(True) for n, t in start.items()}
+    scale = {n: float(torch.sqrt((t ** 2).mean()).clamp_min(1e-8)) for n, t in start.items()}
+    opt = torch.optim.Adam([{"params": [params[n]], "lr": lr * scale[n]} for n in params])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
+    norm = {n: float((t.double() ** 2).mean().clamp_min(1e-12)) for n, t in targets.items()}
+
+    def loss_of(idx, feeds) -> torch.Tensor:
+        out = graph.run_region({in_name: x_in[idx], **feeds}, names, order)
+        return sum(((out[n] - targets[n][idx]) ** 2).mean() / norm[n] for n in names)
+
+    def full(feeds) -> float:
+        with torch.no_grad():
+            return sum(float(loss_of(torch.arange(s, min(s + CHUNK, len(x_in))), feeds)) *
+                       min(CHUNK, len(x_in) - s) for s in range(0, len(x_in), CHUNK)) / len(x_in)
+
+    before = full(start)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x_in), (min(batch, len(x_in)),), generator=gen)
+        opt.zero_grad()
+        loss_of(idx, params).backward()
+        opt.step()
+        sched.step()
+    fitted = {n: p.detach() for n, p in params.items()}
+    after = full(fitted)
+    if after < before:
+        for v in values:
+            set_const(v, fitted[v.name].numpy().astype(v.const_value.numpy().dtype))
+    return before, min(after, before)

@@ -57,27 +57,46 @@ def choose(scores: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(order[:keep]), np.sort(order[keep:])
 
 
-def global_keep(groups: list[PruneGroup], scores: dict[str, np.ndarray], ratio: float,
-                multiple: int = 1) -> dict[str, int]:
-    """Channels kept per group when ``ratio`` of all channels is removed by global rank.
+def channel_macs(group: PruneGroup) -> float:
+    """MACs per image one channel of ``group`` costs: its producer and carried depthwise
+    rows plus the consumers' input slices (1 where a shape is unknown)."""
+    total = 0.0
+    for layer in [group.producer] + group.depthwise:
+        m = layer.macs()
+        total += (m or 0) / max(layer.out_channels, 1)
+    for c in group.consumers:
+        m = c.layer.macs()
+        total += (m or 0) * c.stride / max(c.layer.in_channels, 1)
+    return total or 1.0
 
-    Scores are normalised by each layer's mean so layers of different scale compete
-    fairly; no layer loses more than 90 % of its channels.
+
+def global_allocation(groups: list[PruneGroup], curves: dict[str, np.ndarray], ratio: float,
+                      multiple: int = 1, cap: float = 0.9) -> dict[str, int]:
+    """Channels kept per group when pruning removes the MACs a uniform ``ratio`` would,
+    taken where they cost least.
+
+    ``curves[g]``: the cost of removing each next channel of group ``g`` (ascending
+    order of removal, comparable across groups).  Channels go one at a time, always the
+    cheapest per MAC saved, until the MACs saved reach the uniform plan's; no group loses
+    more than ``cap`` of its channels.
     """
-    entries = []
-    for g in groups:
-        s = scores[g.name]
-        entries += [(v / (s.mean() + 1e-12), g.name) for v in s]
-    total = len(entries)
-    n_remove = int(np.floor(ratio * total))
-    removed: dict[str, int] = {g.name: 0 for g in groups}
-    cap = {g.name: int(0.9 * g.channels) for g in groups}
-    for v, name in sorted(entries):
-        if n_remove == 0:
+    per_channel = {g.name: channel_macs(g) for g in groups}
+    budget = sum((g.channels - n_keep(g.channels, ratio)) * per_channel[g.name] for g in groups)
+    removed = {g.name: 0 for g in groups}
+    limit = {g.name: min(int(cap * g.channels), len(curves[g.name])) for g in groups}
+    saved = 0.0
+    while saved < budget - 1e-9:
+        best, best_cost = None, np.inf
+        for g in groups:
+            k = removed[g.name]
+            if k < limit[g.name]:
+                cost = curves[g.name][k] / per_channel[g.name]
+                if cost < best_cost:
+                    best, best_cost = g, cost
+        if best is None:
             break
-        if removed[name] < cap[name]:
-            removed[name] += 1
-            n_remove -= 1
+        removed[best.name] += 1
+        saved += per_channel[best.name]
     out = {}
     for g in groups:
         keep = g.channels - removed[g.name]
@@ -87,23 +106,40 @@ def global_keep(groups: list[PruneGroup], scores: dict[str, np.ndarray], ratio: 
     return out
 
 
+def score_curve(scores: np.ndarray) -> np.ndarray:
+    """Removal costs by a magnitude criterion: the scores in ascending order, relative to
+    the layer's mean so layers of different scale compete fairly."""
+    return np.sort(scores / (scores.mean() + 1e-12))
+
+
 def select_by_output(consumers: list[tuple[np.ndarray, np.ndarray, int]], channels: int, n_remove: int,
                      damp: float = 0.01) -> np.ndarray:
-    """Channels whose removal costs the consumers' outputs least (greedy structured OBS).
+    """Channels whose removal costs the consumers' outputs least (greedy structured OBS)."""
+    return np.sort(removal_order(consumers, channels, n_remove, damp)[0])
+
+
+def removal_order(consumers: list[tuple[np.ndarray, np.ndarray, int]], channels: int, n_remove: int,
+                  damp: float = 0.01, energy: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy structured OBS: channels in the order they go, and what each one costs.
 
     ``consumers``: per consumer ``(H, W, block)`` with ``H`` the centred Gram matrix of
     its input features on synthetic images, ``W`` (features x out) its weights and
     ``block`` the features per channel (kernel positions, or spatial positions after a
     Flatten).  Removing channel c and refitting the rest optimally raises the squared
     output error by ``tr(W_cᵀ [H⁻¹]_cc⁻¹ W_c)``; the cheapest channel goes, H⁻¹ and W
-    are updated as the refit would, and the search repeats.
+    are updated as the refit would, and the search repeats.  Costs are relative to the
+    consumers' output energy ``tr(Wᵀ H W)``, so groups can be compared.
     """
     state = []
+    own = 0.0
     for H, W, block in consumers:
         H = H.astype(np.float64).copy()
+        own += float(np.trace(W.T @ H @ W))
         H += damp * max(float(np.mean(np.diag(H))), 1e-12) * np.eye(len(H))
         state.append([np.linalg.inv(H), W.astype(np.float64).copy(), block])
+    energy = own if energy is None else energy
     removed: list[int] = []
+    costs: list[float] = []
     alive = np.ones(channels, dtype=bool)
     for _ in range(n_remove):
         cost = np.zeros(channels)
@@ -125,7 +161,8 @@ def select_by_output(consumers: list[tuple[np.ndarray, np.ndarray, int]], channe
             st[0], st[1] = Hinv, W
         alive[c] = False
         removed.append(c)
-    return np.sort(np.array(removed, dtype=np.int64))
+        costs.append(float(cost[c]) / max(energy, 1e-12))
+    return np.array(removed, dtype=np.int64), np.array(costs)
 
 
 # ------------------------------------------------------------- compensation
