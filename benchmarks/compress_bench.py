@@ -4,7 +4,8 @@
                                         [--configs 'p0-*,p0.3-w4a8/synthetic'] [--synthetic N]
 
 Settings: prune {0, 0.3, 0.5} x weight bits {8, 6, 4} x activation bits {float, 8},
-plus W4A4 without pruning.  Each setting is compressed three ways:
+plus W4A4 without pruning and the pruned float models (p0.3-float, p0.5-float: what
+pruning alone buys in speed).  Each setting is compressed three ways:
 
 * ``naive``     -- round to nearest, prune by l1 and drop the channels, nothing corrected
                    (``Recipe(synthetic=0, bias_correction=False, compensation=False)``);
@@ -66,11 +67,13 @@ LOAD_LIMIT = 2.0
 @dataclass(frozen=True)
 class Config:
     prune: float
-    wbits: int
+    wbits: int | None
     abits: int | None
 
     @property
     def name(self) -> str:
+        if self.wbits is None:
+            return f"p{self.prune:g}-float"
         return f"p{self.prune:g}-w{self.wbits}" + (f"a{self.abits}" if self.abits else "")
 
     def recipe(self, mode: str, synthetic: int, steps: int):
@@ -86,7 +89,7 @@ class Config:
 
 def all_configs() -> list[Config]:
     grid = [Config(p, w, a) for p in PRUNE for w in WBITS for a in ABITS]
-    return grid + [Config(0.0, 4, 4)]
+    return grid + [Config(0.0, 4, 4)] + [Config(p, None, None) for p in PRUNE if p > 0]
 
 
 def select(patterns: list[str] | None, quick: bool) -> list[tuple[Config, str]]:

@@ -110,6 +110,9 @@ def test_global_allocation_spends_the_uniform_budget_where_cheapest(resnet_group
     saved = sum((g.channels - keep[g.name]) * per[g.name] for g in groups)
     assert budget <= saved < budget + max(per.values())
     assert keep[cheap.name] == cheap.channels - int(0.9 * cheap.channels)   # up to the cap
+    aligned = prune.global_allocation(groups, curves, 0.3, multiple=8)
+    assert all(k % 8 == 0 for k in aligned.values())
+    assert sum((g.channels - aligned[g.name]) * per[g.name] for g in groups) >= budget
     # equal costs per channel: MACs decide, so the 32x32 stage loses more than the 8x8 one
     flat = prune.global_allocation(groups, {g.name: np.ones(g.channels) for g in groups}, 0.3)
     first, last = groups[0], groups[-1]

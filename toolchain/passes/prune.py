@@ -78,32 +78,35 @@ def global_allocation(groups: list[PruneGroup], curves: dict[str, np.ndarray], r
     ``curves[g]``: the cost of removing each next channel of group ``g`` (ascending
     order of removal, comparable across groups).  Channels go one at a time, always the
     cheapest per MAC saved, until the MACs saved reach the uniform plan's; no group loses
-    more than ``cap`` of its channels.
+    more than ``cap`` of its channels.  With ``multiple`` > 1, channels go ``multiple`` at
+    a time so every count stays a multiple the vector units like.
     """
     per_channel = {g.name: channel_macs(g) for g in groups}
     budget = sum((g.channels - n_keep(g.channels, ratio)) * per_channel[g.name] for g in groups)
     removed = {g.name: 0 for g in groups}
     limit = {g.name: min(int(cap * g.channels), len(curves[g.name])) for g in groups}
+
+    def chunk(g) -> int:
+        """Channels the group gives up next: whole ``multiple``s, so its count stays aligned."""
+        if multiple <= 1 or g.channels < multiple:
+            return 1
+        return (g.channels - removed[g.name]) % multiple or multiple
+
     saved = 0.0
     while saved < budget - 1e-9:
         best, best_cost = None, np.inf
         for g in groups:
-            k = removed[g.name]
-            if k < limit[g.name]:
-                cost = curves[g.name][k] / per_channel[g.name]
+            k, m = removed[g.name], chunk(g)
+            if k + m <= limit[g.name]:
+                cost = float(np.sum(curves[g.name][k:k + m])) / (m * per_channel[g.name])
                 if cost < best_cost:
                     best, best_cost = g, cost
         if best is None:
             break
-        removed[best.name] += 1
-        saved += per_channel[best.name]
-    out = {}
-    for g in groups:
-        keep = g.channels - removed[g.name]
-        if multiple > 1 and g.channels >= multiple:
-            keep = min(g.channels, int(np.ceil(keep / multiple)) * multiple)
-        out[g.name] = max(1, keep)
-    return out
+        m = chunk(best)
+        removed[best.name] += m
+        saved += m * per_channel[best.name]
+    return {g.name: max(1, g.channels - removed[g.name]) for g in groups}
 
 
 def score_curve(scores: np.ndarray) -> np.ndarray:
