@@ -104,7 +104,7 @@ def main() -> None:
     p.add_argument("--wbits", type=int, default=8)
     p.add_argument("--abits", type=int, default=8)
     # 0: ranges and corrections from the BN statistics alone, seconds on a CPU.  Fitting on
-    # synthetic images (the library default, 256 x 200 steps) takes far longer at 224x224.
+    # synthetic images (the library default, 512 x 80 steps) takes far longer at 224x224.
     p.add_argument("--synthetic", type=int, default=0, help="synthetic images for fitting (0 = closed form)")
     p.add_argument("--synthetic-steps", type=int, default=Recipe.synthetic_steps)
     args = p.parse_args()
