@@ -154,3 +154,17 @@ def test_dynamic_bad_options(tmp_path, resnet20_bn, bits, target, message):
                "--target-bits", target, *FAST)
     assert res.exit_code == 2 and message in res.output, res.output
     assert not (tmp_path / "d.onnx").exists()
+
+
+def test_input_shape_lets_symbolic_onnx_models_get_synthetic_images(tmp_path):
+    import zoo
+
+    sym = zoo.symbolic_spatial(zoo.conv_bn_relu_conv(), tmp_path)
+    args = ["compress", sym, "-o", tmp_path / "o.onnx", "--prune", "0.3", "--json",
+            "--synthetic", "8", "--synthetic-steps", "2", "--joint-steps", "5"]
+    res = _run(*args)
+    assert res.exit_code == 0, res.output
+    assert any("is symbolic" in n for n in json.loads(res.output)["notes"])
+    res = _run(*args, "--input-shape", "1,3,32,32")
+    assert res.exit_code == 0, res.output
+    assert any("8 synthetic images" in n for n in json.loads(res.output)["notes"])

@@ -99,7 +99,7 @@ def test_symbolic_spatial_size_needs_input_shape(folded_model):
 
     model = load(MODELS / "resnet20_folded.onnx")
     model.graph.inputs[0].shape = ir.Shape(["batch", 3, "h", "w"])
-    with pytest.raises(UserError, match="input size is symbolic: pass input_shape"):
+    with pytest.raises(UserError, match=r"input size \[batch, 3, h, w\] is symbolic: pass input_shape"):
         synth.generate(model, 2, steps=1, cache=False)
     s = synth.generate(model, 2, steps=1, cache=False, input_shape=(3, 16, 16))
     assert s.images.shape == (2, 3, 16, 16)
@@ -125,3 +125,31 @@ def test_model_with_hard_coded_batch_is_generated_in_chunks_it_accepts(tmp_path)
     model = load(path)
     s = synth.generate(model, 3, steps=2, batch_size=4, cache=False)
     assert s.images.shape == (3, 3, 8, 8) and s.targets.shape == (3, 3) and s.source == "bn-statistics"
+
+
+# ------------------------------------------------ models that are not BN classifiers
+def test_image_to_image_model_gets_images_without_class_targets(tmp_path):
+    import zoo
+
+    _, path = zoo.build("tconv_net", tmp_path)                   # output: a 3-channel image
+    s = synth.generate(load(path), 4, steps=2, cache=False)
+    assert s.images.shape == (4, 3, 32, 32) and np.isfinite(s.images).all()
+
+
+def test_compress_falls_back_to_the_closed_form_when_no_images_can_be_made(tmp_path):
+    import zoo
+    from datafree.toolchain.compress import compress
+    from datafree.toolchain.recipe import DynamicConfig, Recipe
+
+    small = dict(synthetic=8, synthetic_steps=2, joint_steps=5)
+    _, tokens = zoo.build("token_mlp", tmp_path)                 # no BN, output is not class scores
+    with pytest.raises(synth.CannotSynthesise, match="no BatchNormalization statistics"):
+        synth.generate(load(tokens), 2, steps=1, cache=False)
+    notes = compress(tokens, Recipe(wbits=8, **small)).summary.notes
+    assert any("closed form used" in n for n in notes), notes
+    with pytest.raises(UserError, match="dynamic precision needs synthetic images"):
+        compress(tokens, Recipe(dynamic=DynamicConfig(steps=2), **small))
+    sym = zoo.symbolic_spatial(zoo.conv_bn_relu_conv(), tmp_path)
+    assert any("is symbolic" in n for n in compress(sym, Recipe(prune=0.3, **small)).summary.notes)
+    fitted = compress(sym, Recipe(prune=0.3, **small), input_shape=(1, 3, 32, 32))
+    assert any("8 synthetic images" in n for n in fitted.summary.notes)

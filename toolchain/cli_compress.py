@@ -121,13 +121,15 @@ def run_compress(ctx: click.Context, params: dict, source) -> None:
 
     from .compress import compress
     from .render import print_summary, progress_bar
+    from .sources import parse_shape
 
     recipe = build_recipe(ctx, params)
+    input_shape = parse_shape(params["input_shape"])
     _check_paths(params["model"], params["output"], params["dry_run"])
     if params["dry_run"]:
         recipe = recipe.replace(synthetic=0, dynamic=None)
     with progress_bar(quiet=params["as_json"]) as progress:
-        result = compress(source, recipe, progress=progress)
+        result = compress(source, recipe, progress=progress, input_shape=input_shape)
         extra = result.summary.dynamic
     if not params["dry_run"]:
         save(result.model, params["output"], external_data=params["external_data"])

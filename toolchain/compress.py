@@ -22,7 +22,7 @@ import onnx_ir as ir
 
 from . import graph as G
 from . import ingest
-from .errors import NotCompressible, UserError
+from .errors import CannotSynthesise, NotCompressible, UserError
 from .passes import fold, prune, qdq, quantize
 from .progress import ProgressFn, silent
 from .recipe import METADATA_KEY, Recipe
@@ -96,12 +96,15 @@ def weight_bytes(model: ir.Model) -> int:
 
 # --------------------------------------------------------------------- main
 def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = silent,
-             images: np.ndarray | None = None) -> CompressResult:
+             images: np.ndarray | None = None, input_shape: tuple[int, ...] | None = None) -> CompressResult:
     """Compress ``source`` (path, ModelProto or ir.Model; never modified) as ``recipe`` says.
 
     ``images``: fit on these (N x input shape, preprocessed) instead of generating
     synthetic images: for measuring the synthetic path against real data, which the
     compressor itself never needs.  ``recipe.synthetic`` must then be > 0.
+    ``input_shape``: the input size synthetic images get where the model's is symbolic.
+    Where no synthetic images can be made (symbolic size and no ``input_shape``, no BN
+    statistics and no class output), the closed form is used and the summary says why.
     """
     recipe = recipe or Recipe()
     t_start = time.perf_counter()
@@ -140,8 +143,13 @@ def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = sil
     elif wants_fit:
         from .synth import generate
 
-        synthetic = generate(model, recipe.synthetic, steps=recipe.synthetic_steps, seed=recipe.seed,
-                             progress=progress)
+        try:
+            synthetic = generate(model, recipe.synthetic, steps=recipe.synthetic_steps, seed=recipe.seed,
+                                 input_shape=input_shape, progress=progress)
+        except CannotSynthesise as exc:
+            if recipe.dynamic is not None:
+                raise UserError(f"dynamic precision needs synthetic images: {exc}") from None
+            summary.notes.append(f"no synthetic images ({exc}): closed form used")
     if synthetic is not None:
         summary.notes.append((f"{len(synthetic.images)} images given by the caller" if synthetic.source == "caller"
                               else f"{recipe.synthetic} synthetic images ({synthetic.source})")

@@ -11,3 +11,7 @@ class UserError(Exception):
 
 class NotCompressible(UserError):
     """The model has nothing this tool can compress."""
+
+
+class CannotSynthesise(UserError):
+    """Synthetic inputs cannot be made for this model (compression falls back to the closed form)."""

@@ -55,7 +55,7 @@ import onnx_ir as ir
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
+from .errors import CannotSynthesise, UserError
 from .graph import analyse
 from .progress import ProgressFn, silent
 from .torchgraph import TorchGraph
@@ -127,10 +127,9 @@ def sample_shape(model: ir.Model, input_shape: tuple[int, ...] | None = None) ->
                     raise UserError(f"input_shape {tuple(input_shape)} does not match the model input "
                                     f"{_fmt(dims)}")
         return given
-    if dims is None:
-        raise UserError("input size is symbolic: pass input_shape")
-    if any(not isinstance(d, int) for d in dims[1:]):
-        raise UserError("input size is symbolic: pass input_shape")
+    if dims is None or any(not isinstance(d, int) for d in dims[1:]):
+        raise CannotSynthesise(f"input size {_fmt(dims) if dims is not None else '?'} is symbolic: "
+                               "pass input_shape (--input-shape)")
     return tuple(int(d) for d in dims[1:])
 
 
@@ -211,6 +210,13 @@ class _Generator:
         self.preacts = [] if self.bns else _conv_outputs(model)
         self.priors = BN_PRIORS if self.bns else OUTPUT_ONLY_PRIORS
         self.max_batch = _max_batch(self.net, model, shape)
+        with torch.no_grad():
+            probe = self.net.run(torch.zeros((1, *shape)), capture=[self.logits_name])[self.logits_name]
+        # class targets only where the output is one score per class (not an image, a sequence, boxes)
+        self.classifier = probe.numel() == self.num_classes
+        if not self.bns and not self.classifier:
+            raise CannotSynthesise("cannot make synthetic inputs: the model has no BatchNormalization statistics "
+                                   "and its output is not one score per class")
 
     # targets ---------------------------------------------------------------
     def targets(self, count: int, gen: torch.Generator, start: int) -> torch.Tensor:
@@ -247,7 +253,10 @@ class _Generator:
             hooks[name] = act_hook
         out = self.net.run(x, capture=[self.logits_name], hooks=hooks)
         logits = out[self.logits_name].reshape(x.shape[0], -1)
-        terms["ce"] = -(target * torch.log_softmax(logits, dim=1)).sum(dim=1).mean()
+        if self.classifier:
+            terms["ce"] = -(target * torch.log_softmax(logits, dim=1)).sum(dim=1).mean()
+        else:
+            terms["ce"] = x.new_zeros(())
         terms["tv"] = _total_variation(x)
         terms["l2"] = x.square().mean()
         mean, std = moments(x)
@@ -401,7 +410,7 @@ def _class_similarity(model: ir.Model) -> tuple[torch.Tensor, int]:
             w = F.normalize(w, dim=1)
             return w @ w.T, w.shape[0]
     if not isinstance(k, int):
-        raise UserError("cannot tell the number of classes: the first output has no static last axis")
+        raise CannotSynthesise("cannot tell the number of classes: the first output has no static last axis")
     return torch.eye(k), k
 
 
