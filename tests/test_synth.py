@@ -153,3 +153,22 @@ def test_compress_falls_back_to_the_closed_form_when_no_images_can_be_made(tmp_p
     assert any("is symbolic" in n for n in compress(sym, Recipe(prune=0.3, **small)).summary.notes)
     fitted = compress(sym, Recipe(prune=0.3, **small), input_shape=(1, 3, 32, 32))
     assert any("8 synthetic images" in n for n in fitted.summary.notes)
+
+
+def test_an_op_the_differentiable_copy_lacks_means_closed_form_not_failure(tmp_path):
+    import onnx
+    import zoo
+    from onnx import helper
+    from datafree.toolchain.compress import compress
+    from datafree.toolchain.recipe import Recipe
+
+    _, path = zoo.build("conv_bn_relu_conv", tmp_path)
+    proto = onnx.load(str(path))
+    relu = next(n for n in proto.graph.node if n.op_type == "Relu")
+    out, relu.output[0] = relu.output[0], relu.output[0] + "_pre"
+    proto.graph.node.insert(list(proto.graph.node).index(relu) + 1,
+                            helper.make_node("LRN", [out + "_pre"], [out], size=3, name="lrn"))
+    onnx.save(proto, str(tmp_path / "lrn.onnx"))
+    result = compress(tmp_path / "lrn.onnx", Recipe(wbits=8, abits=8, synthetic=8, synthetic_steps=2))
+    assert any("LRN" in n and "closed form used" in n for n in result.summary.notes)
+    assert np.isfinite(zoo.run(result.model, zoo.images(2))).all()

@@ -102,7 +102,13 @@ def generate(model: ir.Model, n: int, *, steps: int = DEFAULT_STEPS, seed: int =
         if cached is not None:
             progress(STAGE, n, n)
             return cached
-    result = _Generator(model, shape).run(n, steps=steps, seed=seed, batch_size=batch_size, progress=progress)
+    try:
+        generator = _Generator(model, shape)
+    except CannotSynthesise:
+        raise
+    except UserError as exc:  # an op the differentiable copy does not know
+        raise CannotSynthesise(str(exc)) from None
+    result = generator.run(n, steps=steps, seed=seed, batch_size=batch_size, progress=progress)
     if path is not None:
         _save(path, result)
     return result
