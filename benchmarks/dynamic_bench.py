@@ -63,7 +63,7 @@ def main() -> None:
     fp_correct = _run(fp_model, dev.x, [fp_name])[fp_name].argmax(axis=1) == dev.labels
     fp_acc = float(fp_correct.mean())
 
-    lines = [f"# Dynamic precision on ResNet-20 (CIFAR-10)", "",
+    lines = ["# Dynamic precision on ResNet-20 (CIFAR-10)", "",
              f"Dev images: `{DEV.relative_to(ROOT.parent) if DEV == SHARED else DEV.relative_to(ROOT)}` "
              f"({len(dev.x)}), float model {100 * fp_acc:.2f} %.  Candidates 4/6/8 bits (weights and the "
              f"layer's input activations), three stage groups, stem at 8 bits.  Synthetic set: "

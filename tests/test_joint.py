@@ -12,7 +12,7 @@ import zoo
 from datafree.toolchain import graph as G
 from datafree.toolchain.compress import _fitting_set, compress, plan_pruning
 from datafree.toolchain.errors import UserError
-from datafree.toolchain.ingest import load, to_ir
+from datafree.toolchain.ingest import load
 from datafree.toolchain.passes import fit, fold, prune
 from datafree.toolchain.recipe import Recipe
 from datafree.toolchain.torchgraph import TorchGraph

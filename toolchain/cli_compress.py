@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
 from .errors import UserError
-from .recipe import CRITERIA, FLOAT, SCOPES, DynamicConfig, Recipe
+from .recipe import CRITERIA, FLOAT, SCOPES, Recipe
 
 # CLI option name -> recipe field
 _FIELDS = {
