@@ -174,3 +174,14 @@ def test_joint_fit_runs_through_depthwise_groups(tmp_path):
     out = sess.run(None, {sess.get_inputs()[0].name: x})[0]
     assert np.isfinite(out).all()
     assert result.summary.totals["macs_after"] < result.summary.totals["macs_before"]
+
+
+def test_fitting_set_is_thinned_to_the_memory_budget(resnet_groups):
+    model, a = resnet_groups
+    x = zoo.images(10, (3, 32, 32))
+    assert fit.fitting_budget(model, a.layers, x) is x
+    per_image = 4 * 16 * 32 * 32                            # the largest layer input: 16 x 32 x 32
+    small = fit.fitting_budget(model, a.layers, x, budget=4 * per_image)
+    assert len(small) == 4
+    np.testing.assert_array_equal(small[0], x[0])
+    np.testing.assert_array_equal(small[-1], x[-1])

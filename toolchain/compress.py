@@ -155,6 +155,13 @@ def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = sil
                               else f"{recipe.synthetic} synthetic images ({synthetic.source})")
                              + (", fitted with their mirror images" if _mirrorable(synthetic.images, recipe) else ""))
         fit_images = _fitting_set(synthetic.images, recipe)
+        from .passes.fit import fitting_budget
+
+        fitted = fitting_budget(model, analysis.layers, fit_images)
+        if len(fitted) < len(fit_images):
+            summary.notes.append(f"fitting on {len(fitted)} of {len(fit_images)} images: the largest layer "
+                                 "input over all of them would not fit in memory")
+            fit_images = fitted
     timings["synthetic"] = time.perf_counter() - t
     # INT4 tensors need opset 21 (after generation, so its cache key is the user's model)
     if _needs_opset21(recipe, [l.name for l in analysis.layers]) and ingest.opset_of(model) < 21:
@@ -192,8 +199,8 @@ def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = sil
             fold.fold_batchnorm(layer)
     weights, acts = {}, {}
     if recipe.dynamic is not None:
-        return _finish_dynamic(model, reference, analysis, synthetic, recipe, plans, before, macs_before,
-                               bytes_before, summary, timings, t_start, progress)
+        return _finish_dynamic(model, reference, analysis, synthetic, fit_images, recipe, plans, before,
+                               macs_before, bytes_before, summary, timings, t_start, progress)
     if synthetic is not None:
         from .passes.fit import fit_sequential
 
@@ -237,7 +244,7 @@ def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = sil
     return CompressResult(model=model, summary=summary, recipe=recipe)
 
 
-def _finish_dynamic(model, reference, analysis, synthetic, recipe: Recipe, plans, before, macs_before,
+def _finish_dynamic(model, reference, analysis, synthetic, fit_images, recipe: Recipe, plans, before, macs_before,
                     bytes_before, summary: Summary, timings, t_start, progress) -> CompressResult:
     """Dynamic precision: refit what pruning changed (in float), then the selector pass."""
     from .passes.dynamic import apply_dynamic
@@ -246,7 +253,7 @@ def _finish_dynamic(model, reference, analysis, synthetic, recipe: Recipe, plans
     if synthetic is not None and plans:
         from .passes.fit import fit_sequential
 
-        fit_sequential(model, reference, analysis.layers, _fitting_set(synthetic.images, recipe),
+        fit_sequential(model, reference, analysis.layers, fit_images,
                        recipe.replace(wbits=None, abits=None, layers={}), progress=progress,
                        kept=_kept_channels(plans), regions=_regions(plans), joint_steps=recipe.joint_steps)
     for layer in analysis.layers:

@@ -47,6 +47,7 @@ CHUNK = 64          # images per forward pass
 MAX_ROWS = 131072   # feature rows per layer for the Gram statistics
 STATS_IMAGES = 512  # at most this many images (evenly spaced) for channel selection
 REF_CACHE_BYTES = 2e9  # keep all float reference outputs in memory below this
+FIT_BYTES = 1.5e9   # at most this much for one layer's input over the whole fitting set
 
 
 @dataclass
@@ -136,6 +137,23 @@ def fit_sequential(model: ir.Model, reference: ir.Model, layers: list[Layer], im
             _set_range(out_name, out, plan[out_name], acts, hooks)
     progress("fit layers", len(todo), len(todo))
     return weights, acts
+
+
+def fitting_budget(model: ir.Model, layers: list[Layer], images: np.ndarray,
+                   budget: float = FIT_BYTES) -> np.ndarray:
+    """``images``, or an evenly spaced subset of them small enough that the largest layer
+    input over the whole set stays within ``budget`` bytes (fitting holds one at a time)."""
+    from ..torchgraph import TorchGraph
+
+    names = sorted({l.node.inputs[0].name for l in layers} | {l.output.name for l in layers})
+    with torch.no_grad():
+        got = TorchGraph(model).eval().run(torch.from_numpy(np.ascontiguousarray(images[:1])), capture=names)
+    per_image = max((4.0 * v.numel() for v in got.values() if v.is_floating_point()), default=0.0)
+    keep = int(budget // per_image) if per_image else len(images)
+    if keep >= len(images):
+        return images
+    idx = np.linspace(0, len(images) - 1, max(keep, 1)).round().astype(np.int64)
+    return np.ascontiguousarray(images[idx])
 
 
 def _set_range(name: str, x: torch.Tensor, bits: int, acts: dict, hooks: dict) -> None:
