@@ -10,7 +10,7 @@ on the images before them (held out for all rows).  Per config, four ways:
 * ``closed``         -- no images: UDFC closed form + data-free bias correction;
 * ``least squares``  -- synthetic images, each layer refitted by least squares alone
                         (``joint_steps=0``), channels by l1, the same ratio in every layer,
-                        no mirror images: the fitting this tool had before joint fitting;
+                        no augmented copies: the fitting this tool had before joint fitting;
 * ``synthetic``      -- the default recipe: synthetic images only;
 * ``real``           -- the default recipe with the real fitting images in place of the
                         synthetic ones (``compress(..., images=...)``), the reference.
@@ -78,7 +78,7 @@ def main() -> None:
     modes = {
         "closed": lambda b: (Recipe(**b, synthetic=0), None),
         "least squares": lambda b: (Recipe(**b, joint_steps=0, criterion="l1", prune_scope="layer",
-                                           mirror=False), None),
+                                           augment=False), None),
         "synthetic": lambda b: (Recipe(**b), None),
         "real": lambda b: (Recipe(**b), x_real),
     }
@@ -103,7 +103,7 @@ def main() -> None:
         f"Run {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC. Top-1 on the first {len(x_eval)} images of "
         f"`{images.name}` (FP32 {100 * fp:.1f} %); the real mode fits on the last {args.real}, which no row is "
         f"scored on. Synthetic: {defaults.synthetic} images, {defaults.synthetic_steps} generator steps "
-        "(mirror images added unless the mode says otherwise). Wall time is `compress()` with the synthetic "
+        "(mirrored and shifted copies added unless the mode says otherwise). Wall time is `compress()` with the synthetic "
         "images read from the cache.", "",
         "| config | mode | top-1 | Δ FP32 | MMACs | wall s |", "|---|---|---|---|---|---|",
     ]

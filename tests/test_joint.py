@@ -146,12 +146,18 @@ def test_auto_scope_allocates_globally_only_with_output_statistics(resnet_groups
     assert plan_pruning(a, recipe.replace(prune_scope="layer"), stats)[0].keep.size == 12
 
 
-def test_mirror_doubles_image_sets_only():
-    x = zoo.images(4, (3, 8, 8))
-    both = _fitting_set(x, Recipe())
-    assert both.shape == (8, 3, 8, 8)
-    np.testing.assert_array_equal(both[4:], x[..., ::-1])
-    assert _fitting_set(x, Recipe(mirror=False)) is x
+def test_augmentation_mirrors_and_shifts_image_sets_only():
+    x = zoo.images(4, (3, 20, 20))
+    got = _fitting_set(x, Recipe())
+    assert got.shape == (16, 3, 20, 20)
+    np.testing.assert_array_equal(got[:4], x)
+    np.testing.assert_array_equal(got[4:8], x[..., ::-1])
+    both = got[:8]
+    for shifted, src in zip(got[8:], both):                  # each a shift of its source by <= 2 px
+        assert any(np.array_equal(shifted[:, 2:-2, 2:-2], np.roll(src, (dy, dx), axis=(1, 2))[:, 2:-2, 2:-2])
+                   for dy in range(-2, 3) for dx in range(-2, 3))
+    np.testing.assert_array_equal(_fitting_set(x, Recipe()), got)   # seeded
+    assert _fitting_set(x, Recipe(augment=False)) is x
     tokens = np.zeros((4, 16), np.float32)
     assert _fitting_set(tokens, Recipe()) is tokens
 

@@ -13,7 +13,7 @@ from .recipe import CRITERIA, FLOAT, SCOPES, Recipe
 # CLI option name -> recipe field
 _FIELDS = {
     "prune": "prune", "prune_scope": "prune_scope", "criterion": "criterion",
-    "joint_steps": "joint_steps", "mirror": "mirror",
+    "joint_steps": "joint_steps", "augment": "augment",
     "channel_multiple": "channel_multiple", "wbits": "wbits", "abits": "abits", "clip": "clip",
     "compensation": "compensation", "bias_correction": "bias_correction",
     "scale_compensation": "scale_compensation", "synthetic": "synthetic",
@@ -63,8 +63,8 @@ def compress_options(f):
         click.option("--synthetic-steps", type=int, default=Recipe.synthetic_steps, show_default=True),
         click.option("--joint-steps", type=int, default=Recipe.joint_steps, show_default=True,
                      help="Steps fitting each pruned layer jointly with its consumers (0: least squares only)."),
-        click.option("--mirror/--no-mirror", default=Recipe.mirror, show_default=True,
-                     help="Also fit on the mirror images of the synthetic images."),
+        click.option("--augment/--no-augment", default=Recipe.augment, show_default=True,
+                     help="Also fit on mirrored and shifted copies of the synthetic images."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--int4/--no-int4", default=True, show_default=True,
                      help="Store <= 4-bit weights packed as INT4 (opset 21)."),

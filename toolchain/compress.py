@@ -153,7 +153,7 @@ def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = sil
     if synthetic is not None:
         summary.notes.append((f"{len(synthetic.images)} images given by the caller" if synthetic.source == "caller"
                               else f"{recipe.synthetic} synthetic images ({synthetic.source})")
-                             + (", fitted with their mirror images" if _mirrorable(synthetic.images, recipe) else ""))
+                             + (", fitted with mirrored and shifted copies" if _augmentable(synthetic.images, recipe) else ""))
         fit_images = _fitting_set(synthetic.images, recipe)
         from .passes.fit import fitting_budget
 
@@ -406,16 +406,26 @@ def _kept_channels(plans: list[prune.PrunePlan]) -> dict[str, np.ndarray]:
     return kept
 
 
-def _mirrorable(images: np.ndarray, recipe: Recipe) -> bool:
-    return recipe.mirror and images.ndim == 4
+def _augmentable(images: np.ndarray, recipe: Recipe) -> bool:
+    return recipe.augment and images.ndim == 4
 
 
 def _fitting_set(images: np.ndarray, recipe: Recipe) -> np.ndarray:
-    """The synthetic images, and their left-right mirror images when the recipe asks: twice
-    the fitting data for free (image models see mirrored scenes as the same kind of input)."""
-    if not _mirrorable(images, recipe):
+    """The synthetic images, with (when the recipe asks) their left-right mirror images and
+    a copy of both shifted by a few pixels (reflected at the border): four times the
+    fitting data without generating more (image models see such copies as the same kind
+    of input).  Shifts are seeded by the recipe."""
+    if not _augmentable(images, recipe):
         return images
-    return np.ascontiguousarray(np.concatenate([images, images[..., ::-1]]))
+    both = np.concatenate([images, images[..., ::-1]])
+    h, w = both.shape[2:]
+    r = max(1, min(h, w) // 10)
+    rng = np.random.default_rng(recipe.seed)
+    padded = np.pad(both, ((0, 0), (0, 0), (r, r), (r, r)), mode="reflect" if min(h, w) > r else "edge")
+    shifted = np.empty_like(both)
+    for i, (dy, dx) in enumerate(rng.integers(-r, r + 1, size=(len(both), 2))):
+        shifted[i] = padded[i, :, r + dy:r + dy + h, r + dx:r + dx + w]
+    return np.ascontiguousarray(np.concatenate([both, shifted]))
 
 
 def _regions(plans: list[prune.PrunePlan]) -> dict[str, tuple[list[str], list[str]]]:

@@ -60,9 +60,9 @@ class Recipe:
     compensation: bool = True           # UDFC next-layer compensation for pruned channels
     scale_compensation: bool = False    # UDFC s~ for quantized channels (measured to hurt; off)
     bias_correction: bool = True
-    synthetic: int = 512                # synthetic images for fitting (0 = closed form only)
-    synthetic_steps: int = 80           # the generator's default: ~80 s for 512 CIFAR images on 2 cores
-    mirror: bool = True                 # fit on the synthetic images and their mirror images (4-D inputs)
+    synthetic: int = 256                # synthetic images for fitting (0 = closed form only)
+    synthetic_steps: int = 80           # the generator's default: ~40 s for 256 CIFAR images on 2 cores
+    augment: bool = True                # also fit on mirrored and shifted copies (4-D image inputs)
     joint_steps: int = 300              # Adam steps fitting each pruned group with its consumers (0 = off)
     seed: int = 0
     layers: dict[str, LayerOverride] = field(default_factory=dict)
