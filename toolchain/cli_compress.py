@@ -40,7 +40,8 @@ def compress_options(f):
         click.option("--recipe", "recipe_file", type=click.Path(path_type=Path),
                      help="Recipe file (TOML or JSON); options given on the command line override it."),
         click.option("--prune", type=float, default=0.0, show_default=True,
-                     help="Ratio of prunable channels to remove, in [0, 1)."),
+                     help="Ratio of each prunable layer's channels to remove, in [0, 1) (global scope: as "
+                          "many MACs, taken where they cost least)."),
         click.option("--prune-scope", type=click.Choice(list(SCOPES)), default=Recipe.prune_scope, show_default=True,
                      help="global: remove the MACs --prune would remove from every layer, where they cost least; "
                           "layer: the same ratio in every layer (auto: global when channels are chosen by output "
