@@ -159,3 +159,29 @@ def test_scale_compensation_is_applied_when_asked(tmp_path):
     w_plain = second_w(plain).producer().inputs[1].const_value.numpy()
     w_scaled = second_w(scaled).producer().inputs[1].const_value.numpy()
     assert not np.array_equal(w_plain, w_scaled)
+
+
+def test_per_channel_constants_are_sliced_right_at_high_ratios(tmp_path):
+    """A per-channel scale after the activation (layer-scale style) loses exactly the pruned channels."""
+    from torch import nn
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.b1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+            self.register_buffer("scale", torch.linspace(0.5, 2.0, 16).reshape(1, 16, 1, 1))
+            self.c2 = nn.Conv2d(16, 8, 3, padding=1)
+
+        def forward(self, x):
+            return self.c2(torch.relu(self.b1(self.c1(x))) * self.scale)
+
+    module = zoo.randomize(Scaled(), seed=4).eval()
+    path = zoo.export_model(module, tmp_path, "scaled")
+    for ratio in (0.3, 0.5, 0.75):
+        result = compress(path, Recipe(prune=ratio, wbits=None, compensation=False, synthetic=0))
+        mul = next(n for n in result.model.graph if n.op_type == "Mul")
+        kept = 16 - int(np.floor(ratio * 16 + 1e-9))
+        scale = next(v for v in mul.inputs if v.const_value is not None).const_value.numpy().reshape(-1)
+        assert scale.shape == (kept,)
+        assert np.isin(scale, np.linspace(0.5, 2.0, 16, dtype=np.float32)).all()
+        assert zoo.run(result.model, zoo.images(2)).shape == (2, 8, 32, 32)

@@ -379,6 +379,8 @@ def _step(group, node, idx, value, stride, C, by_node, tracked, frontier) -> str
     layer = by_node.get(id(node))
     if node.domain not in ("", "ai.onnx"):
         return f"channels feed custom op {where}"
+    if layer is not None and idx == 0 and _channels_last(group) and layer.kind not in ("gemm", "matmul"):
+        return f"channels (last axis) feed {layer.kind} layer {where}"
     if layer is not None and idx == 0:
         if layer.kind == "depthwise" and stride == 1 and layer.out_channels == C:
             group.depthwise.append(layer)
@@ -396,6 +398,8 @@ def _step(group, node, idx, value, stride, C, by_node, tracked, frontier) -> str
             group.consumers.append(Consumer(layer, stride))
             return None
         return f"channels feed {layer.kind} layer {where}"
+    if op == "BatchNormalization" and _channels_last(group):
+        return f"channels (last axis) feed {where}, which normalises axis 1"
     if op == "BatchNormalization" and idx == 0 and all(const_array(x) is not None for x in node.inputs[1:5]):
         group.members.append(node)
         return _follow(node, stride, tracked, frontier)
@@ -411,6 +415,8 @@ def _step(group, node, idx, value, stride, C, by_node, tracked, frontier) -> str
         if const_array(other) is not None:
             return _const_operand(group, node, other_idx, C, stride, tracked, frontier)
         return f"channels meet another tensor in {where} (residual: channels tied across layers)"
+    if _channels_last(group):
+        return f"channels (last axis) feed {where}"
     if stride == 1 and op in SPATIAL_OPS and idx == 0:
         return _follow(node, stride, tracked, frontier)
     if stride == 1 and op in ("ReduceMean", "ReduceMax", "ReduceSum") and idx == 0:
@@ -454,10 +460,26 @@ def _follow(node, stride, tracked, frontier) -> None:
     return None
 
 
+def _channels_last(group: PruneGroup) -> bool:
+    """A MatMul producer with a rank >= 3 output keeps its channels on the last axis
+    ([N, tokens, C]), where the rules for [N, C, ...] do not hold."""
+    if group.producer.kind != "matmul":
+        return False
+    shape = static_shape(group.producer.node.outputs[0])
+    return shape is not None and len(shape) >= 3
+
+
 def _const_operand(group, node, other_idx, C, stride, tracked, frontier):
     arr = const_array(node.inputs[other_idx])
     if arr.size == 1:
         return _follow(node, stride, tracked, frontier)
+    if _channels_last(group):
+        if arr.shape[-1] == C and sum(d != 1 for d in arr.shape) == 1:
+            group.members.append(node)
+            return _follow(node, stride, tracked, frontier)
+        if arr.shape[-1] == 1:
+            return _follow(node, stride, tracked, frontier)
+        return f"constant operand of {node.op_type} {node.name!r} does not broadcast per channel"
     if stride == 1 and arr.ndim >= 1:
         out_rank = len(static_shape(node.outputs[0]) or ())
         # channel axis is 1 of the output (rank >= 2); a constant of rank r aligns to the right

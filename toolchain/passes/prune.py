@@ -221,12 +221,13 @@ def set_consumer_in_weight(c: Consumer, w: np.ndarray) -> None:
 def apply(plan: PrunePlan) -> None:
     """Physically remove ``plan.pruned`` from every member of the group."""
     g, keep = plan.group, plan.keep
+    channels = g.channels                      # before slicing: per-channel constants still have them all
     _slice_out(g.producer, keep)
     for dw in g.depthwise:
         _slice_out(dw, keep)
         dw.node.attributes["group"] = _int_attr("group", len(keep))
     for node in g.members:
-        _slice_member(node, keep, g)
+        _slice_member(node, keep, channels)
     for c in g.consumers:
         w = consumer_in_weight(c)[:, keep]
         set_consumer_in_weight(c, w)
@@ -247,10 +248,12 @@ def _slice_out(layer: Layer, keep: np.ndarray) -> None:
             set_const(v, const_array(v)[keep])
     for node in layer.act:
         if node.op_type == "PRelu":
-            _slice_member(node, keep, None)
+            _slice_member(node, keep)
 
 
-def _slice_member(node, keep: np.ndarray, group: PruneGroup | None) -> None:
+def _slice_member(node, keep: np.ndarray, channels: int | None = None) -> None:
+    """Slice a member's per-channel constants to ``keep`` (``channels``: the group's count
+    before pruning; constants with a multiple of it hold that many features per channel)."""
     if node.op_type == "BatchNormalization":
         for v in node.inputs[1:5]:
             set_const(v, const_array(v)[keep])
@@ -259,7 +262,7 @@ def _slice_member(node, keep: np.ndarray, group: PruneGroup | None) -> None:
         shape = np.array([0, -1], dtype=np.int64)
         node.replace_input_with(1, add_initializer(node.graph, node.inputs[1].name + "_pruned", shape))
         return
-    C = group.channels if group is not None else None
+    C = channels
     for i, v in enumerate(node.inputs):
         arr = const_array(v)
         if arr is None or arr.size == 1:
