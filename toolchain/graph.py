@@ -189,6 +189,13 @@ class UniqueNames:
         self.taken = set(graph.initializers) | {v.name for n in graph for v in n.outputs} | \
             {v.name for v in graph.inputs}
 
+    @classmethod
+    def avoiding(cls, taken) -> "UniqueNames":
+        """Fresh names avoiding ``taken`` (for graphs held as protos)."""
+        names = cls.__new__(cls)
+        names.taken = set(taken)
+        return names
+
     def __call__(self, base: str) -> str:
         name, i = base, 1
         while name in self.taken:

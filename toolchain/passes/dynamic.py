@@ -60,7 +60,7 @@ from onnx import TensorProto, helper, numpy_helper
 from datafree.ops import domain, functions, reference, schemas
 
 from ..errors import NotCompressible, UserError
-from ..graph import Layer, analyse
+from ..graph import Layer, UniqueNames, analyse
 from ..progress import ProgressFn, silent
 from ..quant import act_qparams, quantize_weight, weight_scales
 from ..recipe import DynamicConfig
@@ -278,14 +278,7 @@ class _Writer:
         self.inits: list[onnx.TensorProto] = []
         taken = {v for n in self.graph.node for v in (*n.input, *n.output)}
         taken |= {i.name for i in self.graph.initializer} | {i.name for i in self.graph.input}
-        self._taken = taken
-
-    def name(self, base: str) -> str:
-        name, i = base, 1
-        while name in self._taken:
-            name, i = f"{base}_{i}", i + 1
-        self._taken.add(name)
-        return name
+        self.name = UniqueNames.avoiding(taken)
 
     def const(self, base: str, array: np.ndarray) -> str:
         name = self.name(base)
