@@ -136,7 +136,7 @@ def test_auto_scope_allocates_globally_only_with_output_statistics(resnet_groups
     recipe = Recipe(prune=0.3)
     uniform = plan_pruning(a, recipe)
     assert {len(p.keep) for p in uniform} == {12, 23, 45}     # 16, 32, 64 channels less floor(30 %)
-    stats = fit.consumer_statistics(model, a.prunable, zoo.images(8, (3, 32, 32)))
+    stats = fit.consumer_statistics(model, a.prunable, zoo.images(8, (3, 32, 32)), a.layers)
     assert set(stats) == {g.name for g in a.prunable} and all(s.energy > 0 for s in stats.values())
     planned = plan_pruning(a, recipe, stats)
     per = {p.group.name: prune.channel_macs(p.group) for p in planned}

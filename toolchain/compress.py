@@ -178,7 +178,7 @@ def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = sil
             any(recipe.for_layer(g.name).prune for g in analysis.prunable):
         from .passes.fit import consumer_statistics
 
-        output_stats = consumer_statistics(model, analysis.prunable, fit_images)
+        output_stats = consumer_statistics(model, analysis.prunable, fit_images, analysis.layers)
     elif recipe.criterion == "output":
         summary.notes.append("criterion 'output' needs synthetic images: l1 used instead")
     plans = plan_pruning(analysis, recipe, output_stats)
@@ -229,15 +229,20 @@ def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = sil
             wbits=wq.bits if wq else None, abits=aq.bits if aq else None,
             macs_before=m0, macs_after=_macs_after(layer, m0, before), params_before=p0,
             params_after=_params_after(layer, wq), note="skipped by recipe" if eff.skip else ""))
-    macs_after = sum(r.macs_after for r in summary.rows if r.macs_after is not None)
+    model.metadata_props[LAYERS_KEY] = json.dumps(per_layer, sort_keys=True)
+    return _finish(model, recipe, summary, macs_before, bytes_before, timings, t_start)
+
+
+def _finish(model: ir.Model, recipe: Recipe, summary: Summary, macs_before, bytes_before, timings,
+            t_start: float) -> CompressResult:
+    """Totals from the summary rows, the recipe and version in the metadata, timings."""
     summary.totals = {
         "params_before": sum(r.params_before for r in summary.rows),
         "params_after": sum(r.params_after for r in summary.rows),
-        "macs_before": macs_before, "macs_after": macs_after,
+        "macs_before": macs_before, "macs_after": sum(r.macs_after or 0 for r in summary.rows),
         "weight_bytes_before": bytes_before, "weight_bytes_after": weight_bytes(model),
     }
     model.metadata_props[METADATA_KEY] = recipe.to_json()
-    model.metadata_props[LAYERS_KEY] = json.dumps(per_layer, sort_keys=True)
     model.metadata_props[VERSION_KEY] = _version()
     timings["total"] = time.perf_counter() - t_start
     summary.timings = {k: round(v, 3) for k, v in timings.items()}
@@ -265,17 +270,7 @@ def _finish_dynamic(model, reference, analysis, synthetic, fit_images, recipe: R
     model, summary.dynamic = apply_dynamic(model, recipe.dynamic, synthetic=synthetic, progress=progress,
                                            seed=recipe.seed)
     timings["dynamic"] = time.perf_counter() - t
-    summary.totals = {
-        "params_before": sum(r.params_before for r in summary.rows),
-        "params_after": sum(r.params_after for r in summary.rows),
-        "macs_before": macs_before, "macs_after": sum(r.macs_after or 0 for r in summary.rows),
-        "weight_bytes_before": bytes_before, "weight_bytes_after": weight_bytes(model),
-    }
-    model.metadata_props[METADATA_KEY] = recipe.to_json()
-    model.metadata_props[VERSION_KEY] = _version()
-    timings["total"] = time.perf_counter() - t_start
-    summary.timings = {k: round(v, 3) for k, v in timings.items()}
-    return CompressResult(model=model, summary=summary, recipe=recipe)
+    return _finish(model, recipe, summary, macs_before, bytes_before, timings, t_start)
 
 
 def _version() -> str:
@@ -359,11 +354,11 @@ def plan_pruning(analysis: G.Analysis, recipe: Recipe,
         n_remove = g.channels - keep_n[g.name]
         if n_remove <= 0:
             continue
-        if g.name in orders:
-            pruned = np.sort(orders[g.name][:n_remove])
-            keep = np.setdiff1d(np.arange(g.channels), pruned)
-        elif output_stats and g.name in output_stats:
-            pruned = prune.select_by_output(output_stats[g.name].consumers, g.channels, n_remove)
+        if output_stats and g.name in output_stats:
+            order = orders.get(g.name)
+            if order is None:
+                order = prune.removal_order(output_stats[g.name].consumers, g.channels, n_remove)[0]
+            pruned = np.sort(order[:n_remove])
             keep = np.setdiff1d(np.arange(g.channels), pruned)
         else:
             keep, pruned = prune.choose(scores[g.name], keep_n[g.name])

@@ -90,11 +90,14 @@ def fit_sequential(model: ir.Model, reference: ir.Model, layers: list[Layer], im
         with torch.no_grad():
             cached = _collect_many(ref_graph, x_all, ref_outs)
 
+    def _ref_value(name: str) -> torch.Tensor:
+        """Value ``name`` of the float network on all images."""
+        with torch.no_grad():
+            return cached[name] if name in cached else _collect(ref_graph, x_all, name, {})
+
     def _reference(name: str) -> torch.Tensor:
         """The float network's output of layer ``name``, sliced to its kept channels."""
-        out = ref_layers[name].node.outputs[0].name
-        with torch.no_grad():
-            Y = cached[out] if out in cached else _collect(ref_graph, x_all, out, {})
+        Y = _ref_value(ref_layers[name].node.outputs[0].name)
         if kept and name in kept:
             idx = torch.from_numpy(kept[name])
             Y = Y[..., idx] if by_name[name].op in ("Gemm", "MatMul") else Y[:, idx]
@@ -120,8 +123,7 @@ def fit_sequential(model: ir.Model, reference: ir.Model, layers: list[Layer], im
                     targets[by_name[n].node.outputs[0].name] = _reference(n)
                     continue
                 name = _region_end(by_name[n].node.outputs[0], graph, in_name, layer_nodes)
-                with torch.no_grad():
-                    targets[name] = cached[name] if name in cached else _collect(ref_graph, x_all, name, {})
+                targets[name] = _ref_value(name)
             fit_region(model, X, in_name, members, targets, joint_steps, seed=recipe.seed)
             own_target.update([layer.name, *carried])
         if layer.name in own_target:
@@ -376,15 +378,16 @@ class GroupStats:
     energy: float
 
 
-def consumer_statistics(model: ir.Model, groups, images: np.ndarray) -> dict[str, GroupStats]:
-    """:class:`GroupStats` per prune group whose consumers are all plain Conv/Gemm layers."""
+def consumer_statistics(model: ir.Model, groups, images: np.ndarray, layers: list[Layer]) -> dict[str, GroupStats]:
+    """:class:`GroupStats` per prune group whose consumers are all plain Conv/Gemm layers
+    (``layers``: every layer of ``model``; a block output is followed up to the next one)."""
     from ..torchgraph import TorchGraph
 
     graph = TorchGraph(model).eval()
     step = max(1, -(-len(images) // STATS_IMAGES))
     x_all = torch.from_numpy(np.ascontiguousarray(images[::step], dtype=np.float32))
     out: dict[str, GroupStats] = {}
-    layer_nodes = {id(l.node) for l in analyse(model).layers}
+    layer_nodes = {id(l.node) for l in layers}
     for g in groups:
         entries = []
         end_energy = 0.0
@@ -406,11 +409,8 @@ def consumer_statistics(model: ir.Model, groups, images: np.ndarray) -> dict[str
                 W = W * (np.abs(p["gamma"]) / np.sqrt(p["var"] + p["eps"]))[None, :]
             block = W.shape[0] // g.channels
             entries.append((centred_gram(st).numpy(), W, block))
-            if c.layer.op in ("Gemm", "MatMul") or V.dim() < 3:
-                V = V.reshape(-1, V.shape[-1]).T.double()
-            else:
-                V = V.transpose(0, 1).reshape(V.shape[1], -1).double()
-            end_energy += float(((V - V.mean(1, keepdim=True)) ** 2).sum(0).mean()) * st.n
+            V = _targets(c.layer, V).double()                     # rows x channels
+            end_energy += float(((V - V.mean(0)) ** 2).sum(1).mean()) * st.n
         if entries:
             out[g.name] = GroupStats(entries, end_energy)
     return out
