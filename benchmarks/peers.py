@@ -69,10 +69,17 @@ def noise(n: int, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, *shape)).astype(np.float32)
 
 
-def session(path: Path) -> ort.InferenceSession:
+def session(model) -> ort.InferenceSession:
+    """A quiet CPU session for a path or an in-memory ``onnx_ir.Model``."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    if not isinstance(model, (str, Path)):
+        import onnx_ir as ir
+
+        model = ir.serde.serialize_model(model).SerializeToString()
+    else:
+        model = str(model)
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 
 # ---------------------------------------------------------------- methods
@@ -189,15 +196,16 @@ def file_size(path: Path) -> int:
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
-def predictions(path: Path, x: np.ndarray) -> np.ndarray:
-    sess = session(path)
+def predictions(model, x: np.ndarray) -> np.ndarray:
+    sess = session(model)
     name = sess.get_inputs()[0].name
     logits = np.concatenate([sess.run(None, {name: x[i:i + 100]})[0] for i in range(0, len(x), 100)])
     return logits.argmax(1)
 
 
-def top1(path: Path, x: np.ndarray, y: np.ndarray) -> float:
-    return float((predictions(path, x) == y).mean())
+def top1(model, x: np.ndarray, y: np.ndarray) -> float:
+    """Top-1 of a model file or in-memory model."""
+    return float((predictions(model, x) == y).mean())
 
 
 def latency_ms(path: Path, x: np.ndarray, reps: int) -> float:

@@ -27,7 +27,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402  (benchmarks/ is not a package)
@@ -40,17 +39,6 @@ def parse(name: str) -> dict:
     p, rest = name[1:].split("-w")
     w, _, a = rest.partition("a")
     return {"prune": float(p), "wbits": int(w), "abits": int(a) if a else None}
-
-
-def top1(model, x: np.ndarray, y: np.ndarray) -> float:
-    import onnx_ir as ir
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(),
-                                providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    logits = np.concatenate([sess.run(None, {name: x[i:i + 100]})[0] for i in range(0, len(x), 100)])
-    return float((logits.argmax(1) == y).mean())
 
 
 def main() -> None:
@@ -73,7 +61,7 @@ def main() -> None:
     if not 0 < args.real < len(x):
         raise SystemExit(f"--real must be in 1..{len(x) - 1}")
     x_eval, y_eval, x_real = x[:-args.real], y[:-args.real], x[-args.real:]
-    fp = top1(__import__("datafree.toolchain.ingest", fromlist=["load"]).load(args.model), x_eval, y_eval)
+    fp = peers.top1(args.model, x_eval, y_eval)
     defaults = Recipe()
     modes = {
         "closed": lambda b: (Recipe(**b, synthetic=0), None),
@@ -91,7 +79,7 @@ def main() -> None:
             t = time.perf_counter()
             result = compress(args.model, recipe, images=imgs)
             wall = time.perf_counter() - t
-            accs[mode] = top1(result.model, x_eval, y_eval)
+            accs[mode] = peers.top1(result.model, x_eval, y_eval)
             rows.append((name, mode, accs[mode], wall, result.summary.totals["macs_after"]))
             print(f"{name:10s} {mode:14s} top-1 {100 * accs[mode]:5.1f}  ({100 * (accs[mode] - fp):+5.1f})  "
                   f"{wall:5.1f} s  {result.summary.totals['macs_after'] / 1e6:5.1f} M MACs", flush=True)
