@@ -188,3 +188,27 @@ def test_compress_module(tmp_path):
     assert out.shape == ref.shape and np.isfinite(out).all()
     in_memory = compress_module(module, (1, 3, 32, 32), recipe)
     np.testing.assert_allclose(zoo.run(in_memory, x), out, atol=1e-5, rtol=0)
+
+
+def test_saved_model_leaves_redundant_value_info_out(tmp_path):
+    """Initializers and Q/DQ outputs carry no value_info entry in the file; the
+    in-memory model keeps its types; the file checks and runs the same."""
+    zoo.require_compress()
+    from datafree.exporters.writer import save, to_bytes
+    from datafree.toolchain.compress import compress
+
+    module = zoo.conv_bn_relu_conv()
+    src = export(module, torch.zeros(zoo.IMAGE), tmp_path / "m.onnx")
+    result = compress(load(src), Recipe(wbits=8, abits=8, synthetic=0))
+    typed = {v.name: v.type for v in result.model.graph.initializers.values()}
+    out = save(result.model, tmp_path / "q.onnx")
+    proto = onnx.load(str(out))
+    onnx.checker.check_model(proto, full_check=True)
+    inits = {t.name for t in proto.graph.initializer}
+    qdq = {o for n in proto.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") for o in n.output}
+    graph_io = {v.name for v in (*proto.graph.input, *proto.graph.output)}
+    listed = {v.name for v in proto.graph.value_info}
+    assert not listed & inits and not listed & (qdq - graph_io)
+    assert {v.name: v.type for v in result.model.graph.initializers.values()} == typed
+    x = zoo.images(4, zoo.IMAGE[1:])
+    np.testing.assert_array_equal(zoo.run(out, x), zoo.run(to_bytes(result.model), x))
