@@ -49,6 +49,7 @@ class Row:
     wall: float | None = None
     top1: float | None = None
     agree: float | None = None      # predictions equal to the float model's
+    logit_err: float | None = None  # |z - z_float|^2 / |z_float|^2 over the scored images
     size: int | None = None
     macs: float | None = None
     bops: float | None = None
@@ -179,6 +180,7 @@ def methods(quick: bool) -> list[tuple[str, str, Callable | None]]:
         ("float (reference)", "none", None),
         ("datafree W8A8", "none", datafree(Recipe(wbits=8, abits=8, **synth))),
         ("datafree W4A8", "none", datafree(Recipe(wbits=4, abits=8, **synth))),
+        ("datafree W8 (weights only)", "none", datafree(Recipe(wbits=8, abits=None, **synth))),
         ("datafree prune 0.3 + W4A8", "none", datafree(Recipe(prune=0.3, wbits=4, abits=8, **synth))),
         ("ORT quantize_dynamic W8 (A8 at run time)", "none", ort_dynamic),
         ("ORT quantize_static W8A8, noise calibration", "Gaussian noise", ort_static("noise")),
@@ -196,11 +198,14 @@ def file_size(path: Path) -> int:
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
-def predictions(model, x: np.ndarray) -> np.ndarray:
+def logits(model, x: np.ndarray) -> np.ndarray:
     sess = session(model)
     name = sess.get_inputs()[0].name
-    logits = np.concatenate([sess.run(None, {name: x[i:i + 100]})[0] for i in range(0, len(x), 100)])
-    return logits.argmax(1)
+    return np.concatenate([sess.run(None, {name: x[i:i + 100]})[0] for i in range(0, len(x), 100)])
+
+
+def predictions(model, x: np.ndarray) -> np.ndarray:
+    return logits(model, x).argmax(1)
 
 
 def top1(model, x: np.ndarray, y: np.ndarray) -> float:
@@ -234,11 +239,14 @@ def costs(path: Path, float_macs: float | None) -> tuple[float | None, float | N
 
 
 def measure(row: Row, x: np.ndarray, y: np.ndarray, sample: np.ndarray, reps: int, float_macs,
-            float_pred: np.ndarray | None = None) -> np.ndarray:
-    """Fills ``row``; returns its predictions."""
-    pred = predictions(row.path, x)
+            float_logits: np.ndarray | None = None) -> np.ndarray:
+    """Fills ``row``; returns its logits."""
+    z = logits(row.path, x)
+    pred = z.argmax(1)
     row.top1 = float((pred == y).mean())
-    row.agree = 1.0 if float_pred is None else float((pred == float_pred).mean())
+    ref = z if float_logits is None else float_logits
+    row.agree = float((pred == ref.argmax(1)).mean())
+    row.logit_err = float(((z - ref) ** 2).sum() / (ref ** 2).sum())
     row.size = file_size(row.path)
     try:
         row.macs, row.bops, row.bops_note = costs(row.path, float_macs)
@@ -246,20 +254,20 @@ def measure(row: Row, x: np.ndarray, y: np.ndarray, sample: np.ndarray, reps: in
         row.bops_note = f"cost: {type(exc).__name__}"
     row.lat1 = latency_ms(row.path, sample[:1], reps)
     row.lat64 = latency_ms(row.path, sample[:64], max(2, reps // 4))
-    return pred
+    return z
 
 
 # ---------------------------------------------------------------- output
-HEADERS = ["method", "data used", "top-1", "same as FP32", "size (KiB)", "MMACs", "GBOPs", "ms @1", "ms @64", "wall (s)"]
+HEADERS = ["method", "data used", "top-1", "same as FP32", "logit error", "size (KiB)", "MMACs", "GBOPs", "ms @1", "ms @64", "wall (s)"]
 
 
 def cells(r: Row) -> list[str]:
     if r.error:
-        return [r.method, r.data, f"failed: {r.error}", "", "", "", "", "", "", ""]
+        return [r.method, r.data, f"failed: {r.error}"] + [""] * (len(HEADERS) - 3)
     f = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
     bops = f(None if r.bops is None else r.bops / 1e9, ".3f") + (f" ({r.bops_note})" if r.bops_note else "")
     return [r.method, r.data, f(None if r.top1 is None else 100 * r.top1, ".1f") + "%",
-            f(None if r.agree is None else 100 * r.agree, ".1f") + "%",
+            f(None if r.agree is None else 100 * r.agree, ".1f") + "%", f(r.logit_err, ".2g"),
             f(None if r.size is None else r.size / 1024, ".0f"), f(None if r.macs is None else r.macs / 1e6, ".1f"),
             bops, f(r.lat1, ".2f"), f(r.lat64, ".1f"), f(r.wall, ".1f")]
 
@@ -305,7 +313,7 @@ def main() -> None:
                "noise": noise(CALIBRATION, x_all.shape[1:])}
         sample = noise(64, x_all.shape[1:], seed=1)
         rows: list[Row] = []
-        float_macs = float_pred = None
+        float_macs = float_logits = None
         for i, (name, data, make) in enumerate(methods(args.quick)):
             row = Row(name, data)
             print(f"[{i + 1}] {name} ...", flush=True)
@@ -317,9 +325,9 @@ def main() -> None:
                     t = time.perf_counter()
                     make(args.model, row.path, ctx)
                     row.wall = time.perf_counter() - t
-                pred = measure(row, x, y, sample, reps, float_macs, float_pred)
+                z = measure(row, x, y, sample, reps, float_macs, float_logits)
                 if make is None:
-                    float_macs, float_pred = row.macs, pred
+                    float_macs, float_logits = row.macs, z
             except Exception as exc:
                 row.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ''}"
                 if os.environ.get("DATAFREE_DEBUG"):
@@ -336,6 +344,8 @@ def main() -> None:
              f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), 1-min load "
              f"{load_before:.1f} at start and {os.getloadavg()[0]:.1f} at end (other work on the cores slows "
              f"every latency alike). "
+             f"Logit error: |z - z_FP32|^2 / |z_FP32|^2 over the scored images (steadier than the share of "
+             f"equal predictions, which moves by 0.13 pt per image). "
              f"MACs/BOPs per image; BOPs = MACs x weight bits x activation bits (float = 32). "
              f"Wall: time to make the model. {'Quick settings (64 synthetic images, 50 steps).' if args.quick else ''}"]
     why_no_nncf = nncf_available()
