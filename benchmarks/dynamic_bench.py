@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--synthetic", type=int, default=128)
     ap.add_argument("--synthetic-steps", type=int, default=60)
     ap.add_argument("--selector-steps", type=int, default=300)
+    ap.add_argument("--no-augment", dest="augment", action="store_false",
+                    help="train and probe on the synthetic images alone, without mirrored and shifted copies")
     args = ap.parse_args()
     targets = [float(t) for t in args.targets.split(",")]
 
@@ -74,7 +76,7 @@ def main() -> None:
     fixed_cache: dict[str, float] = {}
     for target in targets:
         cfg = DynamicConfig(bits=(4, 6, 8), target_bits=target, steps=args.selector_steps)
-        result = fit_dynamic(model, cfg, synthetic=syn)
+        result = fit_dynamic(model, cfg, synthetic=syn, augment=args.augment)
         plan, stats = result.plan, result.stats
         session = InferenceSession(result.model)
         pred = predict(session, dev, batch=100)

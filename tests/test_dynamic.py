@@ -146,3 +146,16 @@ def test_price_per_bit_meets_the_target_from_above_and_below(target):
     calibrate_price(sel, pooled, cfg_bits, target)
     mean = cfg_bits[sel.choose(pooled)].mean()
     assert target - 0.25 <= mean <= target + 1e-9
+
+
+def test_probe_split_keeps_copies_of_probe_images_out_of_training():
+    from datafree.toolchain.passes.dynamic import _split
+
+    images = np.broadcast_to(np.arange(40, dtype=np.float32)[:, None, None, None], (40, 3, 8, 8)).copy()
+    images[:, :, :, :4] += 0.5          # mirrored copies differ, shifted ones move the edge
+    out, train, probe = _split(images, seed=0, augment=True)
+    assert len(out) == 4 * len(images) and len(train) == 3 * len(probe)
+    source = lambda idx: {int(v) for v in np.floor(out[idx, 0, 0, 0])} | {int(v) for v in np.floor(out[idx, 0, 0, -1])}  # noqa: E731
+    assert not source(train) & source(probe) and len(source(train) | source(probe)) == 40
+    plain, train0, probe0 = _split(images, seed=0, augment=False)
+    assert len(plain) == 40 and len(probe0) == 10 and not set(train0) & set(probe0)

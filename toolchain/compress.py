@@ -268,7 +268,7 @@ def _finish_dynamic(model, reference, analysis, synthetic, fit_images, recipe: R
             macs_before=before[layer.name][1], macs_after=_macs_after(layer, before[layer.name][1], before),
             params_before=before[layer.name][2], params_after=layer.params(), note="dynamic"))
     model, summary.dynamic = apply_dynamic(model, recipe.dynamic, synthetic=synthetic, progress=progress,
-                                           seed=recipe.seed)
+                                           seed=recipe.seed, augment=recipe.augment)
     timings["dynamic"] = time.perf_counter() - t
     return _finish(model, recipe, summary, macs_before, bytes_before, timings, t_start)
 
@@ -406,21 +406,13 @@ def _augmentable(images: np.ndarray, recipe: Recipe) -> bool:
 
 
 def _fitting_set(images: np.ndarray, recipe: Recipe) -> np.ndarray:
-    """The synthetic images, with (when the recipe asks) their left-right mirror images and
-    a copy of both shifted by a few pixels (reflected at the border): four times the
-    fitting data without generating more (image models see such copies as the same kind
-    of input).  Shifts are seeded by the recipe."""
+    """The synthetic images, with (when the recipe asks) mirrored and shifted copies
+    (:func:`synth.augmented`, seeded by the recipe)."""
     if not _augmentable(images, recipe):
         return images
-    both = np.concatenate([images, images[..., ::-1]])
-    h, w = both.shape[2:]
-    r = max(1, min(h, w) // 10)
-    rng = np.random.default_rng(recipe.seed)
-    padded = np.pad(both, ((0, 0), (0, 0), (r, r), (r, r)), mode="reflect" if min(h, w) > r else "edge")
-    shifted = np.empty_like(both)
-    for i, (dy, dx) in enumerate(rng.integers(-r, r + 1, size=(len(both), 2))):
-        shifted[i] = padded[i, :, r + dy:r + dy + h, r + dx:r + dx + w]
-    return np.ascontiguousarray(np.concatenate([both, shifted]))
+    from . import synth
+
+    return synth.augmented(images, recipe.seed)
 
 
 def _regions(plans: list[prune.PrunePlan]) -> dict[str, tuple[list[str], list[str]]]:

@@ -114,6 +114,24 @@ def generate(model: ir.Model, n: int, *, steps: int = DEFAULT_STEPS, seed: int =
     return result
 
 
+def augmented(images: np.ndarray, seed: int = 0) -> np.ndarray:
+    """``images`` with their left-right mirrors and a copy of both shifted by a few
+    pixels (reflected at the border): four times the data without generating more.
+    Image models see such copies as the same kind of input; other inputs (not NCHW)
+    come back unchanged.  The shifts are seeded."""
+    if images.ndim != 4:
+        return images
+    both = np.concatenate([images, images[..., ::-1]])
+    h, w = both.shape[2:]
+    r = max(1, min(h, w) // 10)
+    rng = np.random.default_rng(seed)
+    padded = np.pad(both, ((0, 0), (0, 0), (r, r), (r, r)), mode="reflect" if min(h, w) > r else "edge")
+    shifted = np.empty_like(both)
+    for i, (dy, dx) in enumerate(rng.integers(-r, r + 1, size=(len(both), 2))):
+        shifted[i] = padded[i, :, r + dy:r + dy + h, r + dx:r + dx + w]
+    return np.ascontiguousarray(np.concatenate([both, shifted]))
+
+
 # ------------------------------------------------------------------ shapes and keys
 def sample_shape(model: ir.Model, input_shape: tuple[int, ...] | None = None) -> tuple[int, ...]:
     """The shape of one input sample (no batch axis)."""

@@ -583,16 +583,28 @@ class DynamicResult:
     images: np.ndarray                  # the synthetic images
 
 
+def _split(images: np.ndarray, seed: int, augment: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(images, train indices, probe indices): a quarter of the synthetic images held
+    out as probes; with ``augment`` each part gains its own mirrored and shifted copies
+    (:func:`synth.augmented`), so no copy of a probe image is trained on."""
+    order = np.random.default_rng(seed).permutation(len(images))
+    n_probe = max(4, int(round(len(images) * PROBE_FRACTION)))
+    probe, train = images[np.sort(order[:n_probe])], images[np.sort(order[n_probe:])]
+    if augment:
+        from ..synth import augmented
+
+        train, probe = augmented(train, seed), augmented(probe, seed + 1)
+    both = np.ascontiguousarray(np.concatenate([train, probe]))
+    return both, np.arange(len(train)), np.arange(len(train), len(both))
+
+
 def fit_dynamic(model: ir.Model, config: DynamicConfig, *, synthetic=None, progress: ProgressFn = silent,
-                seed: int = 0) -> DynamicResult:
+                seed: int = 0, augment: bool = True) -> DynamicResult:
     """Plan, simulate, train and write the dynamic model (see :func:`apply_dynamic`)."""
     t0 = time.perf_counter()
     images = _synthetic_images(model, synthetic, progress)
     t_synth = time.perf_counter() - t0
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(images))
-    n_probe = max(4, int(round(len(images) * PROBE_FRACTION)))
-    probe_idx, train_idx = np.sort(order[:n_probe]), np.sort(order[n_probe:])
+    images, train_idx, probe_idx = _split(images, seed, augment)
     progress(STAGE, 0, 4)
 
     plan = make_plan(model, config, images[train_idx])
@@ -624,17 +636,18 @@ def fit_dynamic(model: ir.Model, config: DynamicConfig, *, synthetic=None, progr
 
 
 def apply_dynamic(model: ir.Model, config: DynamicConfig, *, synthetic=None,
-                  progress: ProgressFn = silent, seed: int = 0) -> tuple[ir.Model, dict]:
+                  progress: ProgressFn = silent, seed: int = 0, augment: bool = True) -> tuple[ir.Model, dict]:
     """The dynamic-precision model of ``model`` (not modified) and its statistics.
 
     ``synthetic``: a ``SyntheticSet`` (or an image array, NCHW float32 in the
     model's input space) to calibrate and train on; generated when None.  A quarter
-    of it is held out as the probe set on which ``target_bits`` is met.  Statistics:
+    of it is held out as the probe set on which ``target_bits`` is met; with
+    ``augment`` both parts gain mirrored and shifted copies.  Statistics:
     candidate configurations with their average bits / BOPs / probe loss, the
     histogram of chosen configurations and the expected average bits and BOPs on
     the probes, the selector's parameters / MACs / BOPs (and % of the model's).
     """
-    result = fit_dynamic(model, config, synthetic=synthetic, progress=progress, seed=seed)
+    result = fit_dynamic(model, config, synthetic=synthetic, progress=progress, seed=seed, augment=augment)
     return ir.serde.deserialize_model(result.model), result.stats
 
 
