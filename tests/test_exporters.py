@@ -212,3 +212,15 @@ def test_saved_model_leaves_redundant_value_info_out(tmp_path):
     assert {v.name: v.type for v in result.model.graph.initializers.values()} == typed
     x = zoo.images(4, zoo.IMAGE[1:])
     np.testing.assert_array_equal(zoo.run(out, x), zoo.run(to_bytes(result.model), x))
+
+
+@pytest.mark.parametrize("int4", [True, False])
+def test_int4_storage_is_explained(int4, tmp_path):
+    """INT4 storage halves the size but runs in float on onnxruntime's CPU: the summary says so, once."""
+    zoo.require_compress()
+    from datafree.toolchain.compress import compress
+
+    src = export(zoo.conv_bn_relu_conv(), torch.zeros(zoo.IMAGE), tmp_path / "m.onnx")
+    notes = compress(load(src), Recipe(wbits=4, abits=8, synthetic=0, int4=int4)).summary.notes
+    assert sum("INT4" in n and "--no-int4" in n for n in notes) == (1 if int4 else 0)
+    assert not any("INT4" in n for n in compress(load(src), Recipe(wbits=8, synthetic=0)).summary.notes)

@@ -215,6 +215,10 @@ def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = sil
     # -------------------------------------------------------------------- write
     qdq.emit(model, analysis.layers, weights, acts, int4=recipe.int4)
     _refresh_shapes(model)
+    if recipe.int4 and any(w.bits <= 4 for w in weights.values()):
+        summary.notes.append("<= 4-bit weights stored as INT4: half the size of INT8 storage, but onnxruntime's CPU "
+                             "has no INT4 convolution and runs those layers in float; --no-int4 keeps the same "
+                             "values in INT8 for its integer kernels")
     per_layer = {}
     for layer in analysis.layers:
         eff = recipe.for_layer(layer.name)
