@@ -27,7 +27,12 @@ groups (at most 64) is simulated on the synthetic images; the ones on the Pareto
 front of (average bits, loss against the float model) are kept, at most
 ``MAX_CONFIGS``, from the cheapest to the one with the lowest loss.
 
-Training (no real data).  The configurations are fixed, so the selector only
+Data (no real image).  A quarter of the synthetic images is held out as probes;
+each part gains mirrored and shifted copies of its own images (``augment``), which
+calibrates the activation ranges and trains the selector on four times the images
+without generating more.
+
+Training.  The configurations are fixed, so the selector only
 needs, for each synthetic image, the loss of every configuration:
 ``CE(logits_k, argmax FP) + KL(FP ‖ logits_k)``, computed once by running the
 fixed-precision model of each configuration in onnxruntime.  The selector is
