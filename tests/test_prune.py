@@ -117,6 +117,16 @@ def test_channel_multiple_keeps_vector_friendly_counts(tmp_path):
     assert result.summary.rows[0].channels_after == 8   # 16 - 9 = 7 -> 8
 
 
+@pytest.mark.parametrize("ratio, multiple, warned", [(0.3, 1, "12, 23"), (0.5, 1, "8"), (0.3, 16, None)])
+def test_note_on_channel_counts_off_the_kernel_blocks(tmp_path, ratio, multiple, warned):
+    _, path = zoo.build("conv_bn_relu_conv", tmp_path)
+    notes = compress(path, Recipe(prune=ratio, wbits=None, synthetic=0, channel_multiple=multiple)).summary.notes
+    odd = [n for n in notes if "not multiples of 16" in n]
+    assert len(odd) == (warned is not None)
+    if warned:
+        assert f"({warned})" in odd[0] and "--channel-multiple 16" in odd[0]
+
+
 @pytest.mark.parametrize("name", ["mobilenet_like", "vgg_like", "silu_net", "mish_net", "tconv_net",
                                   "split_concat_net", "mlp"])
 def test_zoo_models_compress_and_run(tmp_path, name):
