@@ -163,7 +163,14 @@ def _import(target: str, spec: str):
             sys.modules.pop(name, None)
             raise UserError(f"factory {spec!r}: {file} failed to import: {type(exc).__name__}: {exc}") from None
         return mod
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:   # as `python -m` would: modules in the working folder import (console scripts lack it)
+        sys.path.insert(0, cwd)
     try:
         return importlib.import_module(target)
     except Exception as exc:
         raise UserError(f"factory {spec!r}: cannot import {target} ({type(exc).__name__}: {exc})") from None
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)

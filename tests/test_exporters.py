@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import onnx
 import pytest
@@ -155,6 +157,17 @@ def test_load_factory(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     module = load_factory("my_models:good")
     assert isinstance(module, nn.Sequential) and not module.training
+
+
+def test_factory_module_in_the_working_folder(tmp_path, monkeypatch):
+    """`datafree convert-and-compress my_net:build` run where my_net.py lives: the console
+    script has no working folder on sys.path, the factory import adds it (and takes it away)."""
+    (tmp_path / "my_models_cwd.py").write_text(FACTORY_FILE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    before = list(sys.path)
+    assert isinstance(load_factory("my_models_cwd:good"), nn.Sequential)
+    assert sys.path == before
 
 
 @pytest.mark.parametrize("spec, message", [
