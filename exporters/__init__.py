@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib
 
+import datafree.toolchain  # noqa: F401  (OpenMP spin cap, before torch loads)
+
 _NAMES = {
     "export": "datafree.exporters.torch_export",
     "load_factory": "datafree.exporters.torch_export",

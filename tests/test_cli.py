@@ -168,3 +168,18 @@ def test_input_shape_lets_symbolic_onnx_models_get_synthetic_images(tmp_path):
     res = _run(*args, "--input-shape", "1,3,32,32")
     assert res.exit_code == 0, res.output
     assert any("8 synthetic images" in n for n in json.loads(res.output)["notes"])
+
+
+@pytest.mark.parametrize("user_value, expected", [(None, "1000"), ("5", "5")])
+def test_openmp_spin_is_capped_before_torch_loads(user_value, expected):
+    """Every entry point imports datafree.toolchain first; it caps libgomp's spin unless the user set it."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    if user_value is not None:
+        env["GOMP_SPINCOUNT"] = user_value
+    code = "import datafree.exporters, os, sys; print(os.environ['GOMP_SPINCOUNT'], 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == [expected, "False"]
