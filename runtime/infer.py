@@ -142,11 +142,20 @@ def group_weights(session: InferenceSession) -> np.ndarray | None:
     return np.asarray(json.loads(meta)["group_macs"], dtype=np.float64)
 
 
+def _check_fits(want, have) -> None:
+    """Images whose shape the model input cannot take: one line, before onnxruntime's own error."""
+    fmt = lambda dims: "[" + ", ".join(str(d) if isinstance(d, int) else "?" for d in dims) + "]"  # noqa: E731
+    if len(want) != len(have) or any(isinstance(w, int) and w != h for w, h in zip(want[1:], have[1:])):
+        raise UserError(f"images of shape {fmt(have[1:])} do not fit the model input {fmt(want[1:])} "
+                        "(batch axis left out)")
+
+
 def predict(session: InferenceSession, images: ImageSet, batch: int = 64) -> Predictions:
     """Run ``session`` over ``images`` in batches."""
     if batch < 1:
         raise UserError(f"batch must be at least 1, got {batch}")
     name = session.input_names[0]
+    _check_fits(session.get_inputs()[0].shape, images.x.shape)
     logits, bits = [], []
     for start in range(0, len(images.x), batch):
         outs = session.run(None, {name: images.x[start:start + batch]})

@@ -80,6 +80,16 @@ def test_cli_run_json_and_errors(tmp_path):
     assert r.exit_code == 2 and "no such file" in r.output and len(r.output.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("key, array", [("x", np.zeros((2, 3, 64, 64), np.float32)),
+                                        ("images", np.zeros((2, 64, 64, 3), np.uint8))])
+def test_cli_run_images_that_do_not_fit_the_model(tmp_path, key, array):
+    np.savez(tmp_path / "big.npz", **{key: array})
+    r = CliRunner().invoke(main, ["run", str(MODEL), "--images", str(tmp_path / "big.npz")])
+    assert r.exit_code == 2, r.output
+    assert r.output.strip().splitlines() == [
+        "Error: images of shape [3, 64, 64] do not fit the model input [3, 32, 32] (batch axis left out)"]
+
+
 def test_measure_reports_median_and_p90():
     rows = measure(MODEL, batch_sizes=(1, 4), warmup=1, repeats=3)
     assert [r["batch"] for r in rows] == [1, 4]
