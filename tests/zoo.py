@@ -228,6 +228,53 @@ def token_mlp(seed: int = 0) -> nn.Module:
     return randomize(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32)), seed)
 
 
+class ChunkConcat(nn.Module):
+    """YOLOv8's C2f pattern: a conv's output chunked in two (Slice), one half straight into a Concat."""
+
+    def __init__(self, c: int = 16):
+        super().__init__()
+        act = nn.SiLU
+        self.stem = nn.Sequential(*_cbr(3, c, act=act()))
+        self.cv1 = nn.Sequential(*_cbr(c, c, 1, act=act()))
+        self.m = nn.Sequential(*_cbr(c // 2, c // 2, act=act()))
+        self.cv2 = nn.Sequential(*_cbr(c + c // 2, c, 1, act=act()))
+
+    def forward(self, x):
+        a, b = self.cv1(self.stem(x)).chunk(2, 1)
+        return self.cv2(torch.cat([a, b, self.m(b)], 1))
+
+
+def chunk_concat_net(seed: int = 0) -> nn.Module:
+    return randomize(ChunkConcat(), seed)
+
+
+class ViewFlatten(nn.Module):
+    """``x.view(x.size(0), -1)`` before the head: Shape -> Gather(scalar) -> Concat -> Reshape."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(*_cbr(3, 16), *_cbr(16, 16), nn.AdaptiveAvgPool2d(1))
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(self.features(x).view(x.size(0), -1))
+
+
+def view_flatten_net(seed: int = 0) -> nn.Module:
+    return randomize(ViewFlatten(), seed)
+
+
+def dynamo(module: nn.Module, tmp_path: Path, name: str = "dynamo", input_shape: tuple[int, ...] = IMAGE) -> Path:
+    """torch's default (dynamo) export, batch dynamic: its flatten is Reshape(x, [-1, C], allowzero=1)."""
+    path = Path(tmp_path) / f"{name}.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), (torch.zeros((2, *input_shape[1:])),), str(path), dynamo=True,
+                          input_names=["input"], output_names=["output"], verbose=False,
+                          dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},))
+    return path
+
+
 BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "conv_bn_relu_conv": conv_bn_relu_conv,
     "mlp": mlp,
@@ -238,6 +285,8 @@ BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "split_concat_net": split_concat_net,
     "mish_net": mish_net,
     "token_mlp": token_mlp,
+    "chunk_concat_net": chunk_concat_net,
+    "view_flatten_net": view_flatten_net,
 }
 INPUT_SHAPES: dict[str, tuple[int, ...]] = {name: IMAGE for name in BUILDERS} | {"mlp": (1, 64),
                                                                                   "token_mlp": (1, 8, 32)}

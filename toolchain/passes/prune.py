@@ -259,8 +259,9 @@ def _slice_member(node, keep: np.ndarray, channels: int | None = None) -> None:
             set_const(v, const_array(v)[keep])
         return
     if node.op_type == "Reshape":
-        shape = np.array([0, -1], dtype=np.int64)
+        shape = np.array([0, -1], dtype=np.int64)   # keep the batch, infer the features
         node.replace_input_with(1, add_initializer(node.graph, node.inputs[1].name + "_pruned", shape))
+        node.attributes.pop("allowzero", None)       # dynamo writes allowzero=1, where 0 would mean 0
         return
     C = channels
     for i, v in enumerate(node.inputs):

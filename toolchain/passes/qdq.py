@@ -54,6 +54,37 @@ def activation_plan(layers: list[Layer], recipe: Recipe) -> dict[str, int]:
     return wanted
 
 
+# ops that only move values: a quantized input gives outputs on the same grid
+DATA_MOVEMENT = {"Slice", "Split", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "MaxPool",
+                 "DepthToSpace", "SpaceToDepth", "Gather"}
+
+
+def through_data_movement(graph: ir.Graph, acts: dict[str, ActQuant]) -> dict[str, ActQuant]:
+    """``acts`` with the outputs of the data-movement ops that read a quantized tensor
+    quantized alike (lossless: their values are already on that grid).
+
+    onnxruntime would otherwise propagate the Q/DQ through them itself, and at opset 21
+    its propagation writes a QuantizeLinear whose zero point type contradicts its
+    ``output_dtype``: a chunk (Slice) of a quantized tensor going straight into a Concat
+    made the model fail to load.
+    """
+    acts = dict(acts)
+    values = {v.name: v for n in graph for v in n.outputs} | {v.name: v for v in graph.inputs}
+    todo = list(acts)
+    while todo:
+        name = todo.pop()
+        for use in values[name].uses():
+            node = use.node
+            if node.op_type not in DATA_MOVEMENT or use.idx != 0 or node.domain not in ("", "ai.onnx"):
+                continue
+            for out in node.outputs:
+                if out.name in acts or out.is_graph_output() or not list(out.uses()):
+                    continue
+                acts[out.name] = acts[name]
+                todo.append(out.name)
+    return acts
+
+
 def _int_dtype(bits: int, signed: bool, packed4: bool):
     if bits <= 4 and packed4:
         return (ml_dtypes.int4, ir.DataType.INT4) if signed else (ml_dtypes.uint4, ir.DataType.UINT4)
@@ -74,7 +105,7 @@ def emit(model: ir.Model, layers: list[Layer], weights: dict[str, WeightQuant],
     graph = model.graph
     names = UniqueNames(graph)
     values = {v.name: v for n in graph for v in n.outputs} | {v.name: v for v in graph.inputs}
-    for value_name, aq in acts.items():
+    for value_name, aq in through_data_movement(graph, acts).items():
         _insert_act_qdq(graph, names, values[value_name], aq)
     for layer in layers:
         wq = weights.get(layer.name)
