@@ -32,6 +32,9 @@ def test_compress_writes_model_with_recipe_metadata(tmp_path, resnet20_bn):
     assert recipe["prune"] == 0.3 and recipe["wbits"] == 4 and recipe["abits"] == 8
     layers = json.loads(meta["datafree.layers"])
     assert all(v["wbits"] == 4 for v in layers.values())
+    # not a terminal (a log): a plain line as each stage ends, instead of bars
+    assert [line.split(":")[0] for line in res.output.splitlines() if " done in " in line] == \
+        ["load", "prune", "quantize"]
 
 
 def test_json_summary_and_dry_run(tmp_path, resnet20_bn):

@@ -15,8 +15,11 @@ out = Console()
 @contextlib.contextmanager
 def progress_bar(quiet: bool = False):
     """Yield a ``progress(stage, done, total)`` callback drawing one rich task per stage."""
-    if quiet or not console.is_terminal:
+    if quiet:
         yield lambda stage, done, total: None
+        return
+    if not console.is_terminal:   # a log (CI, a pipeline): a plain line per stage and tenth
+        yield _log_lines()
         return
     with Progress(TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=True) as bar:
@@ -28,6 +31,29 @@ def progress_bar(quiet: bool = False):
             bar.update(tasks[stage], completed=done, total=max(total, 1))
 
         yield update
+
+
+def _log_lines(every: float = 10.0):
+    """``progress`` for output that is not a terminal (a log, CI, a pipeline): a line every
+    ``every`` seconds while a stage runs and one when it is done (none for a stage that
+    fails, so a bad input still gets its one line)."""
+    import time
+
+    started: dict[str, float] = {}
+    last: dict[str, float] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if stage not in started:
+            started[stage] = last[stage] = now
+        if done >= total and last[stage] != float("inf"):
+            last[stage] = float("inf")
+            console.print(f"{stage}: done in {now - started[stage]:.1f} s", highlight=False, soft_wrap=True)
+        elif now - last[stage] >= every and done < total:
+            last[stage] = now
+            console.print(f"{stage}: {done}/{total} ({now - started[stage]:.0f} s)", highlight=False, soft_wrap=True)
+
+    return update
 
 
 def _fmt_m(x) -> str:
