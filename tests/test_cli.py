@@ -186,3 +186,11 @@ def test_openmp_spin_is_capped_before_torch_loads(user_value, expected):
     code = "import datafree.exporters, os, sys; print(os.environ['GOMP_SPINCOUNT'], 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == [expected, "False"]
+
+
+@pytest.mark.parametrize("shape, message", [("1,3,64,64", "does not match"), ("1,3,32,32,4", "rank 4")])
+def test_input_shape_that_does_not_fit_is_refused_even_for_the_closed_form(tmp_path, resnet20_bn, shape, message):
+    out = tmp_path / "o.onnx"
+    res = _run("compress", resnet20_bn, "-o", out, "--input-shape", shape, *FAST)
+    assert res.exit_code == 2 and message in res.output and len(res.output.strip().splitlines()) == 1
+    assert not out.exists()

@@ -114,6 +114,10 @@ def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = sil
     if ingest.is_quantized(model):
         raise UserError("model is already quantized (it has QuantizeLinear/DequantizeLinear or integer ops): "
                         "compress its float export instead")
+    if input_shape is not None:   # checked even where no images are made: a shape that cannot fit is an error
+        from .synth import sample_shape
+
+        sample_shape(model, input_shape)
     analysis = G.analyse(model)
     if not analysis.layers:
         raise NotCompressible("nothing to compress: no Conv/ConvTranspose/Gemm/MatMul with constant weights"
