@@ -194,3 +194,16 @@ def test_input_shape_that_does_not_fit_is_refused_even_for_the_closed_form(tmp_p
     res = _run("compress", resnet20_bn, "-o", out, "--input-shape", shape, *FAST)
     assert res.exit_code == 2 and message in res.output and len(res.output.strip().splitlines()) == 1
     assert not out.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--wbits", "abc"], "Invalid value for '--wbits'"),
+    (["--prune", "abc"], "'abc' is not a valid float"),
+    (["--bogus"], "No such option '--bogus'"),
+])
+def test_bad_option_is_one_line_with_where_to_look(tmp_path, resnet20_bn, args, message):
+    out = tmp_path / "o.onnx"
+    res = _run("compress", resnet20_bn, "-o", out, *args, *FAST)
+    assert res.exit_code == 2
+    assert res.output.strip().splitlines() == [f"Error: {res.output.split('Error: ')[1].strip()}"]
+    assert message in res.output and "(see 'main compress --help')" in res.output and not out.exists()

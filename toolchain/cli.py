@@ -1,7 +1,7 @@
 """The ``datafree`` command line: parse, call the library, print.
 
-Every user-facing failure is a ``UserError`` from the library; here it becomes one
-line on stderr and exit code 2.  Commands live beside the library they drive and
+Every user-facing failure is a ``UserError`` from the library, or a bad option
+click finds; here it becomes one line on stderr and exit code 2.  Commands live beside the library they drive and
 are registered at the bottom of this file.
 """
 
@@ -20,6 +20,10 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except UserError as exc:
             click.echo(f"Error: {exc}", err=True)
+            sys.exit(2)
+        except click.UsageError as exc:   # a bad option too: one line, not click's three
+            where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            click.echo(f"Error: {exc.format_message()}{where}", err=True)
             sys.exit(2)
 
 
