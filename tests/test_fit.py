@@ -92,3 +92,23 @@ def test_synthetic_fit_beats_closed_form_on_pruned_resnet20(resnet20_bn, dev_ima
     fitted = compress(resnet20_bn, Recipe(prune=0.3, wbits=None, **synthetic_small))
     a_closed, a_fit = accuracy(closed.model, x, y), accuracy(fitted.model, x, y)
     assert a_fit > a_closed + 0.05, (a_closed, a_fit)
+
+
+@pytest.mark.parametrize("macs, recipe, expected", [
+    (40.6e6, Recipe(), (256, 300)),                          # CIFAR ResNet-20: as given
+    (125e6, Recipe(), (256, 300)),                           # the reference itself
+    (300e6, Recipe(), (107, 125)),                           # 2.4x: in proportion
+    (1.82e9, Recipe(), (32, 50)),                            # ResNet-18 at 224: the floors
+    (1.82e9, Recipe(fit_budget="full"), (256, 300)),
+    (1.82e9, Recipe(synthetic=0), (0, 300)),
+    (1.82e9, Recipe(synthetic=16, joint_steps=10), (16, 10)),  # never more than asked
+    (None, Recipe(), (256, 300)),                            # MACs unknown (symbolic sizes)
+])
+def test_fitting_work_scales_with_the_model_cost(macs, recipe, expected):
+    from datafree.toolchain.compress import fitting_work
+
+    n, steps, note = fitting_work(recipe, macs)
+    assert (n, steps) == expected
+    assert (note is None) == ((n, steps) == (recipe.synthetic, recipe.joint_steps))
+    if note:
+        assert f"{n} synthetic images with {steps} joint steps" in note and "--fit-budget full" in note

@@ -8,12 +8,12 @@ from pathlib import Path
 import click
 
 from .errors import UserError
-from .recipe import CRITERIA, FLOAT, SCOPES, Recipe
+from .recipe import BUDGETS, CRITERIA, FLOAT, SCOPES, Recipe
 
 # CLI option name -> recipe field
 _FIELDS = {
     "prune": "prune", "prune_scope": "prune_scope", "criterion": "criterion",
-    "joint_steps": "joint_steps", "augment": "augment",
+    "joint_steps": "joint_steps", "augment": "augment", "fit_budget": "fit_budget",
     "channel_multiple": "channel_multiple", "wbits": "wbits", "abits": "abits", "clip": "clip",
     "compensation": "compensation", "bias_correction": "bias_correction",
     "scale_compensation": "scale_compensation", "synthetic": "synthetic",
@@ -64,6 +64,10 @@ def compress_options(f):
         click.option("--synthetic-steps", type=int, default=Recipe.synthetic_steps, show_default=True),
         click.option("--joint-steps", type=int, default=Recipe.joint_steps, show_default=True,
                      help="Steps fitting each pruned layer jointly with its consumers (0: least squares only)."),
+        click.option("--fit-budget", type=click.Choice(list(BUDGETS)), default=Recipe.fit_budget, show_default=True,
+                     help="auto: for models costlier per image than a CIFAR ResNet-56, fewer synthetic images "
+                          "and joint steps in proportion (at least 32 and 50), so compression takes minutes, "
+                          "not hours; full: --synthetic and --joint-steps as given."),
         click.option("--augment/--no-augment", default=Recipe.augment, show_default=True,
                      help="Also fit on mirrored and shifted copies of the synthetic images."),
         click.option("--seed", type=int, default=0, show_default=True),

@@ -21,6 +21,7 @@ METADATA_KEY = "datafree.recipe"
 CRITERIA = ("auto", "l1", "l2", "bn_l1", "output")
 CLIPS = ("max", "mse")
 SCOPES = ("auto", "layer", "global")
+BUDGETS = ("auto", "full")
 FLOAT = "float"  # how an unquantized wbits/abits is written in TOML
 
 
@@ -64,6 +65,8 @@ class Recipe:
     synthetic_steps: int = 80           # the generator's default: ~40 s for 256 CIFAR images on 2 cores
     augment: bool = True                # also fit on mirrored and shifted copies (4-D image inputs)
     joint_steps: int = 300              # Adam steps fitting each pruned group with its consumers (0 = off)
+    fit_budget: str = "auto"            # auto: models costlier per image than a CIFAR ResNet-56 get fewer
+                                        # synthetic images and joint steps, in proportion; full: as given
     seed: int = 0
     layers: dict[str, LayerOverride] = field(default_factory=dict)
     dynamic: DynamicConfig | None = None
@@ -93,6 +96,8 @@ class Recipe:
             raise UserError(f"channel_multiple must be a positive integer, got {self.channel_multiple!r}")
         if not isinstance(self.synthetic, int) or self.synthetic < 0:
             raise UserError(f"synthetic must be a non-negative number of images, got {self.synthetic!r}")
+        if self.fit_budget not in BUDGETS:
+            raise UserError(f"fit_budget must be one of {', '.join(BUDGETS)}, got {self.fit_budget!r}")
         if not isinstance(self.joint_steps, int) or self.joint_steps < 0:
             raise UserError(f"joint_steps must be a non-negative number of steps, got {self.joint_steps!r}")
         for name, o in self.layers.items():
