@@ -90,3 +90,29 @@ def test_view_flatten_head_fits_on_synthetic_images(tmp_path):
     assert not any("closed form" in n for n in result.summary.notes)
     x = zoo.images(3)
     assert zoo.run(result.model, x).shape == (3, 10)
+
+
+def test_depthwise_weights_keep_8_bits_unless_asked(tmp_path):
+    import json
+
+    from datafree.toolchain import graph as G
+
+    path = zoo.export_model(zoo.mobilenet_like(), tmp_path, "mbv2")
+    kinds = {l.name: l.kind for l in G.analyse(load(path)).layers}
+    depthwise = sorted(n for n, k in kinds.items() if k == "depthwise")
+    assert depthwise
+
+    def bits(recipe):
+        result = compress(load(path), recipe)
+        layers = json.loads(result.model.metadata_props["datafree.layers"])
+        return {n: v["wbits"] for n, v in layers.items()}, result.summary.notes
+
+    got, notes = bits(Recipe(wbits=4, synthetic=0))
+    assert {n: got[n] for n in depthwise} == {n: 8 for n in depthwise}
+    assert {b for n, b in got.items() if n not in depthwise} == {4}
+    assert any(f"{len(depthwise)} depthwise layers keep 8-bit weights" in n for n in notes)
+    got, notes = bits(Recipe(wbits=4, depthwise_wbits=None, synthetic=0))
+    assert set(got.values()) == {4} and not any("depthwise layers keep" in n for n in notes)
+    got, _ = bits(Recipe(wbits=4, synthetic=0, layers={depthwise[0]: {"wbits": 4}}))
+    assert got[depthwise[0]] == 4 and all(got[n] == 8 for n in depthwise[1:])
+    assert bits(Recipe(wbits=8, synthetic=0))[0] == {n: 8 for n in kinds}

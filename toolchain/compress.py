@@ -73,9 +73,9 @@ class CompressResult:
 
 
 # ------------------------------------------------------------------ helpers
-def _needs_opset21(recipe: Recipe, names: list[str]) -> bool:
-    for name in names:
-        eff = recipe.for_layer(name)
+def _needs_opset21(recipe: Recipe, layers: list[G.Layer]) -> bool:
+    for layer in layers:
+        eff = recipe.for_layer(layer.name, layer.kind)
         if eff.skip:
             continue
         if eff.abits is not None and eff.abits <= 4:
@@ -171,7 +171,7 @@ def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = sil
             summary.notes.append(budget_note)
     timings["synthetic"] = time.perf_counter() - t
     # INT4 tensors need opset 21 (after generation, so its cache key is the user's model)
-    if _needs_opset21(recipe, [l.name for l in analysis.layers]) and ingest.opset_of(model) < 21:
+    if _needs_opset21(recipe, analysis.layers) and ingest.opset_of(model) < 21:
         model = _upgrade(model, 21)
         analysis = G.analyse(model)
 
@@ -229,7 +229,7 @@ def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = sil
                              "values in INT8 for its integer kernels")
     per_layer = {}
     for layer in analysis.layers:
-        eff = recipe.for_layer(layer.name)
+        eff = recipe.for_layer(layer.name, layer.kind)
         wq = weights.get(layer.name)
         in_name = _layer_input_name(layer)
         aq = acts.get(in_name) if in_name else None
@@ -241,6 +241,12 @@ def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = sil
             wbits=wq.bits if wq else None, abits=aq.bits if aq else None,
             macs_before=m0, macs_after=_macs_after(layer, m0, before), params_before=p0,
             params_after=_params_after(layer, wq), note="skipped by recipe" if eff.skip else ""))
+    raised = [l for l in analysis.layers if weights.get(l.name) is not None and recipe.wbits is not None
+              and l.kind == "depthwise" and weights[l.name].bits > recipe.wbits]
+    if raised:
+        summary.notes.append(f"{len(raised)} depthwise layers keep {recipe.depthwise_wbits}-bit weights: their "
+                             "small filters lose the most at fewer bits and hold few of the model's weights "
+                             "(depthwise_wbits in a recipe, --depthwise-wbits, to change it)")
     model.metadata_props[LAYERS_KEY] = json.dumps(per_layer, sort_keys=True)
     return _finish(model, recipe, summary, macs_before, bytes_before, timings, t_start)
 
@@ -493,7 +499,7 @@ def quantize_closed_form(layers: list[G.Layer], recipe: Recipe, moments: dict, p
     weights = {}
     for i, layer in enumerate(layers):
         progress("quantize", i, len(layers))
-        eff = recipe.for_layer(layer.name)
+        eff = recipe.for_layer(layer.name, layer.kind)
         if eff.skip or eff.wbits is None:
             continue
         w0 = layer.w_oc()

@@ -79,7 +79,7 @@ def fit_sequential(model: ir.Model, reference: ir.Model, layers: list[Layer], im
     acts: dict[str, ActQuant] = {}
     hooks: dict[str, callable] = {}
     x_all = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
-    todo = [l for l in layers if not recipe.for_layer(l.name).skip and l.name in ref_layers]
+    todo = [l for l in layers if not recipe.for_layer(l.name, l.kind).skip and l.name in ref_layers]
     plan = activation_plan(layers, recipe)
     ref_outs = [ref_layers[l.name].node.outputs[0].name for l in todo]
     by_name = {l.name: l for l in layers}
@@ -105,7 +105,7 @@ def fit_sequential(model: ir.Model, reference: ir.Model, layers: list[Layer], im
 
     for i, layer in enumerate(todo):
         progress("fit layers", i, len(todo))
-        eff = recipe.for_layer(layer.name)
+        eff = recipe.for_layer(layer.name, layer.kind)
         graph = TorchGraph(model).eval()
         in_name = layer.node.inputs[0].name
         with torch.no_grad():

@@ -39,14 +39,14 @@ def activation_plan(layers: list[Layer], recipe: Recipe) -> dict[str, int]:
     wanted: dict[str, int] = {}
     inputs = set()
     for layer in layers:
-        eff = recipe.for_layer(layer.name)
+        eff = recipe.for_layer(layer.name, layer.kind)
         if eff.skip or eff.abits is None:
             continue
         name = layer.node.inputs[0].name
         inputs.add(id(layer.node.inputs[0]))
         wanted[name] = max(wanted.get(name, 0), eff.abits)
     for layer in layers:
-        eff = recipe.for_layer(layer.name)
+        eff = recipe.for_layer(layer.name, layer.kind)
         out = layer.output
         if eff.skip or eff.abits is None or out.is_graph_output() or out.name in wanted:
             continue

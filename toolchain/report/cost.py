@@ -216,7 +216,7 @@ def layer_bits(layer: graph.Layer, meta: dict, recipe: Recipe | None) -> tuple[i
     if w_dq is None:
         return FLOAT_BITS, astore, FLOAT_BITS, astore, "float"
     if recipe is not None:
-        o = recipe.for_layer(layer.name)
+        o = recipe.for_layer(layer.name, layer.kind)
         if o.wbits is not None:
             ab = o.abits or FLOAT_BITS
             return o.wbits, ab, wstore, astore if astore < FLOAT_BITS else storage_bits(ab), "recipe"
