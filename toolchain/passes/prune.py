@@ -146,10 +146,11 @@ def removal_order(consumers: list[tuple[np.ndarray, np.ndarray, int]], channels:
     alive = np.ones(channels, dtype=bool)
     for _ in range(n_remove):
         cost = np.zeros(channels)
-        for Hinv, W, b in state:
-            for c in np.flatnonzero(alive):
-                sl = slice(c * b, (c + 1) * b)
-                cost[c] += np.trace(W[sl].T @ np.linalg.solve(Hinv[sl, sl], W[sl]))
+        idx = np.flatnonzero(alive)
+        for Hinv, W, b in state:   # every alive channel's cost at once: its b x b block of H^-1
+            blocks = Hinv.reshape(channels, b, channels, b)[idx, :, idx, :]
+            Wc = W.reshape(channels, b, -1)[idx]
+            cost[idx] += np.einsum("nbo,nbo->n", Wc, np.linalg.solve(blocks, Wc))
         cost[~alive] = np.inf
         c = int(np.argmin(cost))
         for st in state:
