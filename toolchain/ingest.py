@@ -120,6 +120,42 @@ class RemoveInferenceNoOpsPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified)
 
 
+class UntieSharedWeightsPass(ir.passes.InPlacePass):
+    """A weight, bias or BN parameter read by several layers gets a copy per layer.
+
+    Compression changes each layer's tensors on their own (BN folding, pruning,
+    quantization): a module applied twice (tied weights) would otherwise have both of
+    its uses rewritten through one initializer and compute wrong outputs.
+    """
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from .graph import LAYER_OPS, UniqueNames
+
+        graph, names, modified = model.graph, None, False
+        for node in list(graph):
+            if node.domain not in ("", "ai.onnx"):
+                continue
+            if node.op_type in LAYER_OPS:
+                slots = (1, 2)
+            elif node.op_type == "BatchNormalization":
+                slots = (1, 2, 3, 4)
+            else:
+                continue
+            for i in slots:
+                value = node.inputs[i] if i < len(node.inputs) else None
+                if value is None or value.const_value is None or not value.is_initializer() or \
+                        len(list(value.uses())) < 2 or value.is_graph_output():
+                    continue
+                names = names or UniqueNames(graph)
+                name = names(f"{value.name}_{node.name}")
+                tensor = ir.tensor(value.const_value.numpy().copy(), name=name)
+                copy = ir.Value(name=name, const_value=tensor, shape=value.shape, type=value.type)
+                graph.register_initializer(copy)
+                node.replace_input_with(i, copy)
+                modified = True
+        return ir.passes.PassResult(model, modified)
+
+
 class FoldConstantsPass(ir.passes.InPlacePass):
     """Fold constant subgraphs (shape arithmetic, weights computed from constants)."""
 
@@ -141,6 +177,7 @@ def normalize(model: ir.Model) -> ir.Model:
         RemoveInferenceNoOpsPass(),
         common.IdentityEliminationPass(),
         common.RemoveUnusedNodesPass(),
+        UntieSharedWeightsPass(),
         common.NameFixPass(),
         common.TopologicalSortPass(),
     ])
