@@ -93,6 +93,7 @@ def generate(model: ir.Model, n: int, *, steps: int = DEFAULT_STEPS, seed: int =
         raise UserError(f"number of synthetic images must be positive, got {n}")
     if steps < 0 or batch_size <= 0:
         raise UserError("steps must be >= 0 and batch_size > 0")
+    _check_image_input(model)
     shape = sample_shape(model, input_shape)
     path = None
     if cache:
@@ -130,6 +131,18 @@ def augmented(images: np.ndarray, seed: int = 0) -> np.ndarray:
     for i, (dy, dx) in enumerate(rng.integers(-r, r + 1, size=(len(both), 2))):
         shifted[i] = padded[i, :, r + dy:r + dy + h, r + dx:r + dx + w]
     return np.ascontiguousarray(np.concatenate([both, shifted]))
+
+
+def _check_image_input(model: ir.Model) -> None:
+    """Synthetic inputs are made for one floating-point input (images, signals, features)."""
+    inputs = list(model.graph.inputs)
+    if len(inputs) != 1:
+        raise CannotSynthesise(f"the model has {len(inputs)} inputs ({', '.join(repr(v.name) for v in inputs)}): "
+                               "synthetic inputs are made for models with one")
+    dtype = inputs[0].dtype
+    if dtype is not None and dtype != ir.DataType.FLOAT:
+        raise CannotSynthesise(f"input {inputs[0].name!r} is {dtype.name.lower()}, not float32: synthetic inputs "
+                               "are made by gradient descent on float inputs")
 
 
 # ------------------------------------------------------------------ shapes and keys
