@@ -154,14 +154,25 @@ def predict(session: InferenceSession, images: ImageSet, batch: int = 64) -> Pre
     """Run ``session`` over ``images`` in batches."""
     if batch < 1:
         raise UserError(f"batch must be at least 1, got {batch}")
+    if len(session.input_names) != 1:
+        raise UserError(f"the model has {len(session.input_names)} inputs ({', '.join(session.input_names)}): "
+                        "datafree run feeds images to models with one")
     name = session.input_names[0]
-    _check_fits(session.get_inputs()[0].shape, images.x.shape)
+    want = session.get_inputs()[0].shape
+    _check_fits(want, images.x.shape)
+    fixed = want[0] if want and isinstance(want[0], int) else None
+    if fixed:                                  # a fixed batch axis: runs of exactly that many
+        batch = fixed
     logits, bits = [], []
     for start in range(0, len(images.x), batch):
-        outs = session.run(None, {name: images.x[start:start + batch]})
-        logits.append(outs[0])
+        x = images.x[start:start + batch]
+        n = len(x)
+        if fixed and n < fixed:                # the last run padded with copies, then cut
+            x = np.concatenate([x, np.repeat(x[-1:], fixed - n, axis=0)])
+        outs = session.run(None, {name: x})
+        logits.append(outs[0][:n])
         if session.dynamic and len(outs) > 1:
-            bits.append(outs[1])
+            bits.append(outs[1][:n])
     logits_arr = np.concatenate(logits).reshape(len(images.x), -1)
     result = Predictions(predictions=np.argmax(logits_arr, axis=1).astype(np.int64), logits=logits_arr,
                          labels=images.labels, names=images.names)

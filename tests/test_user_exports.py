@@ -116,3 +116,140 @@ def test_depthwise_weights_keep_8_bits_unless_asked(tmp_path):
     got, _ = bits(Recipe(wbits=4, synthetic=0, layers={depthwise[0]: {"wbits": 4}}))
     assert got[depthwise[0]] == 4 and all(got[n] == 8 for n in depthwise[1:])
     assert bits(Recipe(wbits=8, synthetic=0))[0] == {n: 8 for n in kinds}
+
+
+# ----------------------------------------------------------- more inputs users bring
+def _export(module, path, args, names, dynamic=True):
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), args, str(path), dynamo=False, opset_version=17, input_names=names,
+                          output_names=["out"], training=torch.onnx.TrainingMode.EVAL, do_constant_folding=False,
+                          dynamic_axes={**{n: {0: "b"} for n in names}, "out": {0: "b"}} if dynamic else None)
+    return path
+
+
+def _ort(path_or_model, feeds):
+    import onnxruntime as ort
+
+    m = path_or_model
+    data = ir.serde.serialize_model(m).SerializeToString() if isinstance(m, ir.Model) else str(m)
+    return ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+def test_a_module_applied_twice_is_compressed_as_two_layers(tmp_path):
+    """Tied weights (one initializer read by two convs, each with its own BN): every
+    use gets its own copy, so folding and pruning one leaves the other alone."""
+    import torch
+    from torch import nn
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(*zoo._cbr(3, 16))
+            self.shared, self.b1, self.b2 = nn.Conv2d(16, 16, 3, 1, 1), nn.BatchNorm2d(16), nn.BatchNorm2d(16)
+            self.head = nn.Sequential(*zoo._cbr(16, 32, stride=2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                      nn.Linear(32, 10))
+
+        def forward(self, x):
+            x = torch.relu(self.b1(self.shared(self.stem(x))))
+            return self.head(torch.relu(self.b2(self.shared(x))))
+
+    module = zoo.randomize(Tied())
+    path = _export(module, tmp_path / "tied.onnx", (torch.zeros(1, 3, 32, 32),), ["input"])
+    x = zoo.images(4)
+    float_model = compress(load(path), Recipe(wbits=None, synthetic=0)).model
+    np.testing.assert_allclose(zoo.run(float_model, x), zoo.run_torch(module, x), rtol=1e-4, atol=1e-4)
+    pruned = compress(load(path), Recipe(prune=0.3, wbits=8, synthetic=0))
+    assert pruned.summary.totals["macs_after"] < pruned.summary.totals["macs_before"]
+    assert zoo.run(pruned.model, x).shape == (4, 10)
+
+
+def test_16_bit_float_models_are_refused_with_one_line(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float16), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "half",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 4, 8, 8])], [w])
+    path = tmp_path / "half.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    from datafree.toolchain.errors import UserError
+
+    with pytest.raises(UserError, match="16-bit floats .*float32 export"):
+        compress(load(path), Recipe(synthetic=0))
+
+
+def test_token_ids_get_valid_probes_and_no_synthetic_images(tmp_path):
+    """An int64 input: activation ranges from ids the embedding table holds; no synthetic
+    inputs (they are made by gradient descent on floats), the closed form with a note."""
+    import torch
+    from torch import nn
+
+    class Text(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc1, self.fc2 = nn.Embedding(50, 32), nn.Linear(32, 64), nn.Linear(64, 4)
+
+        def forward(self, ids):
+            return self.fc2(torch.relu(self.fc1(self.emb(ids).mean(1))))
+
+    module = zoo.randomize(Text())
+    path = _export(module, tmp_path / "text.onnx", (torch.zeros(1, 16, dtype=torch.long),), ["ids"])
+    ids = np.random.default_rng(1).integers(0, 50, size=(8, 16)).astype(np.int64)
+    ref = _ort(path, {"ids": ids})
+    result = compress(load(path), Recipe(wbits=8, abits=8, synthetic=16, synthetic_steps=2))
+    assert any("is int64, not float32" in n and "closed form used" in n for n in result.summary.notes)
+    y = _ort(result.model, {"ids": ids})
+    assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 0.05
+
+
+def test_two_inputs_and_a_fixed_batch(tmp_path):
+    import torch
+    from torch import nn
+
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(*zoo._cbr(3, 16), *zoo._cbr(16, 16), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.fc = nn.Linear(16 + 4, 10)
+
+        def forward(self, img, vec):
+            return self.fc(torch.cat([self.body(img), vec], 1))
+
+    module = zoo.randomize(TwoInputs())
+    args = (torch.zeros(2, 3, 32, 32), torch.zeros(2, 4))
+    for dynamic in (True, False):           # fixed batch of 2: probes go in runs of 2
+        path = _export(module, tmp_path / f"two{dynamic}.onnx", args, ["img", "vec"], dynamic=dynamic)
+        result = compress(load(path), Recipe(wbits=8, abits=8, synthetic=16, synthetic_steps=2))
+        assert any("the model has 2 inputs" in n for n in result.summary.notes)
+        feeds = {"img": zoo.images(2), "vec": np.ones((2, 4), np.float32)}
+        ref = _ort(path, feeds)
+        assert np.linalg.norm(_ort(result.model, feeds) - ref) / np.linalg.norm(ref) < 0.05
+
+
+def test_run_feeds_a_fixed_batch_model_in_runs_of_its_batch(tmp_path):
+    import torch
+    from click.testing import CliRunner
+
+    from datafree.toolchain.cli import main
+
+    module = zoo.conv_bn_relu_conv()
+    one = _export(module, tmp_path / "b2.onnx", (torch.zeros(2, 3, 32, 32),), ["input"], dynamic=False)
+    np.savez(tmp_path / "x.npz", x=zoo.images(5))     # 2 + 2 + 1 padded
+    r = CliRunner().invoke(main, ["run", str(one), "--images", str(tmp_path / "x.npz"), "--json"])
+    assert r.exit_code == 0, r.output
+    import json
+
+    preds = json.loads(r.output)["predictions"]
+    assert preds == zoo.run_torch(module, zoo.images(5)).argmax(1).tolist()
+
+
+def test_recipe_pattern_matching_no_layer_is_noted(tmp_path):
+    path = zoo.export_model(zoo.conv_bn_relu_conv(), tmp_path, "cbrc")
+    notes = compress(load(path), Recipe(synthetic=0, layers={"/nothing/*": {"wbits": 4}})).summary.notes
+    assert any("'/nothing/*' matches no layer" in n for n in notes)

@@ -13,6 +13,7 @@ quantize weights (+ corrections) → activation ranges → QDQ → metadata.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import time
 from dataclasses import dataclass, field
@@ -114,6 +115,10 @@ def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = sil
     if ingest.is_quantized(model):
         raise UserError("model is already quantized (it has QuantizeLinear/DequantizeLinear or integer ops): "
                         "compress its float export instead")
+    half = [v.name for v in [*model.graph.inputs, *model.graph.outputs]
+            if v.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)]
+    if half:
+        raise UserError(f"model computes in 16-bit floats (input/output {half[0]!r}): compress its float32 export")
     if input_shape is not None:   # checked even where no images are made: a shape that cannot fit is an error
         from .synth import sample_shape
 
@@ -131,6 +136,10 @@ def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = sil
     bytes_before = weight_bytes(model)
     moments = {l.name: l.preact_moments() for l in analysis.layers}
     summary = Summary(skipped={g.name: g.reason for g in analysis.groups if g.reason} | analysis.skipped)
+    names = [l.name for l in analysis.layers]
+    summary.notes.extend(f"recipe layer pattern {pat!r} matches no layer (the names are in the table)"
+                         for pat in recipe.layers
+                         if pat not in names and not any(fnmatch.fnmatchcase(n, pat) for n in names))
 
     # ---------------------------------------------------------- synthetic images
     t = time.perf_counter()
@@ -562,9 +571,30 @@ def probe_activations(model: ir.Model, names: list[str], n: int = 32, seed: int 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    inp = sess.get_inputs()[0]
-    shape = [n if not isinstance(d, int) else d for d in inp.shape]
-    shape[0] = n
-    x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-    outs = sess.run(names, {inp.name: x})
-    return dict(zip(names, outs))
+    inputs = sess.get_inputs()
+    fixed = {d[0] for d in (i.shape for i in inputs) if d and isinstance(d[0], int)}
+    batch = min(fixed) if fixed else n            # a fixed batch axis: as many runs as it takes
+    rng = np.random.default_rng(seed)
+    runs = [sess.run(names, {i.name: _probe(i, batch, n, model, rng) for i in inputs})
+            for _ in range(max(1, -(-n // batch)))]
+    return {name: np.concatenate([r[k] for r in runs]) if runs[0][k].ndim else runs[0][k]
+            for k, name in enumerate(names)}
+
+
+def _probe(inp, batch: int, size: int, model: ir.Model, rng: np.random.Generator) -> np.ndarray:
+    """Seeded probe values for one input (``batch`` of them, ``size`` on symbolic axes):
+    standard normal for floats; for integers (token ids), ids valid for the table the
+    input indexes (``Gather``), else zeros."""
+    shape = [batch, *(d if isinstance(d, int) else size for d in inp.shape[1:])] if inp.shape else []
+    kind = inp.type[len("tensor("):-1]
+    if kind in ("float", "double"):
+        return rng.standard_normal(shape).astype(np.float32 if kind == "float" else np.float64)
+    value = next((v for v in model.graph.inputs if v.name == inp.name), None)
+    high = 1
+    for use in (value.uses() if value is not None else ()):
+        if use.node.op_type == "Gather" and use.idx == 1:
+            table = G.const_array(use.node.inputs[0])
+            if table is not None:
+                high = max(high, int(table.shape[int(G.attr(use.node, "axis", 0))]))
+    dtype = {"int64": np.int64, "int32": np.int32, "bool": np.bool_}.get(kind, np.int64)
+    return rng.integers(0, high, size=shape).astype(dtype)
