@@ -96,8 +96,9 @@ def test_synthetic_fit_beats_closed_form_on_pruned_resnet20(resnet20_bn, dev_ima
 
 @pytest.mark.parametrize("macs, recipe, expected", [
     (40.6e6, Recipe(), (256, 300)),                          # CIFAR ResNet-20: as given
-    (125e6, Recipe(), (256, 300)),                           # the reference itself
-    (300e6, Recipe(), (107, 125)),                           # 2.4x: in proportion
+    (126e6, Recipe(), (256, 300)),                           # CIFAR ResNet-56: as given
+    (150e6, Recipe(), (256, 300)),                           # the reference itself
+    (300e6, Recipe(), (128, 150)),                           # 2x: in proportion
     (1.82e9, Recipe(), (32, 50)),                            # ResNet-18 at 224: the floors
     (1.82e9, Recipe(fit_budget="full"), (256, 300)),
     (1.82e9, Recipe(synthetic=0), (0, 300)),

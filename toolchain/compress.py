@@ -347,8 +347,8 @@ def _refresh_shapes(model: ir.Model) -> None:
 
 # ------------------------------------------------------------------ pruning
 # The per-image cost up to which the recipe's synthetic images and joint steps are used
-# as given: a CIFAR ResNet-56 (125 M MACs) compresses in about 4 minutes on 2 cores.
-REFERENCE_MACS = 125e6
+# as given: a little above a CIFAR ResNet-56 (126 M MACs, about 4 minutes on 2 cores).
+REFERENCE_MACS = 150e6
 MIN_IMAGES, MIN_JOINT_STEPS = 32, 50
 
 
