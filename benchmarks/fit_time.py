@@ -50,13 +50,27 @@ def cifar_resnet(depth: int) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+def resnet18() -> nn.Module:
+    """An ImageNet-shaped ResNet-18 (7x7 stem, max pool, widths 64..512, 1,000 classes)."""
+    layers: list[nn.Module] = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                               nn.MaxPool2d(3, 2, 1)]
+    cin = 64
+    for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        for i in range(2):
+            layers.append(Block(cin, cout, stride if i == 0 else 1))
+            cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 1000)]
+    return nn.Sequential(*layers)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--depths", default="20,56")
+    ap.add_argument("--depths", default="20,56", help="CIFAR ResNet depths (32 x 32)")
+    ap.add_argument("--imagenet", action="store_true", help="also a ResNet-18 at 224 x 224 (about 15 minutes)")
     ap.add_argument("--recipe", default="prune=0.3,wbits=4,abits=8",
                     help="Recipe fields, e.g. 'prune=0.3,wbits=4,abits=8' (the rest: defaults)")
     args = ap.parse_args()
-    from datafree.toolchain.compress import compress
+    from datafree.toolchain.compress import compress, fitting_work
     from datafree.toolchain.recipe import Recipe
 
     fields = {}
@@ -66,19 +80,23 @@ def main() -> None:
     recipe = Recipe(**fields)
     lines = ["# Compression time, synthetic images included", "", "```",
              "python benchmarks/fit_time.py " + " ".join(sys.argv[1:]), "```", "",
-             f"CIFAR ResNets with random weights (time does not depend on them), recipe `{args.recipe}` "
+             f"ResNets with random weights (time does not depend on them), recipe `{args.recipe}` "
              f"(everything else default), empty image cache; {os.cpu_count()} cores.", ""]
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["DATAFREE_CACHE"] = str(Path(tmp) / "cache")
-        for depth in (int(d) for d in args.depths.split(",")):
-            net = zoo.randomize(cifar_resnet(depth)).eval()
-            path = zoo.export_model(net, Path(tmp), f"resnet{depth}", (1, 3, 32, 32))
+        nets = [(f"ResNet-{d}", cifar_resnet(int(d)), (1, 3, 32, 32)) for d in args.depths.split(",")]
+        if args.imagenet:
+            nets.append(("ResNet-18 (224 x 224)", resnet18(), (1, 3, 224, 224)))
+        for name, net, shape in nets:
+            path = zoo.export_model(zoo.randomize(net).eval(), Path(tmp), name.split()[0].lower(), shape)
             t, c = time.perf_counter(), time.process_time()
             result = compress(path, recipe)
             wall, cpu = time.perf_counter() - t, time.process_time() - c
             stages = ", ".join(f"{k} {v:.1f}" for k, v in result.summary.timings.items() if k != "total")
-            line = (f"ResNet-{depth}: {wall:.1f} s wall, {cpu:.1f} s CPU ({stages}); "
-                    f"{recipe.synthetic} synthetic images, MACs {result.summary.totals['macs_before'] / 1e6:.1f} M "
+            n_images, joint, _ = fitting_work(recipe, result.summary.totals["macs_before"])
+            line = (f"{name}: {wall:.1f} s wall, {cpu:.1f} s CPU ({stages}); "
+                    f"{n_images} synthetic images, {joint} joint steps, MACs "
+                    f"{result.summary.totals['macs_before'] / 1e6:.1f} M "
                     f"-> {result.summary.totals['macs_after'] / 1e6:.1f} M; 1-min load {os.getloadavg()[0]:.1f}")
             print(line, flush=True)
             lines.append(f"* {line}")
