@@ -217,7 +217,7 @@ def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = sil
     weights, acts = {}, {}
     if recipe.dynamic is not None:
         return _finish_dynamic(model, reference, analysis, synthetic, fit_images, recipe, plans, before,
-                               macs_before, bytes_before, summary, timings, t_start, progress)
+                               macs_before, bytes_before, summary, timings, t_start, progress, joint_steps)
     if synthetic is not None:
         from .passes.fit import fit_sequential
 
@@ -277,9 +277,8 @@ def _finish(model: ir.Model, recipe: Recipe, summary: Summary, macs_before, byte
 
 
 def _finish_dynamic(model, reference, analysis, synthetic, fit_images, recipe: Recipe, plans, before, macs_before,
-                    bytes_before, summary: Summary, timings, t_start, progress) -> CompressResult:
+                    bytes_before, summary: Summary, timings, t_start, progress, joint_steps: int) -> CompressResult:
     """Dynamic precision: refit what pruning changed (in float), then the selector pass."""
-    joint_steps = fitting_work(recipe, macs_before)[1]
     from .passes.dynamic import apply_dynamic
 
     t = time.perf_counter()
@@ -345,7 +344,7 @@ def _refresh_shapes(model: ir.Model) -> None:
     ingest.infer_shapes(model)
 
 
-# ------------------------------------------------------------------ pruning
+# ------------------------------------------------------------ fitting work
 # The per-image cost up to which the recipe's synthetic images and joint steps are used
 # as given: a little above a CIFAR ResNet-56 (126 M MACs, about 4 minutes on 2 cores).
 REFERENCE_MACS = 150e6
@@ -371,6 +370,7 @@ def fitting_work(recipe: Recipe, macs: int | None) -> tuple[int, int, str | None
                         "(--fit-budget full for those)")
 
 
+# ------------------------------------------------------------------ pruning
 def plan_pruning(analysis: G.Analysis, recipe: Recipe,
                  output_stats: dict | None = None) -> list[prune.PrunePlan]:
     """Which channels of which group go: ratio per layer (or global rank), then the criterion."""
