@@ -200,6 +200,12 @@ CASES = {
     "reshape_zero": ("Reshape", {}, {"shape": _c(0, -1, 9)}),
     "gather_axis": ("Gather", {"axis": 3}, {"idx": _c([0, -1], [2, 3])}),
     "expand": ("Expand", {}, {"shape": _c(2, 1, 1, 1)}),
+    "layernorm_axis": ("LayerNormalization", {"axis": 2, "epsilon": 1e-3},
+                       {"s": R.standard_normal((7, 9)).astype(np.float32), "b": R.standard_normal((7, 9)).astype(np.float32)}, 17),
+    "groupnorm_per_channel": ("GroupNormalization", {"num_groups": 3, "epsilon": 1e-3},
+                              {"s": R.standard_normal(3).astype(np.float32), "b": R.standard_normal(3).astype(np.float32)}, 21),
+    "instancenorm": ("InstanceNormalization", {"epsilon": 1e-4},
+                     {"s": R.standard_normal(3).astype(np.float32), "b": R.standard_normal(3).astype(np.float32)}),
 }
 
 
@@ -245,3 +251,37 @@ def test_unknown_op_is_a_user_error():
     model, _ = _one_node("Foo", {"x": X4}, domain="com.example")
     with pytest.raises(UserError, match=r"op com\.example::Foo .* is not supported"):
         TorchGraph(model)
+
+
+class Normed(torch.nn.Module):
+    """Norms other than BN: GroupNorm and InstanceNorm after convs, a LayerNorm'd token MLP."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.gn = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.GroupNorm(2, 8)
+        self.c2, self.inorm = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.InstanceNorm2d(8, affine=True)
+        self.ln, self.fc = torch.nn.LayerNorm(8), torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        x = torch.relu(self.inorm(self.c2(torch.relu(self.gn(self.c1(x))))))
+        t = x.flatten(2).transpose(1, 2)                  # [N, tokens, C]
+        return (t + self.fc(torch.nn.functional.gelu(self.ln(t)))).mean(1)
+
+
+@pytest.mark.parametrize("opset", [17, 18, 21])
+def test_layer_group_and_instance_norms_match(tmp_path, opset):
+    torch.manual_seed(0)
+    net = Normed().eval()
+    with torch.no_grad():
+        for m in (net.gn, net.inorm, net.ln):
+            m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
+    path = tmp_path / f"normed{opset}.onnx"
+    torch.onnx.export(net, (torch.randn(2, 3, 8, 8),), str(path), dynamo=False, opset_version=opset,
+                      input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+    model = load(path)
+    assert {"LayerNormalization", "InstanceNormalization"} <= {n.op_type for n in model.graph}
+    feeds = {"x": np.random.default_rng(1).standard_normal((3, 3, 8, 8)).astype(np.float32)}
+    assert_matches_ort(model, feeds)
+    with torch.no_grad():
+        np.testing.assert_allclose(TorchGraph(model)(torch.from_numpy(feeds["x"])).numpy(),
+                                   net(torch.from_numpy(feeds["x"])).numpy(), atol=TOL)

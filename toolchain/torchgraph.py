@@ -185,6 +185,33 @@ def _batchnorm(x, scale, bias, mean, var, *, attrs):
     return F.batch_norm(x, mean, var, scale, bias, False, 0.0, float(attrs.get("epsilon", 1e-5)))
 
 
+def _layernorm(x, scale, bias=None, *, attrs, n_out=1):
+    """LayerNormalization (opset 17): normalised over the axes from ``axis`` on."""
+    axis = _axis(int(attrs.get("axis", -1)), x.dim())
+    y = F.layer_norm(x, x.shape[axis:], scale.expand(x.shape[axis:]) if scale.dim() else None,
+                     None if bias is None else bias.expand(x.shape[axis:]), float(attrs.get("epsilon", 1e-5)))
+    if n_out == 1:
+        return y
+    dims = tuple(range(axis, x.dim()))     # the mean and inverse std the op may also return
+    mean = x.mean(dim=dims, keepdim=True)
+    inv = torch.rsqrt(x.var(dim=dims, unbiased=False, keepdim=True) + float(attrs.get("epsilon", 1e-5)))
+    return (y, mean, inv)[:n_out]
+
+
+def _groupnorm(x, scale, bias, *, attrs):
+    """GroupNormalization (opset 18: scale and bias per group; 21: per channel)."""
+    groups = int(attrs["num_groups"])
+    eps = float(attrs.get("epsilon", 1e-5))
+    c = x.shape[1]
+    if scale.numel() == groups and groups != c:
+        scale, bias = scale.repeat_interleave(c // groups), bias.repeat_interleave(c // groups)
+    return F.group_norm(x, groups, scale, bias, eps)
+
+
+def _instancenorm(x, scale, bias, *, attrs):
+    return F.instance_norm(x, weight=scale, bias=bias, eps=float(attrs.get("epsilon", 1e-5)))
+
+
 def _clip(x, lo=None, hi=None, *, attrs):
     lo = attrs.get("min") if lo is None else lo
     hi = attrs.get("max") if hi is None else hi
@@ -583,7 +610,8 @@ def _unary(fn):
 _OPS: dict[str, Callable] = {
     "Conv": _conv, "ConvTranspose": _conv_transpose, "Gemm": _gemm,
     "MatMul": lambda a, b, *, attrs: torch.matmul(a, b),
-    "BatchNormalization": _batchnorm,
+    "BatchNormalization": _batchnorm, "LayerNormalization": _layernorm, "GroupNormalization": _groupnorm,
+    "InstanceNormalization": _instancenorm,
     "Relu": _unary(F.relu), "Clip": _clip,
     "LeakyRelu": lambda x, *, attrs: F.leaky_relu(x, float(attrs.get("alpha", 0.01))),
     "Sigmoid": _unary(torch.sigmoid),
@@ -623,7 +651,7 @@ _OPS: dict[str, Callable] = {
     "Range": _range, "Tile": _tile, "ArgMax": _argmax,
     "QuantizeLinear": _quantize, "DequantizeLinear": _dequantize,
 }
-_NEEDS_N_OUT = {"Split", "Dropout"}
+_NEEDS_N_OUT = {"Split", "Dropout", "LayerNormalization"}
 
 
 def supported_ops() -> set[str]:
