@@ -204,6 +204,7 @@ def test_token_ids_get_valid_probes_and_no_synthetic_images(tmp_path):
     ref = _ort(path, {"ids": ids})
     result = compress(load(path), Recipe(wbits=8, abits=8, synthetic=16, synthetic_steps=2))
     assert any("is int64, not float32" in n and "closed form used" in n for n in result.summary.notes)
+    assert any("stay float" in n and "'emb.weight' (Gather, 6 KiB)" in n for n in result.summary.notes)
     y = _ort(result.model, {"ids": ids})
     assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 0.05
 

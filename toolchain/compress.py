@@ -136,6 +136,7 @@ def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = sil
     bytes_before = weight_bytes(model)
     moments = {l.name: l.preact_moments() for l in analysis.layers}
     summary = Summary(skipped={g.name: g.reason for g in analysis.groups if g.reason} | analysis.skipped)
+    summary.notes.extend(_uncompressed_constants(model, analysis, bytes_before))
     names = [l.name for l in analysis.layers]
     summary.notes.extend(f"recipe layer pattern {pat!r} matches no layer (the names are in the table)"
                          for pat in recipe.layers
@@ -342,6 +343,24 @@ def _refresh_shapes(model: ir.Model) -> None:
             if not v.is_graph_output():
                 v.shape = None
     ingest.infer_shapes(model)
+
+
+def _uncompressed_constants(model: ir.Model, analysis: G.Analysis, total: int, share: float = 0.01) -> list[str]:
+    """A note naming the large float constants no layer reads as weights (embedding tables,
+    positional encodings, ...): they stay float, and together hold ``share`` or more of the bytes."""
+    layer_inputs = {id(v) for l in analysis.layers for v in l.node.inputs[1:] if v is not None} | \
+                   {id(v) for l in analysis.layers if l.bn is not None for v in l.bn.inputs[1:]}
+    left = [(v.name, v.const_value.nbytes, [u.node.op_type for u in v.uses()])
+            for v in model.graph.initializers.values()
+            if v.const_value is not None and id(v) not in layer_inputs and v.dtype in (ir.DataType.FLOAT, ir.DataType.DOUBLE)
+            and v.const_value.size >= 1024]
+    size = sum(b for _, b, _ in left)
+    if not left or size < share * max(total, 1):
+        return []
+    left.sort(key=lambda t: -t[1])
+    shown = ", ".join(f"{n!r} ({'/'.join(sorted(set(ops))) or 'unused'}, {b / 1024:.0f} KiB)" for n, b, ops in left[:3])
+    return [f"float constants no layer reads as weights stay float ({size / 1024:.0f} KiB, "
+            f"{100 * size / max(total, 1):.0f} % of the weights): {shown}" + (", ..." if len(left) > 3 else "")]
 
 
 # ------------------------------------------------------------ fitting work
