@@ -129,7 +129,7 @@ class UntieSharedWeightsPass(ir.passes.InPlacePass):
     """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        from .graph import LAYER_OPS, UniqueNames
+        from .graph import LAYER_OPS, UniqueNames, add_initializer
 
         graph, names, modified = model.graph, None, False
         for node in list(graph):
@@ -147,10 +147,8 @@ class UntieSharedWeightsPass(ir.passes.InPlacePass):
                         len(list(value.uses())) < 2 or value.is_graph_output():
                     continue
                 names = names or UniqueNames(graph)
-                name = names(f"{value.name}_{node.name}")
-                tensor = ir.tensor(value.const_value.numpy().copy(), name=name)
-                copy = ir.Value(name=name, const_value=tensor, shape=value.shape, type=value.type)
-                graph.register_initializer(copy)
+                copy = add_initializer(graph, f"{value.name}_{node.name}", value.const_value.numpy().copy(),
+                                       names=names)
                 node.replace_input_with(i, copy)
                 modified = True
         return ir.passes.PassResult(model, modified)
