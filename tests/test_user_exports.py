@@ -69,7 +69,7 @@ def test_quantizing_through_data_movement_is_lossless(tmp_path):
     with_copy = compress(src, Recipe(wbits=8, abits=8, synthetic=0)).model
     original = qdq.through_data_movement
     try:
-        qdq.through_data_movement = lambda graph, acts: acts
+        qdq.through_data_movement = lambda values, acts: acts
         without = compress(src, Recipe(wbits=8, abits=8, synthetic=0)).model
     finally:
         qdq.through_data_movement = original

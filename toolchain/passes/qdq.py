@@ -59,17 +59,16 @@ DATA_MOVEMENT = {"Slice", "Split", "Reshape", "Transpose", "Squeeze", "Unsqueeze
                  "DepthToSpace", "SpaceToDepth", "Gather"}
 
 
-def through_data_movement(graph: ir.Graph, acts: dict[str, ActQuant]) -> dict[str, ActQuant]:
+def through_data_movement(values: dict[str, ir.Value], acts: dict[str, ActQuant]) -> dict[str, ActQuant]:
     """``acts`` with the outputs of the data-movement ops that read a quantized tensor
     quantized alike (lossless: their values are already on that grid).
 
     onnxruntime would otherwise propagate the Q/DQ through them itself, and at opset 21
     its propagation writes a QuantizeLinear whose zero point type contradicts its
     ``output_dtype``: a chunk (Slice) of a quantized tensor going straight into a Concat
-    made the model fail to load.
+    made the model fail to load.  ``values``: the graph's values by name.
     """
     acts = dict(acts)
-    values = {v.name: v for n in graph for v in n.outputs} | {v.name: v for v in graph.inputs}
     todo = list(acts)
     while todo:
         name = todo.pop()
@@ -105,7 +104,7 @@ def emit(model: ir.Model, layers: list[Layer], weights: dict[str, WeightQuant],
     graph = model.graph
     names = UniqueNames(graph)
     values = {v.name: v for n in graph for v in n.outputs} | {v.name: v for v in graph.inputs}
-    for value_name, aq in through_data_movement(graph, acts).items():
+    for value_name, aq in through_data_movement(values, acts).items():
         _insert_act_qdq(graph, names, values[value_name], aq)
     for layer in layers:
         wq = weights.get(layer.name)
