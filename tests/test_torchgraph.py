@@ -202,6 +202,8 @@ CASES = {
     "expand": ("Expand", {}, {"shape": _c(2, 1, 1, 1)}),
     "layernorm_axis": ("LayerNormalization", {"axis": 2, "epsilon": 1e-3},
                        {"s": R.standard_normal((7, 9)).astype(np.float32), "b": R.standard_normal((7, 9)).astype(np.float32)}, 17),
+    "layernorm_scalar_scale": ("LayerNormalization", {"axis": -1},
+                               {"s": np.array(1.7, np.float32), "b": np.array(-0.2, np.float32)}, 17),
     "groupnorm_per_channel": ("GroupNormalization", {"num_groups": 3, "epsilon": 1e-3},
                               {"s": R.standard_normal(3).astype(np.float32), "b": R.standard_normal(3).astype(np.float32)}, 21),
     "instancenorm": ("InstanceNormalization", {"epsilon": 1e-4},

@@ -188,7 +188,7 @@ def _batchnorm(x, scale, bias, mean, var, *, attrs):
 def _layernorm(x, scale, bias=None, *, attrs, n_out=1):
     """LayerNormalization (opset 17): normalised over the axes from ``axis`` on."""
     axis = _axis(int(attrs.get("axis", -1)), x.dim())
-    y = F.layer_norm(x, x.shape[axis:], scale.expand(x.shape[axis:]) if scale.dim() else None,
+    y = F.layer_norm(x, x.shape[axis:], scale.expand(x.shape[axis:]),
                      None if bias is None else bias.expand(x.shape[axis:]), float(attrs.get("epsilon", 1e-5)))
     if n_out == 1:
         return y
