@@ -1,8 +1,8 @@
 """The ``datafree`` command line: parse, call the library, print.
 
 Every user-facing failure is a ``UserError`` from the library, or a bad option
-click finds; here it becomes one line on stderr and exit code 2.  Commands live beside the library they drive and
-are registered at the bottom of this file.
+click finds; here it becomes one line on stderr and exit code 2.  Commands live
+beside the library they drive and are registered at the bottom of this file.
 """
 
 from __future__ import annotations

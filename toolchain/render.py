@@ -18,7 +18,7 @@ def progress_bar(quiet: bool = False):
     if quiet:
         yield lambda stage, done, total: None
         return
-    if not console.is_terminal:   # a log (CI, a pipeline): a plain line per stage and tenth
+    if not console.is_terminal:   # a log (CI, a pipeline): plain lines, see _log_lines
         yield _log_lines()
         return
     with Progress(TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(),
