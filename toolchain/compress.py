@@ -25,6 +25,7 @@ from . import graph as G
 from . import ingest
 from .errors import CannotSynthesise, NotCompressible, UserError
 from .passes import fold, prune, qdq, quantize
+from .passes.shortcut import ShortcutAsConvPass
 from .progress import ProgressFn, silent
 from .recipe import METADATA_KEY, Recipe
 from .stats import mse_range, output_mean, output_samples
@@ -232,6 +233,7 @@ def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = sil
 
     # -------------------------------------------------------------------- write
     qdq.emit(model, analysis.layers, weights, acts, int4=recipe.int4)
+    ShortcutAsConvPass()(model)
     _refresh_shapes(model)
     if recipe.int4 and any(w.bits <= 4 for w in weights.values()):
         summary.notes.append("<= 4-bit weights stored as INT4: half the size of INT8 storage, but onnxruntime's CPU "

@@ -1,0 +1,108 @@
+"""Zero-padded strided shortcuts become 1x1 convolutions with the same outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from datafree.toolchain import ingest
+from datafree.toolchain.compress import compress
+from datafree.toolchain.passes.shortcut import ShortcutAsConvPass
+from datafree.toolchain.recipe import Recipe
+
+BIG = np.iinfo(np.int64).max
+
+
+def _shortcut_model(starts=(0, 0), steps=(2, 2), pads=(0, 4, 0, 0, 0, 4, 0, 0), pad_value=None,
+                    opset: int = 17) -> onnx.ModelProto:
+    """x (1x8x8x8) → Conv(16, stride 2) + [Slice..., Pad](x) → Relu."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(16, 8, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array(pads, np.int64), "pads")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", strides=[2, 2], pads=[1, 1, 1, 1])]
+    prev = "x"
+    for i, (axis, start, step) in enumerate(zip((2, 3), starts, steps)):
+        for n, v in (("st", start), ("en", BIG), ("ax", axis), ("sp", step)):
+            inits.append(numpy_helper.from_array(np.array([v], np.int64), f"{n}{i}"))
+        nodes.append(helper.make_node("Slice", [prev, f"st{i}", f"en{i}", f"ax{i}", f"sp{i}"], [f"s{i}"],
+                                      name=f"slice{i}"))
+        prev = f"s{i}"
+    pad_inputs = [prev, "pads"]
+    if pad_value is not None:
+        inits.append(numpy_helper.from_array(np.array(pad_value, np.float32), "pv"))
+        pad_inputs.append("pv")
+    nodes += [helper.make_node("Pad", pad_inputs, ["p"], name="pad"),
+              helper.make_node("Add", ["c", "p"], ["a"], name="add"),
+              helper.make_node("Relu", ["a"], ["y"], name="relu")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _run(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+def _rewritten(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
+    model = ingest.load(proto)
+    result = ShortcutAsConvPass()(model)
+    return ir.serde.serialize_model(model), result.modified
+
+
+def test_option_a_shortcut_becomes_a_selection_conv_with_the_same_outputs():
+    proto = _shortcut_model()
+    x = np.random.default_rng(1).normal(size=(3, 8, 8, 8)).astype(np.float32)
+    out, modified = _rewritten(proto)
+    assert modified
+    ops = [n.op_type for n in out.graph.node]
+    assert "Slice" not in ops and "Pad" not in ops and ops.count("Conv") == 2
+    conv = [n for n in out.graph.node if n.op_type == "Conv" and n.name != "conv"][0]
+    assert [a.ints for a in conv.attribute if a.name == "strides"][0] == [2, 2]
+    w = numpy_helper.to_array([i for i in out.graph.initializer if i.name == conv.input[1]][0])
+    assert w.shape == (16, 8, 1, 1) and w.sum() == 8 and w[4:12, :, 0, 0].tolist() == np.eye(8).tolist()
+    ref = _run(proto, x)     # the Add is fused into the conv: sums in another order
+    np.testing.assert_allclose(_run(out, x), ref, rtol=0, atol=1e-6 * np.abs(ref).max())
+    assert {i.name for i in out.graph.initializer} == {"w", conv.input[1]}
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(pads=(0, 4, 1, 0, 0, 4, 0, 0)),                 # spatial padding too
+    dict(pad_value=1.0),                                 # padded with ones
+])
+def test_other_slices_and_pads_stay(kwargs):
+    proto = _shortcut_model(**kwargs)
+    proto.graph.node[-2].input[0] = "p"     # Add(p, p): valid whatever shape the pad gives
+    out, modified = _rewritten(proto)
+    assert not modified
+    assert [n.op_type for n in out.graph.node].count("Pad") == 1
+
+
+def test_an_offset_slice_stays_in_front_of_the_conv():
+    proto = _shortcut_model(starts=(1, 0))    # x[:, :, 1::2, ::2]: the conv can only take the ::2
+    proto.graph.node[-2].input[0] = "p"
+    x = np.random.default_rng(2).normal(size=(2, 8, 8, 8)).astype(np.float32)
+    out, modified = _rewritten(proto)
+    assert modified and [n.op_type for n in out.graph.node].count("Slice") == 1
+    np.testing.assert_allclose(_run(out, x), _run(proto, x), rtol=0, atol=1e-6)
+
+
+def test_compressed_float_resnet20_has_no_slices_and_quantized_keeps_them(resnet20_bn):
+    x = np.random.default_rng(0).normal(size=(4, 3, 32, 32)).astype(np.float32)
+    original = onnx.load(resnet20_bn)
+    name = original.graph.input[0].name
+    ref = ort.InferenceSession(str(resnet20_bn), providers=["CPUExecutionProvider"]).run(None, {name: x})[0]
+
+    def ops_and_out(recipe):
+        proto = ir.serde.serialize_model(compress(resnet20_bn, recipe).model)
+        sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        return [n.op_type for n in proto.graph.node], sess.run(None, {name: x})[0]
+
+    ops, out = ops_and_out(Recipe(wbits=None, synthetic=0))
+    assert "Pad" not in ops and "Slice" not in ops
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+    ops, _ = ops_and_out(Recipe(wbits=8, abits=8, synthetic=0))
+    assert ops.count("Pad") == 2          # the residual is 8-bit there: slicing integers is cheaper
