@@ -94,3 +94,32 @@ def test_measure_reports_median_and_p90():
     rows = measure(MODEL, batch_sizes=(1, 4), warmup=1, repeats=3)
     assert [r["batch"] for r in rows] == [1, 4]
     assert all(0 < r["median_ms"] <= r["p90_ms"] for r in rows)
+
+
+@pytest.mark.parametrize("wbits, abits, int4, folded", [(4, None, True, True), (4, 8, True, True),
+                                                        (8, 8, True, False), (4, 8, False, False)])
+def test_models_without_integer_kernels_run_with_their_weights_folded(wbits, abits, int4, folded):
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    from datafree.toolchain.compress import compress
+    from datafree.toolchain.recipe import Recipe
+
+    proto = ir.serde.serialize_model(compress(MODEL, Recipe(wbits=wbits, abits=abits, int4=int4, synthetic=0)).model)
+    s = InferenceSession(proto, threads=1)
+    assert s.weights_folded is folded and not InferenceSession(MODEL).weights_folded
+    x = load_images(DATA).x[:32]
+
+    def stock(spec: bool = False):
+        options = ort.SessionOptions()
+        if spec:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        sess = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return sess.run(None, {"input": x})[0]
+
+    ours, spec = s.run(None, {"input": x})[0], stock(spec=True)
+    rel = lambda a: float(np.linalg.norm(a - spec) / np.linalg.norm(spec))  # noqa: E731
+    if abits is None:       # weights only: the same float arithmetic either way
+        np.testing.assert_allclose(ours, stock(), rtol=0, atol=1e-5 * np.abs(spec).max())
+    # as faithful to the model's ONNX semantics (no fusion at all) as onnxruntime's default
+    assert rel(ours) <= max(rel(stock()), 1e-5)
