@@ -106,3 +106,14 @@ def test_compressed_float_resnet20_has_no_slices_and_quantized_keeps_them(resnet
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
     ops, _ = ops_and_out(Recipe(wbits=8, abits=8, synthetic=0))
     assert ops.count("Pad") == 2          # the residual is 8-bit there: slicing integers is cheaper
+
+
+def test_weight_only_models_store_the_selection_in_int8(resnet20_bn):
+    proto = ir.serde.serialize_model(compress(resnet20_bn, Recipe(wbits=4, synthetic=0)).model)
+    assert "Pad" not in [n.op_type for n in proto.graph.node]
+    select = [i for i in proto.graph.initializer if i.name.endswith("_select_quantized")]
+    assert len(select) == 2 and all(i.data_type == TensorProto.INT8 for i in select)
+    assert not [i for i in proto.graph.initializer if i.name.endswith("_select")]
+    onnx.checker.check_model(proto)
+    x = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})
