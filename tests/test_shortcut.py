@@ -117,3 +117,16 @@ def test_weight_only_models_store_the_selection_in_int8(resnet20_bn):
     onnx.checker.check_model(proto)
     x = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
     ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})
+
+
+@pytest.mark.parametrize("wbits", [None, 4])
+def test_selection_convs_are_not_layers_to_compress_or_report(resnet20_bn, wbits):
+    from datafree.toolchain import graph as G
+    from datafree.toolchain.report import cost
+
+    model = compress(resnet20_bn, Recipe(wbits=wbits, synthetic=0)).model
+    names = [l.name for l in cost.compute_layers(model)]
+    assert len(names) == 20 and not [n for n in names if "Pad" in n]
+    layers, skipped = G.find_layers(model)
+    if wbits is None:
+        assert len(layers) == 20 and sum("selects channels" in why for why in skipped.values()) == 2

@@ -282,6 +282,16 @@ def _kind(node: ir.Node, weight: ir.Value) -> str:
     return "grouped"
 
 
+def selects_channels(node: ir.Node, w: np.ndarray | None) -> bool:
+    """A 1x1 Conv whose weight is a 0/1 matrix with at most one 1 per row and column:
+    it only moves channels (a zero-padded shortcut written as a conv), nothing to compress."""
+    if node.op_type != "Conv" or w is None or w.ndim < 3 or any(d != 1 for d in w.shape[2:]) or \
+            int(attr(node, "group", 1)) != 1 or (len(node.inputs) > 2 and node.inputs[2] is not None):
+        return False
+    m = w.reshape(w.shape[0], w.shape[1])
+    return bool(np.all((m == 0) | (m == 1)) and np.all(m.sum(0) <= 1) and np.all(m.sum(1) <= 1))
+
+
 def _why_not_layer(node: ir.Node) -> str | None:
     if node.op_type == "MatMul":
         if const_array(node.inputs[1]) is None:
@@ -297,6 +307,8 @@ def _why_not_layer(node: ir.Node) -> str | None:
         return "weight is not a constant initializer"
     if const_array(w).dtype.kind != "f":
         return f"weight dtype {const_array(w).dtype} is not floating point"
+    if selects_channels(node, const_array(w)):
+        return "selects channels (a zero-padded shortcut): no weights to compress"
     if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].const_value is None:
         return "bias is not a constant initializer"
     if node.op_type == "Gemm":

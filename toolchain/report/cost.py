@@ -118,7 +118,7 @@ def compute_layers(model: ir.Model) -> list[graph.Layer]:
             out.append(float_layers[id(node)])
         elif node.op_type in graph.LAYER_OPS and node.domain in ("", "ai.onnx"):
             layer = _dequantized_layer(node)
-            if layer is not None:
+            if layer is not None and not graph.selects_channels(node, layer.w_oc()):
                 out.append(layer)
     return out
 
