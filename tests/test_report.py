@@ -229,6 +229,21 @@ def test_pruned_layers_are_compared_only_end_to_end(tmp_path):
     assert d.doc["probes"]["source"].startswith(("synthetic", "gaussian noise"))
 
 
+def test_a_reference_sharing_no_layer_is_warned_about(tmp_path):
+    ref, small, other = tmp_path / "ref.onnx", tmp_path / "small.onnx", tmp_path / "other.onnx"
+    onnx.save(_two_layer(), ref)
+    onnx.save(_two_layer(conv_out=3), small)
+    unrelated = _two_layer()
+    for node in unrelated.graph.node:
+        node.name = f"other_{node.name}"
+    onnx.save(unrelated, other)
+    assert build_report(small, reference=ref, n_probes=2, synth_steps=1).doc["warnings"] == []
+    rep = build_report(small, reference=other, n_probes=2, synth_steps=1)
+    assert len(rep.doc["warnings"]) == 1 and "shares no layer name" in rep.doc["warnings"][0]
+    write_report(rep, tmp_path / "out", plots=False)
+    assert "**warning**: the reference shares no layer name" in (tmp_path / "out" / "report.md").read_text()
+
+
 # ------------------------------------------------------------------ CLI
 def test_cli_targets_lists_profiles():
     r = CliRunner().invoke(main, ["targets"])

@@ -75,8 +75,10 @@ def build_report(model, *, reference=None, target: str | os.PathLike = "cortex-a
     prof = targets.load_target(target)
     m, m_path = _load(model, "model")
     ref, ref_path = (None, None) if reference is None else _load(reference, "reference")
+    warnings = []
     if ref is not None:
         outputs.check_same_inputs(m, ref)
+        warnings += _unrelated(m, ref)
     float_model = ref if ref is not None else m
     t["load"] = time.perf_counter() - clock
 
@@ -118,6 +120,7 @@ def build_report(model, *, reference=None, target: str | os.PathLike = "cortex-a
         "measured": None,
         "bounds": None,
         "timings": t,
+        "warnings": warnings,
     }
 
     needs_probes = ref is not None or bounds or _is_dynamic(m)
@@ -211,6 +214,18 @@ def _choices(costs, prof, bits, abits, ref_costs) -> tuple[list[dict], dict[str,
             per_layer.setdefault(c.name, {})[label] = {"bops": c.bops, "latency_s": le.latency_s,
                                                        "runs_as": le.runs_as, "native": le.native}
     return out, per_layer
+
+
+def _unrelated(m: ir.Model, ref: ir.Model) -> list[str]:
+    """A warning when the reference shares no layer with the model (by name): the
+    per-layer comparisons are then empty, and it may not be the model this one was made from."""
+    ours = {l.name for l in cost.compute_layers(m)}
+    theirs = {l.name for l in cost.compute_layers(ref)}
+    if not theirs or ours & theirs:
+        return []
+    return [f"the reference shares no layer name with the model ({len(theirs)} layers against {len(ours)}): "
+            "if it is not the model this one was compressed from, the output SQNR compares unrelated "
+            "models; per-layer weight SQNR is left empty"]
 
 
 def _actual_weight_sqnr(m: ir.Model, ref_layers) -> dict[str, float | None]:

@@ -163,8 +163,9 @@ def _md_table(head: list[str], rows: list[list[str]]) -> str:
 
 def markdown(doc: dict, plots: list[str] = ()) -> str:
     mode = "what it cost" if doc["mode"] == "after" else "what each choice would cost"
-    parts = [f"# Compression report: {doc['model']['name']} ({mode})", "",
-             _md_table(["", ""], [list(r) for r in summary_rows(doc)]), ""]
+    parts = [f"# Compression report: {doc['model']['name']} ({mode})", ""]
+    parts += [f"> **warning**: {w}" for w in doc.get("warnings", [])] + ([""] if doc.get("warnings") else [])
+    parts += [_md_table(["", ""], [list(r) for r in summary_rows(doc)]), ""]
     parts += ["## Cost on the target", "",
               _md_table(["choice", "BOPs", "weights", "latency", "energy", "layers not native"], choice_rows(doc)), ""]
     native = [c for c in doc["choices"] if c["not_native"]]
@@ -332,6 +333,8 @@ def print_summary(doc: dict, console=None) -> None:
     from rich.table import Table
 
     console = console or globals()["console"]()
+    for w in doc.get("warnings", []):
+        console.print(f"[bold yellow]warning:[/] {w}")
     t = Table(title="datafree report", show_header=False)
     for k, v in summary_rows(doc):
         t.add_row(k, v)
