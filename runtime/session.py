@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import numpy_helper
 
 from datafree.ops import domain, kernels
 
@@ -70,20 +71,31 @@ def _integer_fusable(proto: onnx.ModelProto) -> tuple[bool, bool]:
 
     A layer fuses into QLinearConv / QLinearMatMul when both its input and its weight
     come from DequantizeLinear and the weight is stored in 8 bits (onnxruntime's CPU has
-    no 4-bit integer convolution).
+    no 4-bit integer convolution).  Shortcut selection convs do not count: they copy
+    channels as fast either way.
     """
-    inits = {i.name: i.data_type for i in proto.graph.initializer}
+    inits = {i.name: i for i in proto.graph.initializer}
     producer = {o: n for n in proto.graph.node for o in n.output}
     dq_weights = {n.output[0]: inits[n.input[0]] for n in proto.graph.node
                   if n.op_type == "DequantizeLinear" and n.domain in ("", "ai.onnx") and n.input[0] in inits}
     eight = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
     for n in proto.graph.node:
-        if n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose") and len(n.input) > 1 and \
-                dq_weights.get(n.input[1]) in eight:
+        w = dq_weights.get(n.input[1]) if len(n.input) > 1 else None
+        if n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose") and w is not None and \
+                w.data_type in eight and not _selection(w):
             p = producer.get(n.input[0])
             if p is not None and p.op_type == "DequantizeLinear":
                 return True, True
     return bool(dq_weights), False
+
+
+def _selection(weight: onnx.TensorProto) -> bool:
+    """A 1x1 0/1 weight with at most one 1 per row and column: a shortcut written as a conv
+    (it copies channels whatever kernel runs it)."""
+    if len(weight.dims) < 3 or any(d != 1 for d in weight.dims[2:]):
+        return False
+    m = numpy_helper.to_array(weight).reshape(weight.dims[0], weight.dims[1])
+    return bool(np.all((m == 0) | (m == 1)) and np.all(m.sum(0) <= 1) and np.all(m.sum(1) <= 1))
 
 
 def _has_selector(proto: onnx.ModelProto) -> bool:

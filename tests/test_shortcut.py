@@ -90,22 +90,34 @@ def test_an_offset_slice_stays_in_front_of_the_conv():
     np.testing.assert_allclose(_run(out, x), _run(proto, x), rtol=0, atol=1e-6)
 
 
-def test_compressed_float_resnet20_has_no_slices_and_quantized_keeps_them(resnet20_bn):
+def test_compressed_float_resnet20_has_no_slices_and_the_same_outputs(resnet20_bn):
     x = np.random.default_rng(0).normal(size=(4, 3, 32, 32)).astype(np.float32)
     original = onnx.load(resnet20_bn)
     name = original.graph.input[0].name
     ref = ort.InferenceSession(str(resnet20_bn), providers=["CPUExecutionProvider"]).run(None, {name: x})[0]
-
-    def ops_and_out(recipe):
-        proto = ir.serde.serialize_model(compress(resnet20_bn, recipe).model)
-        sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-        return [n.op_type for n in proto.graph.node], sess.run(None, {name: x})[0]
-
-    ops, out = ops_and_out(Recipe(wbits=None, synthetic=0))
-    assert "Pad" not in ops and "Slice" not in ops
+    proto = ir.serde.serialize_model(compress(resnet20_bn, Recipe(wbits=None, synthetic=0)).model)
+    assert not {"Pad", "Slice"} & {n.op_type for n in proto.graph.node}
+    out = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {name: x})[0]
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
-    ops, _ = ops_and_out(Recipe(wbits=8, abits=8, synthetic=0))
-    assert ops.count("Pad") == 2          # the residual is 8-bit there: slicing integers is cheaper
+
+
+def test_quantized_shortcuts_become_integer_copies(resnet20_bn, monkeypatch):
+    import datafree.toolchain.compress as C
+
+    recipe = Recipe(wbits=8, abits=8, synthetic=0)
+    rewritten = ir.serde.serialize_model(compress(resnet20_bn, recipe).model)
+    monkeypatch.setattr(C, "ShortcutAsConvPass", lambda: (lambda model: None))
+    kept = ir.serde.serialize_model(compress(resnet20_bn, recipe).model)
+    ops = [n.op_type for n in rewritten.graph.node]
+    assert "Pad" not in ops and "Slice" not in ops and ops.count("Conv") == 21
+    assert [n.op_type for n in kept.graph.node].count("Pad") == 2
+    x = np.random.default_rng(0).normal(size=(8, 3, 32, 32)).astype(np.float32)
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        a, b = (ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+                .run(None, {"input": x})[0] for m in (rewritten, kept))
+        np.testing.assert_array_equal(a, b)      # the integers are copied, not recomputed
 
 
 def test_weight_only_models_store_the_selection_in_int8(resnet20_bn):

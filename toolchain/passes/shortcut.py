@@ -14,9 +14,11 @@ the ReLU after it outside the next conv.  As a convolution the shortcut stays in
 the blocked layout and the Add and ReLU fuse into the conv: the float ResNet-20
 runs ~8 % faster at batch 64, pruned or not, with the same outputs.
 
-Only float shortcuts are rewritten: where the residual is quantized (its producer a
-DequantizeLinear) the Slices and the Pad run on 8-bit integers and stay.  In a model
-whose weights are stored quantized (weight-only) the selection weight is INT8 too.
+Where the residual is quantized the selection conv is too (INT8 0/1 weights, the
+output requantized on the input's own grid): onnxruntime runs it as a ``QLinearConv``
+that copies the integers exactly, and the Add after it as a ``QLinearAdd`` instead
+of a float Add of a dequantized, padded tensor.  In a model whose weights are
+stored quantized (weight-only) the selection weight is INT8 too.
 """
 
 from __future__ import annotations
@@ -40,27 +42,31 @@ class ShortcutAsConvPass(ir.passes.InPlacePass):
             match = _match(pad)
             if match is None:
                 continue
-            x, strides, before, after = match
+            x, strides, before, after, grid = match
             names = names or UniqueNames(graph)
+            base = pad.name or "shortcut"
             cin = x.shape[1]
             w = np.zeros((before + cin + after, cin) + (1,) * len(strides), np.float32)
             w[before + np.arange(cin), np.arange(cin)] = 1.0
-            weight = _selection_weight(graph, names, f"{pad.name or 'shortcut'}_select", w, quantized, pad)
+            weight = _selection_weight(graph, names, f"{base}_select", w, quantized or grid is not None, pad)
             out = pad.outputs[0]
             conv = ir.node("Conv", [x, weight], attributes={"kernel_shape": [1] * len(strides),
                                                              "strides": list(strides)},
-                           name=names(f"{pad.name or 'shortcut'}_conv"), num_outputs=1)
+                           name=names(f"{base}_conv"), num_outputs=1)
             conv.outputs[0].shape, conv.outputs[0].dtype = out.shape, out.dtype
             graph.insert_before(pad, conv)
-            ir.convenience.replace_all_uses_with(out, conv.outputs[0])
+            result = conv.outputs[0]
+            if grid is not None:
+                result = _requantized(graph, names, base, result, grid, pad)
+            ir.convenience.replace_all_uses_with(out, result)
             if out.is_graph_output():
                 idx = [i for i, v in enumerate(graph.outputs) if v is out][0]
-                graph.outputs[idx] = conv.outputs[0]
+                graph.outputs[idx] = result
                 name = out.name
                 out.name = None
-                conv.outputs[0].name = name
-            else:
-                conv.outputs[0].name = names(out.name or "shortcut")
+                result.name = name
+            elif conv.outputs[0] is result:
+                result.name = names(out.name or "shortcut")
             _remove_dead(graph, pad)
             modified = True
         return ir.passes.PassResult(model, modified)
@@ -82,9 +88,28 @@ def _selection_weight(graph: ir.Graph, names: UniqueNames, base: str, w: np.ndar
     return dq.outputs[0]
 
 
+def _requantized(graph: ir.Graph, names: UniqueNames, base: str, value: ir.Value, grid, before: ir.Node) -> ir.Value:
+    """``DQ(Q(value))`` on the input's own grid: onnxruntime then runs the selection as an
+    integer ``QLinearConv`` (requantization factor exactly 1, so it copies the integers
+    and the padded channels come out as the zero point) and the Add after it as a
+    ``QLinearAdd``."""
+    scale, zero, dtype = grid
+    s = add_initializer(graph, f"{base}_out_scale", np.array(scale, np.float32), names=names)
+    z = add_initializer(graph, f"{base}_out_zero_point", np.array(zero, dtype.numpy()), dtype, names=names)
+    value.name = names(f"{base}_selected")
+    q = ir.node("QuantizeLinear", [value, s, z], name=names(f"{base}_QuantizeLinear"), num_outputs=1)
+    q.outputs[0].name = names(f"{base}_selected_quantized")
+    dq = ir.node("DequantizeLinear", [q.outputs[0], s, z], name=names(f"{base}_DequantizeLinear"), num_outputs=1)
+    dq.outputs[0].name = names(f"{base}_selected_dequantized")
+    graph.insert_before(before, q)
+    graph.insert_before(before, dq)
+    return dq.outputs[0]
+
+
 def _match(pad: ir.Node):
-    """(input, strides, channels padded before, after) for a float zero channel-pad of a
-    strided spatial subsampling starting at 0, else None."""
+    """(input, strides, channels padded before, after, activation grid or None) for a zero
+    channel-pad of a strided spatial subsampling starting at 0, else None.  Through the
+    Q/DQ pairs that requantize each Slice's output on its input's grid."""
     if attr(pad, "mode", "constant") != "constant":
         return None
     if len(pad.inputs) > 2 and pad.inputs[2] is not None:
@@ -114,8 +139,15 @@ def _match(pad: ir.Node):
     if before < 0 or after < 0 or before + after == 0:
         return None
     strides = [1] * (rank - 2)
+    grid = _grid(x)
     while True:
         p = x.producer()
+        if grid is not None and _grid(x) == grid and p.inputs[0].producer() is not None and \
+                p.inputs[0].producer().op_type == "QuantizeLinear":
+            # DQ(Q(slice output)) on the same grid: the Slice's own requantization, lossless
+            inner = p.inputs[0].producer().inputs[0].producer()
+            if inner is not None and inner.op_type == "Slice":
+                p = inner
         if p is None or p.op_type != "Slice" or p.domain not in ("", "ai.onnx"):
             break
         steps = _slice_steps(p, rank)
@@ -126,10 +158,21 @@ def _match(pad: ir.Node):
         x = p.inputs[0]
     if x.shape is None or not isinstance(x.shape[1], int) or x.dtype != ir.DataType.FLOAT:
         return None
-    p = x.producer()
-    if p is not None and p.op_type == "DequantizeLinear":
+    if x.producer() is not None and x.producer().op_type == "DequantizeLinear" and _grid(x) != grid:
+        return None          # a dequantized tensor whose grid changes on the way: leave it
+    return x, strides, before, after, grid
+
+
+def _grid(value: ir.Value):
+    """(scale, zero point, dtype) of a per-tensor activation DequantizeLinear producing
+    ``value``, else None."""
+    p = value.producer()
+    if p is None or p.op_type != "DequantizeLinear" or p.inputs[0].is_initializer() or len(p.inputs) < 3:
         return None
-    return x, strides, before, after
+    scale, zero = const_array(p.inputs[1]), const_array(p.inputs[2])
+    if scale is None or zero is None or scale.size != 1 or zero.size != 1:
+        return None
+    return float(scale.reshape(())), int(zero.reshape(())), p.inputs[2].dtype
 
 
 def _slice_steps(node: ir.Node, rank: int) -> dict[int, int] | None:
