@@ -5,8 +5,8 @@
 
 Settings: prune {0, 0.3, 0.5} x weight bits {8, 6, 4} x activation bits {float, 8},
 plus W4A4 without pruning, the pruned float models (p0.3-float, p0.5-float: what
-pruning alone buys in speed) and 30 % with ``--channel-multiple 16`` (p0.3-float-m16,
-p0.3-w8a8-m16: channel counts onnxruntime's AVX-512 convolutions run in whole blocks).  Each setting is compressed three ways:
+pruning alone buys in speed) and 20 / 30 % with ``--channel-multiple 16`` (p0.2-float-m16,
+p0.3-w8a8-m16, ...: channel counts onnxruntime's AVX-512 convolutions run in whole blocks).  Each setting is compressed three ways:
 
 * ``naive``     -- round to nearest, prune by l1 and drop the channels, nothing corrected
                    (``Recipe(synthetic=0, bias_correction=False, compensation=False)``);
@@ -92,10 +92,10 @@ class Config:
 
 def all_configs() -> list[Config]:
     grid = [Config(p, w, a) for p in PRUNE for w in WBITS for a in ABITS]
-    # pruned float models, and 30 % with channel counts in multiples of 16 (the
+    # pruned float models, and 20 / 30 % with channel counts in multiples of 16 (the
     # channel block of onnxruntime's AVX-512 convolutions)
     return grid + [Config(0.0, 4, 4)] + [Config(p, None, None) for p in PRUNE if p > 0] + \
-        [Config(0.3, None, None, 16), Config(0.3, 8, 8, 16)]
+        [Config(p, w, a, 16) for p in (0.2, 0.3) for w, a in ((None, None), (8, 8))]
 
 
 def select(patterns: list[str] | None, quick: bool) -> list[tuple[Config, str]]:

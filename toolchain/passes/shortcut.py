@@ -158,7 +158,11 @@ def _match(pad: ir.Node):
         x = p.inputs[0]
     if x.shape is None or not isinstance(x.shape[1], int) or x.dtype != ir.DataType.FLOAT:
         return None
-    if x.producer() is not None and x.producer().op_type == "DequantizeLinear" and _grid(x) != grid:
+    p = x.producer()
+    if x.const_value is not None or x.is_initializer() or \
+            (p is not None and p.op_type == "DequantizeLinear" and p.inputs[0].is_initializer()):
+        return None          # a padded constant, not a shortcut
+    if p is not None and p.op_type == "DequantizeLinear" and _grid(x) != grid:
         return None          # a dequantized tensor whose grid changes on the way: leave it
     return x, strides, before, after, grid
 
