@@ -14,7 +14,7 @@ the ReLU after it outside the next conv.  As a convolution the shortcut stays in
 the blocked layout and the Add and ReLU fuse into the conv: the float ResNet-20
 runs ~8 % faster at batch 64, pruned or not, with the same outputs.
 
-Where the residual is quantized the selection conv is too (INT8 0/1 weights, the
+Where the residual is quantized (8 bits) the selection conv is too (INT8 0/1 weights, the
 output requantized on the input's own grid): onnxruntime runs it as a ``QLinearConv``
 that copies the integers exactly, and the Add after it as a ``QLinearAdd`` instead
 of a float Add of a dequantized, padded tensor.  In a model whose weights are
@@ -140,6 +140,9 @@ def _match(pad: ir.Node):
         return None
     strides = [1] * (rank - 2)
     grid = _grid(x)
+    if grid is not None and grid[2] not in (ir.DataType.UINT8, ir.DataType.INT8):
+        # onnxruntime would fuse a 4-bit one into a QLinearConv that rejects 4-bit inputs
+        return None
     while True:
         p = x.producer()
         if grid is not None and _grid(x) == grid and p.inputs[0].producer() is not None and \
