@@ -254,3 +254,27 @@ def test_recipe_pattern_matching_no_layer_is_noted(tmp_path):
     path = zoo.export_model(zoo.conv_bn_relu_conv(), tmp_path, "cbrc")
     notes = compress(load(path), Recipe(synthetic=0, layers={"/nothing/*": {"wbits": 4}})).summary.notes
     assert any("'/nothing/*' matches no layer" in n for n in notes)
+
+
+@pytest.mark.parametrize("wbits", [None, 8])
+def test_a_batchnorm_that_is_the_graph_output_folds_and_keeps_its_name(wbits):
+    """Feature extractors end in Conv -> BN: folding crashed where the BN wrote the graph output."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w")]
+    for name, value in (("g", 1.3), ("b", 0.1), ("m", 0.2), ("v", 1.5)):
+        inits.append(numpy_helper.from_array(np.full(4, value, np.float32), name))
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["features"], name="bn")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 8, 8])],
+                              [helper.make_tensor_value_info("features", TensorProto.FLOAT, None)], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    out = ir.serde.serialize_model(compress(proto, Recipe(wbits=wbits, synthetic=0)).model)
+    assert [o.name for o in out.graph.output] == ["features"]
+    assert "BatchNormalization" not in {n.op_type for n in out.graph.node}
+    x = rng.normal(size=(2, 3, 8, 8)).astype(np.float32)
+    ref = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})[0]
+    got = ort.InferenceSession(out.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, ref, rtol=0, atol=(1e-5 if wbits is None else 2e-2) * np.abs(ref).max())

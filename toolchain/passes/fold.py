@@ -31,11 +31,10 @@ def fold_batchnorm(layer: Layer) -> bool:
     if out.is_graph_output():
         # keep the graph output's name: let the conv write it directly
         graph = bn.graph
-        idx = [i for i, v in enumerate(graph.outputs) if v is out][0]
-        ir.convenience.replace_all_uses_with(out, conv_out)
-        graph.outputs[idx] = conv_out
         name = out.name
+        ir.convenience.replace_all_uses_with(out, conv_out, replace_graph_outputs=True)
         graph.remove(bn, safe=True)
+        out.name = None
         conv_out.name = name
     else:
         ir.convenience.replace_all_uses_with(out, conv_out)
