@@ -149,3 +149,35 @@ def test_four_bit_residuals_keep_their_pad_and_load(resnet20_bn):
     assert [n.op_type for n in proto.graph.node].count("Pad") == 2   # a 4-bit QLinearConv would not load
     x = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
     ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})
+
+
+def test_one_dimensional_shortcuts_too():
+    """Conv1d models (signals): x[:, :, ::2] with zero channels padded on."""
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.normal(size=(8, 4, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([0, 2, 0, 0, 2, 0], np.int64), "pads")]
+    for n, v in (("st", 0), ("en", BIG), ("ax", 2), ("sp", 2)):
+        inits.append(numpy_helper.from_array(np.array([v], np.int64), n))
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", strides=[2], pads=[1, 1]),
+             helper.make_node("Slice", ["x", "st", "en", "ax", "sp"], ["s"], name="slice"),
+             helper.make_node("Pad", ["s", "pads"], ["p"], name="pad"),
+             helper.make_node("Add", ["c", "p"], ["y"], name="add")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.normal(size=(2, 4, 16)).astype(np.float32)
+    out, modified = _rewritten(proto)
+    assert modified and not {"Slice", "Pad"} & {n.op_type for n in out.graph.node}
+    ref = _run(proto, x)
+    np.testing.assert_allclose(_run(out, x), ref, rtol=0, atol=1e-6 * np.abs(ref).max())
+
+
+def test_a_shortcut_that_is_a_graph_output_keeps_its_name():
+    proto = _shortcut_model()
+    del proto.graph.output[:]
+    proto.graph.output.append(helper.make_tensor_value_info("p", TensorProto.FLOAT, None))
+    x = np.random.default_rng(4).normal(size=(2, 8, 8, 8)).astype(np.float32)
+    out, modified = _rewritten(proto)
+    assert modified and [o.name for o in out.graph.output] == ["p"]
+    assert "Pad" not in {n.op_type for n in out.graph.node}
+    np.testing.assert_array_equal(_run(out, x), _run(proto, x))

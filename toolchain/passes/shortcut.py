@@ -58,14 +58,14 @@ class ShortcutAsConvPass(ir.passes.InPlacePass):
             result = conv.outputs[0]
             if grid is not None:
                 result = _requantized(graph, names, base, result, grid, pad)
-            ir.convenience.replace_all_uses_with(out, result)
-            if out.is_graph_output():
-                idx = [i for i, v in enumerate(graph.outputs) if v is out][0]
-                graph.outputs[idx] = result
+            if out.is_graph_output():      # the graph output keeps its name
                 name = out.name
+                ir.convenience.replace_all_uses_with(out, result, replace_graph_outputs=True)
                 out.name = None
                 result.name = name
-            elif conv.outputs[0] is result:
+            else:
+                ir.convenience.replace_all_uses_with(out, result)
+            if not result.is_graph_output() and conv.outputs[0] is result:
                 result.name = names(out.name or "shortcut")
             _remove_dead(graph, pad)
             modified = True
