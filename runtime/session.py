@@ -43,6 +43,7 @@ from datafree.ops import domain, kernels
 
 from .specialise import GroupedRunner
 from datafree.toolchain.errors import UserError
+from datafree.toolchain.graph import is_selection_weight
 
 Source = str | os.PathLike | bytes | onnx.ModelProto
 
@@ -97,12 +98,9 @@ def folds_weights(proto: onnx.ModelProto) -> bool:
 
 
 def _selection(weight: onnx.TensorProto) -> bool:
-    """A 1x1 0/1 weight with at most one 1 per row and column: a shortcut written as a conv
-    (it copies channels whatever kernel runs it)."""
-    if len(weight.dims) < 3 or any(d != 1 for d in weight.dims[2:]):
-        return False
-    m = numpy_helper.to_array(weight).reshape(weight.dims[0], weight.dims[1])
-    return bool(np.all((m == 0) | (m == 1)) and np.all(m.sum(0) <= 1) and np.all(m.sum(1) <= 1))
+    """A shortcut written as a conv (it copies channels whatever kernel runs it)."""
+    return len(weight.dims) >= 3 and all(d == 1 for d in weight.dims[2:]) and \
+        is_selection_weight(numpy_helper.to_array(weight))
 
 
 def _has_selector(proto: onnx.ModelProto) -> bool:

@@ -282,14 +282,19 @@ def _kind(node: ir.Node, weight: ir.Value) -> str:
     return "grouped"
 
 
-def selects_channels(node: ir.Node, w: np.ndarray | None) -> bool:
-    """A 1x1 Conv whose weight is a 0/1 matrix with at most one 1 per row and column:
-    it only moves channels (a zero-padded shortcut written as a conv), nothing to compress."""
-    if node.op_type != "Conv" or w is None or w.ndim < 3 or any(d != 1 for d in w.shape[2:]) or \
-            int(attr(node, "group", 1)) != 1 or (len(node.inputs) > 2 and node.inputs[2] is not None):
+def is_selection_weight(w: np.ndarray | None) -> bool:
+    """A 1x1 conv weight that is a 0/1 matrix with at most one 1 per row and column."""
+    if w is None or w.ndim < 3 or any(d != 1 for d in w.shape[2:]):
         return False
     m = w.reshape(w.shape[0], w.shape[1])
     return bool(np.all((m == 0) | (m == 1)) and np.all(m.sum(0) <= 1) and np.all(m.sum(1) <= 1))
+
+
+def selects_channels(node: ir.Node, w: np.ndarray | None) -> bool:
+    """A Conv that only moves channels (a zero-padded shortcut written as a conv, see
+    ``passes/shortcut.py``): nothing to compress."""
+    return node.op_type == "Conv" and int(attr(node, "group", 1)) == 1 and \
+        not (len(node.inputs) > 2 and node.inputs[2] is not None) and is_selection_weight(w)
 
 
 def _why_not_layer(node: ir.Node) -> str | None:
