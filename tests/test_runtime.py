@@ -123,3 +123,14 @@ def test_models_without_integer_kernels_run_with_their_weights_folded(wbits, abi
         np.testing.assert_allclose(ours, stock(), rtol=0, atol=1e-5 * np.abs(spec).max())
     # as faithful to the model's ONNX semantics (no fusion at all) as onnxruntime's default
     assert rel(ours) <= max(rel(stock()), 1e-5)
+
+
+@pytest.mark.parametrize("wbits, abits, int4, says", [(4, 8, True, "INT4"), (8, None, True, "weight-only"),
+                                                       (8, 8, True, None)])
+def test_the_summary_names_the_session_entry_where_it_helps(wbits, abits, int4, says):
+    from datafree.toolchain.compress import compress
+    from datafree.toolchain.recipe import Recipe
+
+    notes = compress(MODEL, Recipe(wbits=wbits, abits=abits, int4=int4, synthetic=0)).summary.notes
+    hits = [n for n in notes if "session.disable_quant_qdq=1" in n]
+    assert (len(hits) == 1 and says in hits[0]) if says else not hits
