@@ -105,7 +105,7 @@ def emit(model: ir.Model, layers: list[Layer], weights: dict[str, WeightQuant],
     names = UniqueNames(graph)
     values = {v.name: v for n in graph for v in n.outputs} | {v.name: v for v in graph.inputs}
     for value_name, aq in through_data_movement(values, acts).items():
-        _insert_act_qdq(graph, names, values[value_name], aq)
+        insert_act_qdq(graph, names, values[value_name], aq)
     for layer in layers:
         wq = weights.get(layer.name)
         if wq is None:
@@ -163,7 +163,8 @@ def _dequantized_input(graph, names, layer: Layer, index: int, qsz: tuple, axis:
         del graph.initializers[old.name]
 
 
-def _insert_act_qdq(graph, names, value: ir.Value, aq: ActQuant) -> None:
+def insert_act_qdq(graph, names, value: ir.Value, aq: ActQuant) -> None:
+    """``QuantizeLinear → DequantizeLinear`` after ``value``, feeding all its current uses."""
     uses = [u for u in value.uses()]
     np_dt, ir_dt = _int_dtype(aq.bits, aq.signed, True)
     if aq.bits > 4:

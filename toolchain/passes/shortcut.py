@@ -29,6 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..graph import UniqueNames, add_initializer, attr, const_array
+from .qdq import ActQuant, insert_act_qdq, remove_unused
 
 INT64_MAX = np.iinfo(np.int64).max
 
@@ -55,22 +56,25 @@ class ShortcutAsConvPass(ir.passes.InPlacePass):
             conv = ir.node("Conv", [x, weight], attributes={"kernel_shape": [1] * len(strides),
                                                              "strides": list(strides)},
                            name=names(f"{base}_conv"), num_outputs=1)
-            conv.outputs[0].shape, conv.outputs[0].dtype = out.shape, out.dtype
-            graph.insert_before(pad, conv)
             result = conv.outputs[0]
-            if grid is not None:
-                result = _requantized(graph, names, base, result, grid, pad)
-            if out.is_graph_output():      # the graph output keeps its name
+            result.shape, result.dtype = out.shape, out.dtype
+            graph.insert_before(pad, conv)
+            if out.is_graph_output():      # the graph output keeps its name (and stays float)
                 name = out.name
                 ir.convenience.replace_all_uses_with(out, result, replace_graph_outputs=True)
                 out.name = None
                 result.name = name
             else:
+                result.name = names(f"{base}_selected" if grid is not None else out.name or "shortcut")
                 ir.convenience.replace_all_uses_with(out, result)
-            if not result.is_graph_output() and conv.outputs[0] is result:
-                result.name = names(out.name or "shortcut")
-            _remove_dead(graph, pad)
+                if grid is not None:
+                    # on the input's own grid: onnxruntime runs the selection as an integer
+                    # QLinearConv (requantization factor exactly 1: it copies the integers, the
+                    # padded channels come out as the zero point) and the Add after it as a QLinearAdd
+                    insert_act_qdq(graph, names, result, grid)
             modified = True
+        if modified:
+            remove_unused(model)
         return ir.passes.PassResult(model, modified)
 
 
@@ -86,24 +90,6 @@ def _selection_weight(graph: ir.Graph, names: UniqueNames, base: str, w: np.ndar
     zero = add_initializer(graph, f"{base}_zero_point", np.array(0, np.int8), ir.DataType.INT8, names=names)
     dq = ir.node("DequantizeLinear", [q, scale, zero], name=names(f"{base}_DequantizeLinear"), num_outputs=1)
     dq.outputs[0].name = names(f"{base}_dequantized")
-    graph.insert_before(before, dq)
-    return dq.outputs[0]
-
-
-def _requantized(graph: ir.Graph, names: UniqueNames, base: str, value: ir.Value, grid, before: ir.Node) -> ir.Value:
-    """``DQ(Q(value))`` on the input's own grid: onnxruntime then runs the selection as an
-    integer ``QLinearConv`` (requantization factor exactly 1, so it copies the integers
-    and the padded channels come out as the zero point) and the Add after it as a
-    ``QLinearAdd``."""
-    scale, zero, dtype = grid
-    s = add_initializer(graph, f"{base}_out_scale", np.array(scale, np.float32), names=names)
-    z = add_initializer(graph, f"{base}_out_zero_point", np.array(zero, dtype.numpy()), dtype, names=names)
-    value.name = names(f"{base}_selected")
-    q = ir.node("QuantizeLinear", [value, s, z], name=names(f"{base}_QuantizeLinear"), num_outputs=1)
-    q.outputs[0].name = names(f"{base}_selected_quantized")
-    dq = ir.node("DequantizeLinear", [q.outputs[0], s, z], name=names(f"{base}_DequantizeLinear"), num_outputs=1)
-    dq.outputs[0].name = names(f"{base}_selected_dequantized")
-    graph.insert_before(before, q)
     graph.insert_before(before, dq)
     return dq.outputs[0]
 
@@ -142,7 +128,7 @@ def _match(pad: ir.Node):
         return None
     strides = [1] * (rank - 2)
     grid = _grid(x)
-    if grid is not None and grid[2] not in (ir.DataType.UINT8, ir.DataType.INT8):
+    if grid is not None and grid.bits != 8:
         # onnxruntime would fuse a 4-bit one into a QLinearConv that rejects 4-bit inputs
         return None
     while True:
@@ -172,16 +158,17 @@ def _match(pad: ir.Node):
     return x, strides, before, after, grid
 
 
-def _grid(value: ir.Value):
-    """(scale, zero point, dtype) of a per-tensor activation DequantizeLinear producing
-    ``value``, else None."""
+def _grid(value: ir.Value) -> ActQuant | None:
+    """The per-tensor activation grid of the DequantizeLinear producing ``value``, else None."""
     p = value.producer()
     if p is None or p.op_type != "DequantizeLinear" or p.inputs[0].is_initializer() or len(p.inputs) < 3:
         return None
     scale, zero = const_array(p.inputs[1]), const_array(p.inputs[2])
     if scale is None or zero is None or scale.size != 1 or zero.size != 1:
         return None
-    return float(scale.reshape(())), int(zero.reshape(())), p.inputs[2].dtype
+    dtype = p.inputs[2].dtype
+    return ActQuant(bits=dtype.bitwidth, scale=float(scale.reshape(())), zero_point=int(zero.reshape(())),
+                    signed=dtype.is_signed())
 
 
 def _slice_steps(node: ir.Node, rank: int) -> dict[int, int] | None:
@@ -205,19 +192,3 @@ def _slice_steps(node: ir.Node, rank: int) -> dict[int, int] | None:
             return None
         out[a] = out.get(a, 1) * int(st)
     return out
-
-
-def _remove_dead(graph: ir.Graph, node: ir.Node) -> None:
-    """Remove ``node`` and, walking up, the producers and initializers left without uses."""
-    todo = [node]
-    while todo:
-        n = todo.pop()
-        if any(o.uses() or o.is_graph_output() for o in n.outputs):
-            continue
-        inputs = [v for v in n.inputs if v is not None]
-        graph.remove(n, safe=True)
-        for v in inputs:
-            if v.producer() is not None:
-                todo.append(v.producer())
-            elif v.is_initializer() and not v.uses() and not v.is_graph_input() and v.name in graph.initializers:
-                del graph.initializers[v.name]
