@@ -67,8 +67,9 @@ def _load(source) -> onnx.ModelProto:
     return load_proto(Path(source))
 
 
-def _integer_fusable(proto: onnx.ModelProto) -> tuple[bool, bool]:
-    """(has dequantized weights, some layer can run as an onnxruntime integer kernel).
+def folds_weights(proto: onnx.ModelProto) -> bool:
+    """Whether onnxruntime runs ``proto`` faster with ``session.disable_quant_qdq=1``: it
+    has dequantized weights and no layer that could run as an integer kernel.
 
     A layer fuses into QLinearConv / QLinearMatMul when both its input and its weight
     come from DequantizeLinear and the weight is stored in 8 bits (onnxruntime's CPU has
@@ -86,15 +87,8 @@ def _integer_fusable(proto: onnx.ModelProto) -> tuple[bool, bool]:
                 w.data_type in eight and not _selection(w):
             p = producer.get(n.input[0])
             if p is not None and p.op_type == "DequantizeLinear":
-                return True, True
-    return bool(dq_weights), False
-
-
-def folds_weights(proto: onnx.ModelProto) -> bool:
-    """Whether onnxruntime runs ``proto`` faster with ``session.disable_quant_qdq=1``:
-    it has dequantized weights and no layer that could run as an integer kernel."""
-    quantized, integer = _integer_fusable(proto)
-    return quantized and not integer
+                return False
+    return bool(dq_weights)
 
 
 def _selection(weight: onnx.TensorProto) -> bool:
