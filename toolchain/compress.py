@@ -13,7 +13,6 @@ quantize weights (+ corrections) → activation ranges → QDQ → metadata.
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import time
 from dataclasses import dataclass, field
@@ -138,10 +137,8 @@ def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = sil
     moments = {l.name: l.preact_moments() for l in analysis.layers}
     summary = Summary(skipped={g.name: g.reason for g in analysis.groups if g.reason} | analysis.skipped)
     summary.notes.extend(_uncompressed_constants(model, analysis, bytes_before))
-    names = [l.name for l in analysis.layers]
     summary.notes.extend(f"recipe layer pattern {pat!r} matches no layer (the names are in the table)"
-                         for pat in recipe.layers
-                         if pat not in names and not any(fnmatch.fnmatchcase(n, pat) for n in names))
+                         for pat in recipe.unmatched_patterns([l.name for l in analysis.layers]))
 
     # ---------------------------------------------------------- synthetic images
     t = time.perf_counter()

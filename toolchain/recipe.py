@@ -120,6 +120,11 @@ class Recipe:
                 raise UserError(f"target_bits {self.dynamic.target_bits} is outside the candidate range {bits[0]}..{bits[-1]}")
 
     # ------------------------------------------------------------- per layer
+    def unmatched_patterns(self, names: list[str]) -> list[str]:
+        """The per-layer patterns that select none of ``names`` (as :meth:`for_layer` matches)."""
+        return [pat for pat in self.layers
+                if pat not in names and not any(fnmatch.fnmatchcase(n, pat) for n in names)]
+
     def for_layer(self, name: str, kind: str | None = None) -> LayerOverride:
         """The effective settings of one layer (exact name first, then patterns in order);
         a depthwise layer (``kind``) without its own wbits gets at least ``depthwise_wbits``."""
