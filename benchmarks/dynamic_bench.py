@@ -47,6 +47,7 @@ def _accuracy(model, images) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--targets", default="5,6")
+    ap.add_argument("--modes", default="cascade,upfront", help="dynamic modes to compare")
     ap.add_argument("--synthetic", type=int, default=128)
     ap.add_argument("--synthetic-steps", type=int, default=60)
     ap.add_argument("--selector-steps", type=int, default=300)
@@ -54,6 +55,7 @@ def main() -> None:
                     help="train and probe on the synthetic images alone, without mirrored and shifted copies")
     args = ap.parse_args()
     targets = [float(t) for t in args.targets.split(",")]
+    modes = args.modes.split(",")
 
     model = load(MODEL)
     dev = load_images(DEV)
@@ -74,14 +76,14 @@ def main() -> None:
              ""]
     rows_all = []
     fixed_cache: dict[str, float] = {}
-    for target in targets:
-        cfg = DynamicConfig(bits=(4, 6, 8), target_bits=target, steps=args.selector_steps)
+    for mode, target in ((m, t) for m in modes for t in targets):
+        cfg = DynamicConfig(bits=(4, 6, 8), target_bits=target, steps=args.selector_steps, mode=mode)
         result = fit_dynamic(model, cfg, synthetic=syn, augment=args.augment)
         plan, stats = result.plan, result.stats
         session = InferenceSession(result.model)
         pred = predict(session, dev, batch=100)
         cfg_index = {_label(c): k for k, c in enumerate(plan.configs)}
-        bops_cfg = plan.bops(plan.configs)
+        bops_cfg = np.asarray(stats["config_bops"], np.float64)     # a cascade's reruns cost both passes
         chosen = np.array([cfg_index[_label(b)] for b in pred.bits])
         dyn_bops = float(bops_cfg[chosen].mean()) + stats["selector"]["bops"]
         all_cfgs = enumerate_configs(plan.candidates, len(plan.groups))
@@ -91,7 +93,7 @@ def main() -> None:
             if key not in fixed_cache:
                 fixed_cache[key] = _accuracy(build_fixed(plan, c), dev)
             fixed.append((_label(c), float(plan.avg_bits(c[None])[0]), float(plan.bops(c[None])[0]), fixed_cache[key],
-                          _label(c) in cfg_index))
+                          _label(c) in stats["front"]["configs"]))
         affordable = [f for f in fixed if f[2] <= dyn_bops]
         best_all = max(affordable, key=lambda f: f[3]) if affordable else None
         best_cand = max((f for f in affordable if f[4]), key=lambda f: f[3], default=None)
@@ -108,48 +110,56 @@ def main() -> None:
                              "high_dyn_acc": float((pred.predictions == dev.labels)[~low].mean())
                              if (~low).any() else float("nan")}
         # what a user without data would pick: the candidate with the lowest synthetic probe loss within the BOPs
-        by_loss = [(lab, loss) for lab, loss, b in zip(stats["configs"], stats["config_probe_loss"],
-                                                        stats["config_bops"]) if b <= dyn_bops]
+        front = stats["front"]
+        by_loss = [(lab, loss) for lab, loss, b in zip(front["configs"], front["probe_loss"], front["bops"])
+                   if b <= dyn_bops]
         pick = min(by_loss, key=lambda t: t[1])[0] if by_loss else None
         best_datafree = next((f for f in fixed if f[0] == pick), None)
-        rows_all.append((target, pred, stats, dyn_bops, best_all, best_cand, best_uniform, fixed, lat, best_datafree))
+        rows_all.append((target, pred, stats, dyn_bops, best_all, best_cand, best_uniform, fixed, lat, best_datafree,
+                         mode, float(np.mean(chosen > 0)) if mode == "cascade" else None))
 
-        print(f"target {target}: dynamic {100 * pred.accuracy:.2f} % at {pred.avg_bits.mean():.2f} bits, "
+        print(f"{mode} target {target}: dynamic {100 * pred.accuracy:.2f} % at {pred.avg_bits.mean():.2f} bits, "
               f"{dyn_bops / 1e9:.3f} GBOPs; best fixed at <= BOPs: "
               f"{best_all[0] if best_all else '-'} {100 * best_all[3] if best_all else float('nan'):.2f} %")
 
     lines += ["## Dynamic model vs fixed precision at equal BOPs", "",
               "Fixed columns: configuration: dev top-1 (GBOPs/image), among configurations with at most the "
-              "dynamic model's BOPs.  *Picked without data* = the candidate with the lowest loss on the synthetic "
-              "probes (what a user without data can choose); the other fixed columns are chosen with the dev "
-              "labels, an oracle.", "",
-              "| target bits | dynamic top-1 | mean bits (dev) | mean bits (probes) | GBOPs/image | fixed, picked without data | best fixed of the candidate set | best fixed, any mix | best uniform |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for target, pred, stats, dyn_bops, best_all, best_cand, best_uniform, _f, _l, best_df in rows_all:
+              "dynamic model's BOPs.  *Picked without data* = the configuration of the Pareto front with the lowest "
+              "loss on the synthetic probes (what a user without data can choose); the other fixed columns are "
+              "chosen with the dev labels, an oracle (*front*: the Pareto front of (bits, synthetic loss) both modes "
+              "choose from; *any mix*: all 27 mixes of 4/6/8 bits over the three groups).  Mean bits and GBOPs "
+              "count a cascade's rerun images twice (both passes).", "",
+              "| mode | target bits | dynamic top-1 | mean bits (dev) | mean bits (probes) | rerun (dev) | GBOPs/image | fixed, picked without data | best fixed of the front | best fixed, any mix | best uniform |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for target, pred, stats, dyn_bops, best_all, best_cand, best_uniform, _f, _l, best_df, mode, rerun in rows_all:
         fmt = (lambda f: f"{f[0]}: {100 * f[3]:.2f} % ({f[2] / 1e9:.3f})" if f else "none")
-        lines.append(f"| {target:.1f} | {100 * pred.accuracy:.2f} % | {pred.avg_bits.mean():.2f} | "
-                     f"{stats['expected_bits']:.2f} | {dyn_bops / 1e9:.3f} | {fmt(best_df)} | {fmt(best_cand)} | "
+        lines.append(f"| {mode} | {target:.1f} | {100 * pred.accuracy:.2f} % | {pred.avg_bits.mean():.2f} | "
+                     f"{stats['expected_bits']:.2f} | {'–' if rerun is None else f'{100 * rerun:.1f} %'} | "
+                     f"{dyn_bops / 1e9:.3f} | {fmt(best_df)} | {fmt(best_cand)} | "
                      f"{fmt(best_all)} | {fmt(best_uniform)} |")
-    target, pred, stats, dyn_bops, *_rest, fixed, lat, _df = rows_all[0]
-    lines += ["", f"## Configurations (target {target:.1f})", "",
+    lines += ["", "Cascades chosen: " + "; ".join(
+        f"target {r[0]:.1f}: {' then '.join(dict.fromkeys(r[2]['configs'][-1].split(' then ')))}"
+        for r in rows_all if r[10] == "cascade") + ".", ""]
+    target, pred, stats, dyn_bops, *_rest, fixed, lat, _df, mode, _r = rows_all[0]
+    lines += ["", f"## Configurations ({mode}, target {target:.1f})", "",
               "Chosen on the dev images by the selector; every configuration's own fixed-precision accuracy.", "",
-              "| configuration | avg bits | GBOPs | fixed top-1 | in candidate set | images (dev) |", "|---|---|---|---|---|---|"]
+              "| configuration | avg bits | GBOPs | fixed top-1 | on the front | images (dev) |", "|---|---|---|---|---|---|"]
     hist = pred.bits_histogram()
     for lab, bits, bops, acc, cand in sorted(fixed, key=lambda f: f[2]):
         lines.append(f"| {lab} | {bits:.2f} | {bops / 1e9:.3f} | {100 * acc:.2f} % | {'yes' if cand else ''} | "
-                     f"{hist.get(lab, 0) if cand else ''} |")
+                     f"{hist.get(lab, '')} |")
     lines += ["", "## Does the selector spot easy images?", "",
               "Dev images split by the bits the selector gave them (at or below the median vs above); "
               "the float model's accuracy on each part says whether the cheap part is the easy part.", "",
-              "| target | images given fewer bits | float top-1 there | dynamic top-1 there | images given more bits | float top-1 there | dynamic top-1 there |",
-              "|---|---|---|---|---|---|---|"]
-    for t, _p, s_, *_ in rows_all:
+              "| mode | target | images given fewer bits | float top-1 there | dynamic top-1 there | images given more bits | float top-1 there | dynamic top-1 there |",
+              "|---|---|---|---|---|---|---|---|"]
+    for t, _p, s_, *_r, mode_, _rr in rows_all:
         sp = s_["spotting"]
         if not sp["high_n"]:
-            lines.append(f"| {t:.1f} | {sp['low_n']} (one configuration for all) | {100 * sp['low_fp_acc']:.1f} % | "
+            lines.append(f"| {mode_} | {t:.1f} | {sp['low_n']} (one configuration for all) | {100 * sp['low_fp_acc']:.1f} % | "
                          f"{100 * sp['low_dyn_acc']:.1f} % | 0 | – | – |")
             continue
-        lines.append(f"| {t:.1f} | {sp['low_n']} | {100 * sp['low_fp_acc']:.1f} % | {100 * sp['low_dyn_acc']:.1f} % | "
+        lines.append(f"| {mode_} | {t:.1f} | {sp['low_n']} | {100 * sp['low_fp_acc']:.1f} % | {100 * sp['low_dyn_acc']:.1f} % | "
                      f"{sp['high_n']} | {100 * sp['high_fp_acc']:.1f} % | {100 * sp['high_dyn_acc']:.1f} % |")
     sel = stats["selector"]
     lines += ["", "## Cost", "",
@@ -157,8 +167,8 @@ def main() -> None:
               f"run in float32: {sel['bops'] / 1e6:.1f} MBOPs = {sel['bops_pct_of_model']:.2f} % of the model's "
               f"expected BOPs.",
               f"- Wall time (2 cores, shared): synthetic images {'%.0f s' % t_syn if t_syn > 1 else 'cached'}; "
-              + "; ".join(f"target {t:.1f}: selector training {s['seconds']['selector_training']:.1f} s, whole pass "
-                          f"{s['seconds']['total']:.0f} s" for t, _, s, *_ in rows_all) + ".",
+              + "; ".join(f"{r[10]} target {r[0]:.1f}: selector training {r[2]['seconds']['selector_training']:.1f} s, whole pass "
+                          f"{r[2]['seconds']['total']:.0f} s" for r in rows_all) + ".",
               "- Latency of the dynamic model (grouped runner, onnxruntime CPU): " +
               ", ".join(f"batch {r['batch']}: median {r['median_ms']:.1f} ms, p90 {r['p90_ms']:.1f} ms" for r in lat)
               + ".", ""]

@@ -16,6 +16,25 @@ VERSION = 1
 KERNEL_DOMAIN = "ai.onnx.contrib"
 
 OP_TYPES = ("BitSelect", "DynQuant", "DynQConv", "DynQGemm")
+# Model metadata of a dynamic model: groups, their MACs, the configurations, the mode.
+METADATA_KEY = "datafree.dynamic"
+
+
+def image_bits(meta: dict, bits) -> "np.ndarray":
+    """Average bits each image cost, from the ``bits`` output [N, G] and the model's
+    metadata: the MAC-weighted mean over the groups; in a cascade, an image whose
+    configuration is not the first ran twice and costs both passes."""
+    import numpy as np
+
+    b = np.asarray(bits, np.float64).reshape(len(bits), -1)
+    w = np.asarray(meta.get("group_macs") or np.ones(b.shape[1]), np.float64)
+    if len(w) != b.shape[1]:
+        w = np.ones(b.shape[1])
+    avg = b @ w / w.sum()
+    if meta.get("mode") == "cascade":
+        first = np.asarray(meta["configs"][0], np.float64)
+        avg = avg + np.any(b != first, axis=1) * float(first @ w / w.sum())
+    return avg
 
 
 def opset_import() -> onnx.OperatorSetIdProto:

@@ -124,7 +124,7 @@ def dyn_quant(opset: int) -> onnx.FunctionProto:
     zero = f.op("Sub", [half, half])
     qmin = _per_sample(f, f.op("Where", [sig, f.op("Neg", [half]), zero]))
     qmax = _per_sample(f, f.op("Where", [sig, f.op("Sub", [half, one]), f.op("Sub", [levels, one])]))
-    x2 = f.op("Reshape", ["x", f.const([0, -1], np.int64)])
+    x2 = f.op("Flatten", ["x"], axis=1)          # [N, -1] that also holds for N = 0
     q = f.op("Add", [f.op("Round", [f.op("Div", [x2, s])]), z])
     q = f.op("Max", [f.op("Min", [q, qmax]), qmin])
     y2 = f.op("Mul", [f.op("Sub", [q, z]), s])
@@ -148,10 +148,10 @@ def _select(f: _Body, results: list[tuple[int, str]], out: str) -> None:
     """For each sample, the result computed at its own bit-width."""
     first = results[0][1]
     shape = f.op("Shape", [first])
-    acc = f.op("Reshape", [first, f.const([0, -1], np.int64)])
+    acc = f.op("Flatten", [first], axis=1)
     for bits, y in results[1:]:
         mask = _per_sample(f, f.op("Equal", ["bits", f.const(float(bits))]))
-        acc = f.op("Where", [mask, f.op("Reshape", [y, f.const([0, -1], np.int64)]), acc])
+        acc = f.op("Where", [mask, f.op("Flatten", [y], axis=1), acc])
     f.op("Reshape", [acc, shape], out=[out])
 
 

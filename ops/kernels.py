@@ -76,9 +76,15 @@ def _conv(x, w, bias, strides, pads, dilations, group):
     return y.numpy()
 
 
+def _levels(bits, scale_table):
+    """The bit-widths present in ``bits``; an empty batch still runs once, at the
+    highest, so that its (empty) output has the right shape."""
+    return np.unique(bits) if len(bits) else [scale_table.shape[0] - 1]
+
+
 def dyn_qconv(x, bits, w_int, w_scale, scale_table, bias, strides=(), pads=(), dilations=(), group=1):
     parts, order = [], []
-    for b in np.unique(bits):
+    for b in _levels(bits, scale_table):
         idx = np.nonzero(bits == b)[0]
         w = ref.derive_weight(w_int, w_scale, scale_table, int(b))
         parts.append(_conv(x[idx], w, bias.astype(np.float32), strides, pads, dilations, group))
@@ -88,7 +94,7 @@ def dyn_qconv(x, bits, w_int, w_scale, scale_table, bias, strides=(), pads=(), d
 
 def dyn_qgemm(x, bits, w_int, w_scale, scale_table, bias):
     parts, order = [], []
-    for b in np.unique(bits):
+    for b in _levels(bits, scale_table):
         idx = np.nonzero(bits == b)[0]
         w = ref.derive_weight(w_int, w_scale, scale_table, int(b))
         parts.append(x[idx] @ w.T + bias)

@@ -6,10 +6,10 @@ with its own ``mean``/``std`` when present, else ``x/255``) or ``x`` (float NCHW
 used as is), and optional ``labels``; or a folder of PNG/JPEG files (resized to the
 model's input size, ``x/255``).
 
-Dynamic models (second output ``bits`` [N, G], one bit-width per layer group) are
-run as they are: the kernels already group each batch by bit-width inside every
-layer, so grouping images by configuration beforehand would only add a second
-pass of the selector.
+Dynamic models (second output ``bits`` [N, G], one bit-width per layer group) run
+as :class:`datafree.runtime.InferenceSession` runs them; ``avg_bits`` is what each
+image cost (``datafree.ops.domain.image_bits``: in a cascade an image that was run
+again counts both passes).
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
+from datafree.ops import domain
 from datafree.toolchain.errors import UserError
 
 from .session import InferenceSession
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
-DYNAMIC_METADATA = "datafree.dynamic"
 
 
 @dataclass
@@ -134,14 +134,6 @@ def input_size(session: InferenceSession) -> tuple[int, int] | None:
     return None
 
 
-def group_weights(session: InferenceSession) -> np.ndarray | None:
-    """MACs per layer group of a dynamic model (weights for its average bits)."""
-    meta = session.metadata.get(DYNAMIC_METADATA)
-    if not meta:
-        return None
-    return np.asarray(json.loads(meta)["group_macs"], dtype=np.float64)
-
-
 def _check_fits(want, have) -> None:
     """Images whose shape the model input cannot take: one line, before onnxruntime's own error."""
     fmt = lambda dims: "[" + ", ".join(str(d) if isinstance(d, int) else "?" for d in dims) + "]"  # noqa: E731
@@ -178,10 +170,8 @@ def predict(session: InferenceSession, images: ImageSet, batch: int = 64) -> Pre
                          labels=images.labels, names=images.names)
     if bits:
         b = np.concatenate(bits).astype(np.float32).reshape(len(images.x), -1)
-        w = group_weights(session)
-        if w is None or len(w) != b.shape[1]:
-            w = np.ones(b.shape[1])
-        result.bits, result.avg_bits = b, (b @ w / w.sum()).astype(np.float32)
+        meta = json.loads(session.metadata.get(domain.METADATA_KEY) or "{}")
+        result.bits, result.avg_bits = b, domain.image_bits(meta, b).astype(np.float32)
     return result
 
 

@@ -20,6 +20,7 @@ in the specialised model): it is one layer.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,9 +60,9 @@ def _prune(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
     return out
 
 
-def selector_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+def selector_model(model: onnx.ModelProto, extra: tuple[str, ...] = ()) -> tuple[onnx.ModelProto, list[str]]:
     node = next(n for n in model.graph.node if n.domain == domain.DOMAIN and n.op_type == "BitSelect")
-    outs = list(node.output)
+    outs = list(node.output) + list(extra)
     m = _prune(model, outs)
     del m.graph.output[:]
     m.graph.output.extend(helper.make_empty_tensor_value_info(o) for o in outs)
@@ -130,6 +131,28 @@ def specialise(model: onnx.ModelProto, config_bits: np.ndarray) -> onnx.ModelPro
     return out
 
 
+def rerun_model(model: onnx.ModelProto, meta: dict) -> onnx.ModelProto:
+    """A cascade's second pass as a model of its own: the graph input goes straight
+    into the rerun layers (no gathering), their bits are the selector's, and their
+    logits are the output (no scattering).  :func:`specialise` then gives each
+    configuration's standard-op network."""
+    bits_node = next(n for n in model.graph.node if n.domain == domain.DOMAIN and n.op_type == "BitSelect")
+    x_name, out_name = model.graph.input[0].name, model.graph.output[0].name
+    rename = {meta["rerun_input"]: x_name, meta["rerun_bits"]: bits_node.output[1]}
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    nodes = []
+    for n in out.graph.node:
+        if any(o in rename or o == out_name for o in n.output):
+            continue                      # the gathering and the scattering
+        n.input[:] = [rename.get(i, i) for i in n.input]
+        n.output[:] = [out_name if o == meta["rerun_output"] else o for o in n.output]
+        nodes.append(n)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
+
+
 @dataclass
 class ValueInfo:
     """What ``get_outputs()`` reports for a grouped session (as onnxruntime's NodeArg)."""
@@ -150,8 +173,12 @@ class GroupedRunner:
     def __init__(self, model: onnx.ModelProto, options: ort.SessionOptions, providers: list[str]):
         self.model = model
         self._options, self._providers = options, providers
-        sel, (self._config_name, self._bits_name) = selector_model(model)
+        meta = json.loads(next((p.value for p in model.metadata_props if p.key == domain.METADATA_KEY), "{}"))
+        self.cascade = meta.get("mode") == "cascade"
+        first = (meta["first_output"],) if self.cascade else ()
+        sel, (self._config_name, self._bits_name, *self._first) = selector_model(model, first)
         self._selector = self._session(sel)
+        self._network = rerun_model(model, meta) if self.cascade else model
         table_name = next(n for n in model.graph.node if n.op_type == "BitSelect").input[5]
         self.table = next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == table_name)
         self._per_config: dict[int, ort.InferenceSession] = {}
@@ -166,17 +193,21 @@ class GroupedRunner:
 
     def config_session(self, k: int) -> ort.InferenceSession:
         if k not in self._per_config:
-            self._per_config[k] = self._session(specialise(self.model, self.table[k]))
+            self._per_config[k] = self._session(specialise(self._network, self.table[k]))
         return self._per_config[k]
 
     def run(self, output_names, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        config, bits = self._selector.run([self._config_name, self._bits_name],
-                                          {k: v for k, v in feeds.items() if k in
-                                           {i.name for i in self._selector.get_inputs()}})
+        config, bits, *first = self._selector.run([self._config_name, self._bits_name, *self._first],
+                                                  {k: v for k, v in feeds.items() if k in
+                                                   {i.name for i in self._selector.get_inputs()}})
         names = output_names or self.outputs
         rest = [n for n in self.outputs if n != self._bits_name]
         results: dict[str, np.ndarray] = {}
+        if self.cascade:                  # configuration 0 keeps the first pass; the others rerun
+            results[rest[0]] = first[0].copy()
         for k in np.unique(config):
+            if self.cascade and k == 0:
+                continue
             idx = np.nonzero(config == k)[0]
             sess = self.config_session(int(k))
             part = sess.run(rest, {name: v[idx] for name, v in feeds.items()})

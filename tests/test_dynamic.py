@@ -1,4 +1,6 @@
-"""The dynamic-precision pass on ResNet-20: model structure, batching, forced configurations, target bits."""
+"""The dynamic-precision pass on ResNet-20, both modes (cascade: a first pass at low bits, the
+unsure images rerun; upfront: bits chosen from the stem): model structure, batching, forced
+configurations, target bits."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from datafree.ops.domain import image_bits
 from datafree.runtime import InferenceSession
 from datafree.toolchain.ingest import load
 from datafree.toolchain.passes.dynamic import (BITS_OUTPUT, METADATA_KEY, apply_dynamic, build_fixed,
@@ -33,9 +36,14 @@ def synthetic(model):
     return generate(model, 64, steps=8, seed=0, batch_size=64)
 
 
-@pytest.fixture(scope="module")
-def fitted(model, synthetic):
-    return fit_dynamic(model, DynamicConfig(bits=(4, 6, 8), target_bits=TARGET, steps=150), synthetic=synthetic)
+@pytest.fixture(scope="module", params=["cascade", "upfront"])
+def fitted(model, synthetic, request):
+    return fit_dynamic(model, DynamicConfig(bits=(4, 6, 8), target_bits=TARGET, steps=150, mode=request.param),
+                       synthetic=synthetic)
+
+
+def _meta(model: onnx.ModelProto) -> dict:
+    return json.loads(next(p.value for p in model.metadata_props if p.key == METADATA_KEY))
 
 
 def _plain(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
@@ -49,9 +57,17 @@ def test_model_structure_and_checker(fitted):
     assert [o.name for o in m.graph.output] == ["logits", BITS_OUTPUT]
     ops = {n.op_type for n in m.graph.node if n.domain == "ai.datafree"}
     assert ops == {"BitSelect", "DynQuant", "DynQConv", "DynQGemm"}
-    meta = json.loads(next(p.value for p in m.metadata_props if p.key == METADATA_KEY))
+    meta = _meta(m)
     assert len(meta["groups"]) == 3 and sum(len(g) for g in meta["groups"]) == 19   # 18 convs + the Gemm
-    assert meta["configs"][0] == [4, 4, 4]
+    if meta.get("mode") == "cascade":     # keep the first pass, or rerun at one costlier configuration
+        assert len(meta["configs"]) == 2 and fitted.stats["mode"] == "cascade"
+        assert sum(meta["configs"][1]) > sum(meta["configs"][0])
+        # the first pass reads the same stored integers: no weight tensor is stored twice
+        w_int = [t for t in m.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+        assert len(w_int) == 19
+        assert sum(t.ByteSize() for t in m.graph.initializer) < 1.3 * sum(t.ByteSize() for t in w_int)
+    else:
+        assert meta["configs"][0] == [4, 4, 4]
     cost = fitted.stats["selector"]
     assert cost["params"] < 1000 and cost["bops_pct_of_model"] < 5
 
@@ -88,8 +104,7 @@ def test_forced_configuration_equals_fixed_precision_model(fitted):
 def test_target_bits_met_on_the_probe_set(fitted):
     x = fitted.images[fitted.probe]
     _, bits = InferenceSession(fitted.model).run(None, {"input": x})
-    macs = fitted.plan.group_macs
-    mean_bits = float(np.mean(bits @ macs / macs.sum()))
+    mean_bits = float(np.mean(image_bits(_meta(fitted.model), bits)))
     assert abs(mean_bits - TARGET) <= 0.25
     assert mean_bits == pytest.approx(fitted.stats["expected_bits"], abs=1e-6)
     assert sum(fitted.stats["histogram"].values()) == len(fitted.probe)
@@ -159,3 +174,39 @@ def test_probe_split_keeps_copies_of_probe_images_out_of_training():
     assert not source(train) & source(probe) and len(source(train) | source(probe)) == 40
     plain, train0, probe0 = _split(images, seed=0, augment=False)
     assert len(plain) == 40 and len(probe0) == 10 and not set(train0) & set(probe0)
+
+
+def test_cascade_reruns_only_the_unsure_and_runs_an_empty_rerun(fitted):
+    if fitted.stats.get("mode") != "cascade":
+        pytest.skip("cascade only")
+    from datafree.toolchain.passes.dynamic import confidence_features
+
+    first_cfg = fitted.plan.configs[0]
+    (first,) = _plain(build_fixed(fitted.plan, first_cfg), fitted.images)
+    margin = confidence_features(first)[:, 0]
+    _, bits = _plain(fitted.model, fitted.images)
+    rerun = np.any(bits != first_cfg, axis=1)
+    assert 0 < rerun.mean() < 1
+    assert margin[rerun].max() < margin[~rerun].min()         # a threshold on the first pass's margin
+    sure = np.flatnonzero(~rerun)[:5]                          # a batch with nothing to rerun
+    for kw in ({"grouped": True}, {"grouped": False, "use_kernels": True}, {"grouped": False, "use_kernels": False}):
+        logits, b = InferenceSession(fitted.model, **kw).run(None, {"input": fitted.images[sure]})
+        np.testing.assert_allclose(logits, first[sure], atol=1e-4)
+        assert np.all(b == first_cfg)
+    costs = image_bits(_meta(fitted.model), bits)
+    one = float(fitted.plan.avg_bits(first_cfg[None])[0])
+    np.testing.assert_allclose(costs[~rerun], one, rtol=1e-6)
+    np.testing.assert_allclose(costs[rerun], one + fitted.plan.avg_bits(bits[rerun]), rtol=1e-6)
+
+
+def test_report_costs_a_cascade_by_its_passes(fitted):
+    if fitted.stats.get("mode") != "cascade":
+        pytest.skip("cascade only")
+    from datafree.toolchain.ingest import load as load_model
+    from datafree.toolchain.report.cost import dynamic_costs
+
+    d = dynamic_costs(load_model(fitted.model), fitted.images[fitted.probe])
+    assert d.expected_bops == pytest.approx(fitted.stats["expected_bops"], rel=1e-9)
+    once, twice = fitted.stats["config_bops"]
+    assert (d.min_bops, d.max_bops) == (once, twice)
+    assert d.selector_params == fitted.stats["selector"]["params"]

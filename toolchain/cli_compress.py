@@ -80,6 +80,9 @@ def compress_options(f):
         click.option("--dynamic", is_flag=True, help="Insert a bit selector: precision chosen per input."),
         click.option("--bits", "dyn_bits", type=str, default=None, help="Candidate bits for --dynamic, e.g. 4,6,8."),
         click.option("--target-bits", type=float, default=None, help="Average bits the selector aims at."),
+        click.option("--dynamic-mode", type=click.Choice(["cascade", "upfront"]), default=None,
+                     help="cascade (default): run at low bits, rerun the images the model is unsure of at "
+                          "higher bits; upfront: choose the bits from the first layer's output."),
         click.option("--input-shape", type=str, default=None,
                      help="Input shape for torch inputs or symbolic sizes, e.g. 1,3,224,224."),
         click.option("--dry-run", is_flag=True, help="Plan only: predicted size and MACs, nothing written."),
@@ -102,7 +105,7 @@ def build_recipe(ctx: click.Context, params: dict) -> Recipe:
         if given or not params["recipe_file"]:
             value = params[opt]
             base[fld] = None if value == FLOAT else value
-    if params["dynamic"] or params["dyn_bits"] or params["target_bits"] is not None:
+    if params["dynamic"] or params["dyn_bits"] or params["target_bits"] is not None or params["dynamic_mode"]:
         dyn = base.get("dynamic") or {}
         if params["dyn_bits"]:
             try:
@@ -111,6 +114,8 @@ def build_recipe(ctx: click.Context, params: dict) -> Recipe:
                 raise UserError(f"--bits must be a comma-separated list of integers, got {params['dyn_bits']!r}") from None
         if params["target_bits"] is not None:
             dyn["target_bits"] = params["target_bits"]
+        if params["dynamic_mode"]:
+            dyn["mode"] = params["dynamic_mode"]
         base["dynamic"] = dyn
     return Recipe.from_dict(base)
 

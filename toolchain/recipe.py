@@ -43,6 +43,7 @@ class DynamicConfig:
     target_bits: float = 5.0
     steps: int = 300
     groups: str = "stage"
+    mode: str = "cascade"       # cascade: run low, rerun the uncertain at higher bits; upfront: choose from the stem
 
 
 @dataclass
@@ -116,6 +117,8 @@ class Recipe:
                 _check_bits("dynamic.bits", b)
             if bits != sorted(set(bits)):
                 raise UserError(f"dynamic.bits must be sorted and without duplicates, got {bits}")
+            if self.dynamic.mode not in ("cascade", "upfront"):
+                raise UserError(f"dynamic.mode must be 'cascade' or 'upfront', got {self.dynamic.mode!r}")
             if not bits[0] <= self.dynamic.target_bits <= bits[-1]:
                 raise UserError(f"target_bits {self.dynamic.target_bits} is outside the candidate range {bits[0]}..{bits[-1]}")
 

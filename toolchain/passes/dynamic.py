@@ -73,7 +73,7 @@ from ..stats import mse_range
 from .fold import fold_batchnorm
 
 STAGE = "dynamic"
-METADATA_KEY = "datafree.dynamic"
+METADATA_KEY = domain.METADATA_KEY
 BITS_OUTPUT = "bits"
 MAX_CONFIGS = 8
 MAX_ENUMERATED = 64
@@ -83,6 +83,7 @@ SELECTOR_LR = 1e-2
 PENALTY = 2.0            # λ, per bit above target
 DEFAULT_SYNTHETIC = 256
 DEFAULT_SYNTHETIC_STEPS = 200
+CONFIDENT_TARGET = 0.9   # cascade probes: synthetic images made for a target this sure (see fit_cascade)
 
 
 # ----------------------------------------------------------------- the plan
@@ -293,17 +294,18 @@ class _Writer:
     def node_of(self, layer: DynLayer) -> tuple[int, onnx.NodeProto]:
         return next((i, n) for i, n in enumerate(self.graph.node) if n.name == layer.name)
 
-    def static_quant(self, layer: DynLayer, bits: int) -> tuple[list[onnx.NodeProto], str]:
-        """Fake-quantize the layer input at ``bits`` with standard ops, and use the result."""
+    def static_quant(self, layer: DynLayer, bits: int, x: str | None = None,
+                     prefix: str = "") -> tuple[list[onnx.NodeProto], str]:
+        """Fake-quantize the layer input (or ``x``) at ``bits`` with standard ops, and use the result."""
         a = layer.act
         lo, hi = reference.act_grid(bits, a.signed)
-        p = f"{layer.name}/aq{bits}"
+        p = f"{prefix}{layer.name}/aq{bits}"
         s = self.const(p + "/scale", np.float32(a.scale[bits]))
         z = self.const(p + "/zp", np.float32(a.zero_point[bits]))
         qmin, qmax = self.const(p + "/qmin", np.float32(lo)), self.const(p + "/qmax", np.float32(hi))
         t = [self.name(f"{p}/t{i}") for i in range(5)]
         out = self.name(p + "/out")
-        nodes = [helper.make_node("Div", [layer.input, s], [t[0]], name=self.name(p + "/div")),
+        nodes = [helper.make_node("Div", [x or layer.input, s], [t[0]], name=self.name(p + "/div")),
                  helper.make_node("Round", [t[0]], [t[1]], name=self.name(p + "/round")),
                  helper.make_node("Add", [t[1], z], [t[2]], name=self.name(p + "/add")),
                  helper.make_node("Clip", [t[2], qmin, qmax], [t[3]], name=self.name(p + "/clip")),
@@ -419,6 +421,152 @@ def build_dynamic(plan: Plan, selector: Selector) -> onnx.ModelProto:
     meta = {"candidates": list(plan.candidates), "groups": plan.groups, "group_macs": plan.group_macs.tolist(),
             "configs": plan.configs.astype(int).tolist(), "stem": plan.stem.name, "stem_bits": plan.max_bits,
             "bits_output": BITS_OUTPUT}
+    model.metadata_props.append(onnx.StringStringEntryProto(key=METADATA_KEY, value=json.dumps(meta)))
+    return model
+
+
+def confidence_features(logits: np.ndarray) -> np.ndarray:
+    """What the cascade's selector reads: the first pass's margin, its largest logit
+    minus the second largest, [n, 1] (as TopK and a MatMul compute it in the graph)."""
+    z = np.asarray(logits, np.float32)
+    top = -np.sort(-z, axis=1)[:, :2]
+    return (top @ np.array([[1.0], [-1.0]], np.float32)).astype(np.float32)
+
+
+def _derived_weight(w: _Writer, layer: DynLayer, bits: int, w_int: str, prefix: str) -> tuple[list, str]:
+    """Standard ops computing the layer's weight at ``bits`` from its stored integers
+    (``reference.derive_weight``, same operations in the same order); every input is
+    a constant, so onnxruntime folds them once at load and nothing is stored twice."""
+    p = f"{prefix}{layer.name}/w{bits}"
+    o = layer.w_int.shape[0]
+    col = lambda name, v: w.const(f"{p}/{name}", np.asarray(v, np.float32).reshape(o, 1))  # noqa: E731
+    ws, sc = col("w_scale", layer.w_scale), col("scale", layer.scale_table[bits])
+    qmax = reference.weight_qmax(bits)
+    t = [w.name(f"{p}/t{i}") for i in range(7)]
+    out = w.name(p)
+    mk = lambda op, ins, outs, **kw: helper.make_node(op, ins, outs, name=w.name(f"{p}/{op.lower()}"), **kw)  # noqa: E731
+    nodes = [mk("Cast", [w_int], [t[0]], to=TensorProto.FLOAT),
+             mk("Reshape", [t[0], w.const(f"{p}/flat", np.array([o, -1], np.int64))], [t[1]]),
+             mk("Mul", [t[1], ws], [t[2]]),
+             mk("Div", [t[2], sc], [t[3]]),
+             mk("Round", [t[3]], [t[4]]),
+             mk("Clip", [t[4], w.const(f"{p}/qmin", np.float32(-qmax)), w.const(f"{p}/qmax", np.float32(qmax))], [t[5]]),
+             mk("Mul", [t[5], sc], [t[6]]),
+             mk("Reshape", [t[6], w.const(f"{p}/shape", np.array(layer.w_int.shape, np.int64))], [out])]
+    return nodes, out
+
+
+def build_cascade(plan: Plan, selector: Selector) -> onnx.ModelProto:
+    """The cascade model: the whole network at ``plan.configs[0]`` for every image, then
+    ``BitSelect`` on the first pass's confidence picks, per image, to keep that result
+    (configuration 0) or to run the network again at configuration k; the rows to
+    rerun are gathered, run through the dynamic layers at their own bits, and
+    scattered back into the first pass's logits.  Both passes read the same stored
+    integers."""
+    schemas.register()
+    w = _Writer(plan)
+    x_name, out_name = w.graph.input[0].name, w.graph.output[0].name
+    orig = [onnx.NodeProto() for _ in w.graph.node]
+    for dst, src in zip(orig, w.graph.node):
+        dst.CopyFrom(src)
+    first_cfg = plan.configs[0]
+
+    # ---- the rerun: the network at per-image bits, on the gathered rows (built in place)
+    x2, bits2, config = w.name("rerun/input"), w.name("rerun/bits"), w.name("config")
+    w.fixed_layer(plan.stem, plan.max_bits)
+    stem_w = w.node_of(plan.stem)[1].input[1]
+    group_bits = [w.name(f"bits/group{g}") for g in range(len(plan.groups))]
+    cache: dict = {}
+    for layer in plan.layers:
+        w.dynamic_layer(layer, group_bits[layer.group], cache)
+    w_ints = {n.name: n.input[2] for n in w.graph.node if n.op_type in ("DynQConv", "DynQGemm")}
+    biases = {n.name: n.input[5] for n in w.graph.node if n.op_type in ("DynQConv", "DynQGemm")}
+    rerun_out = w.name("rerun/" + out_name)
+    rerun = []
+    for n in w.graph.node:
+        m = onnx.NodeProto()
+        m.CopyFrom(n)
+        m.input[:] = [x2 if i == x_name else i for i in m.input]
+        m.output[:] = [rerun_out if o == out_name else o for o in m.output]
+        rerun.append(m)
+
+    # ---- the first pass: a renamed copy of the float graph at the first configuration
+    layers = {l.name: l for l in [plan.stem] + plan.layers}
+    rename: dict[str, str] = {}
+    first: list[onnx.NodeProto] = []
+    for n in orig:
+        ins = [rename.get(i, i) for i in n.input]
+        for o in n.output:
+            rename[o] = w.name("first/" + o)
+        outs = [rename[o] for o in n.output]
+        layer = layers.get(n.name)
+        if layer is None:
+            m = onnx.NodeProto()
+            m.CopyFrom(n)
+            m.name = w.name("first/" + n.name) if n.name else ""
+            m.input[:], m.output[:] = ins, outs
+            first.append(m)
+            continue
+        bits = plan.max_bits if layer is plan.stem else int(first_cfg[layer.group])
+        q_nodes, xq = w.static_quant(layer, bits, x=ins[0], prefix="first/")
+        first += q_nodes
+        if layer is plan.stem:
+            m = onnx.NodeProto()
+            m.CopyFrom(n)
+            m.input[0], m.input[1] = xq, stem_w
+            m.input[2:] = ins[2:]
+            m.name, m.output[:] = w.name("first/" + n.name), outs
+            first.append(m)
+            continue
+        w_nodes, wq = _derived_weight(w, layer, bits, w_ints[layer.name], "first/")
+        first += w_nodes
+        op_ins = [xq, wq, biases[layer.name]]
+        if layer.op == "Conv":
+            first.append(helper.make_node("Conv", op_ins, outs, name=w.name("first/" + n.name), **layer.attrs))
+        else:
+            first.append(helper.make_node("Gemm", op_ins, outs, name=w.name("first/" + n.name), transB=1))
+    first_out = rename[out_name]
+
+    # ---- the choice and the gathering of the rows to rerun
+    top, feats = w.name("selector/top2"), w.name("selector/margin")
+    nz, idx, idx_col = w.name("rerun/nonzero"), w.name("rerun/rows"), w.name("rerun/rows_col")
+    mask = w.name("rerun/mask")
+    glue = [helper.make_node("TopK", [first_out, w.const("selector/k", np.array([2], np.int64))],
+                             [top, w.name("selector/top_index")], axis=1, name=w.name("selector/TopK")),
+            helper.make_node("MatMul", [top, w.const("selector/difference", np.array([[1.0], [-1.0]], np.float32))],
+                             [feats], name=w.name("selector/margin")),
+            helper.make_node("BitSelect", [feats, w.const("selector/W1", selector.w1),
+                                           w.const("selector/b1", selector.b1), w.const("selector/W2", selector.w2),
+                                           w.const("selector/b2", selector.b2),
+                                           w.const("selector/bits_table", plan.configs.astype(np.float32))],
+                             [config, BITS_OUTPUT], domain=domain.DOMAIN, name=w.name("selector/BitSelect")),
+            helper.make_node("Greater", [config, w.const("rerun/zero", np.int64(0))], [mask],
+                             name=w.name("rerun/Greater")),
+            helper.make_node("NonZero", [mask], [nz], name=w.name("rerun/NonZero")),
+            helper.make_node("Reshape", [nz, w.const("rerun/flat", np.array([-1], np.int64))], [idx],
+                             name=w.name("rerun/Reshape")),
+            helper.make_node("Gather", [x_name, idx], [x2], axis=0, name=w.name("rerun/GatherInput")),
+            helper.make_node("Gather", [BITS_OUTPUT, idx], [bits2], axis=0, name=w.name("rerun/GatherBits"))]
+    for g, gb in enumerate(group_bits):
+        glue.append(helper.make_node("Gather", [bits2, w.const(f"bits/index{g}", np.int64(g))], [gb], axis=1,
+                                     name=w.name(f"bits/Gather{g}")))
+    scatter = [helper.make_node("Reshape", [idx, w.const("rerun/col", np.array([-1, 1], np.int64))], [idx_col],
+                                name=w.name("rerun/ReshapeRows")),
+               helper.make_node("ScatterND", [first_out, idx_col, rerun_out], [out_name],
+                                name=w.name("rerun/ScatterND"))]
+    del w.graph.node[:]
+    w.graph.node.extend(first + glue + rerun + scatter)
+    del w.graph.value_info[:]          # the rerun's values have the rerun's batch, not the input's
+    model = w.finish()
+    model.graph.output.append(helper.make_tensor_value_info(BITS_OUTPUT, TensorProto.FLOAT,
+                                                            [_batch_dim(model), len(plan.groups)]))
+    domain.add_opset_import(model)
+    functions.attach(model, plan.candidates)
+    meta = {"mode": "cascade", "candidates": list(plan.candidates), "groups": plan.groups,
+            "group_macs": plan.group_macs.tolist(), "configs": plan.configs.astype(int).tolist(),
+            "config_bops": [int(b) for b in plan.bops(plan.configs)], "stem": plan.stem.name,
+            "stem_bits": plan.max_bits, "bits_output": BITS_OUTPUT,
+            "first_output": first_out, "rerun_input": x2, "rerun_bits": bits2, "rerun_output": rerun_out}
     model.metadata_props.append(onnx.StringStringEntryProto(key=METADATA_KEY, value=json.dumps(meta)))
     return model
 
@@ -564,8 +712,50 @@ def calibrate_price(selector: Selector, pooled: np.ndarray, cfg_bits: np.ndarray
     return mu
 
 
+@dataclass
+class Cascade:
+    """The cascade's choice: ``configs[0]`` runs first, choice k > 0 reruns at ``configs[k]``."""
+
+    selector: Selector
+    configs: list[int]              # indices into the simulated configurations
+    cost_bits: np.ndarray           # [K]: average bits an image costs at each choice (both passes)
+    price: float
+    probe_loss: float
+
+
+def fit_cascade(logits: np.ndarray, losses: np.ndarray, avg: np.ndarray, keep: list[int],
+                train_idx: np.ndarray, probe_idx: np.ndarray, target: float, *, steps: int,
+                seed: int = 0) -> Cascade:
+    """For every pair (first, rerun) of configurations on the front, the first within
+    ``target`` and the rerun costlier: train the selector on the first pass's margin
+    (choices: keep, or rerun, which costs both passes), set its price on the probes;
+    keep the pair with the lowest probe loss."""
+    best = None
+    for lo in sorted(keep, key=lambda i: avg[i]):
+        if avg[lo] > target + 1e-9:
+            continue
+        feats = confidence_features(logits[lo])
+        for hi in (k for k in keep if avg[k] > avg[lo]):
+            configs = [lo, hi]
+            cost = np.array([avg[lo], avg[lo] + avg[hi]], np.float64)
+            L = losses[:, configs]
+            selector = train_selector(feats[train_idx], L[train_idx], cost, target, steps=steps, seed=seed)
+            mu = calibrate_price(selector, feats[probe_idx], cost, target)
+            choice = selector.choose(feats[probe_idx])
+            loss = float(L[probe_idx][np.arange(len(choice)), choice].mean())
+            if best is None or loss < best.probe_loss - 1e-9:
+                best = Cascade(selector=selector, configs=configs, cost_bits=cost, price=mu, probe_loss=loss)
+    if best is None:          # target at the cheapest configuration: nothing to rerun
+        lo = min(keep, key=lambda i: avg[i])
+        sel = Selector(w1=np.ones((1, 1), np.float32), b1=np.zeros(1, np.float32),
+                       w2=np.zeros((1, 1), np.float32), b2=np.zeros(1, np.float32))
+        best = Cascade(selector=sel, configs=[lo], cost_bits=np.array([avg[lo]]), price=0.0,
+                       probe_loss=float(losses[probe_idx, lo].mean()))
+    return best
+
+
 # ------------------------------------------------------------------- the pass
-def _synthetic_images(model: ir.Model, synthetic, progress: ProgressFn) -> np.ndarray:
+def _synthetic_images(model: ir.Model, synthetic, progress: ProgressFn) -> tuple[np.ndarray, np.ndarray | None]:
     if synthetic is None:
         from ..synth import generate
 
@@ -573,7 +763,7 @@ def _synthetic_images(model: ir.Model, synthetic, progress: ProgressFn) -> np.nd
     images = np.asarray(getattr(synthetic, "images", synthetic), dtype=np.float32)
     if len(images) < 8:
         raise UserError(f"dynamic precision needs at least 8 synthetic images, got {len(images)}")
-    return images
+    return images, getattr(synthetic, "targets", None)
 
 
 @dataclass
@@ -603,13 +793,29 @@ def _split(images: np.ndarray, seed: int, augment: bool) -> tuple[np.ndarray, np
     return both, np.arange(len(train)), np.arange(len(train), len(both))
 
 
+def _confident_probes(targets: np.ndarray | None, n_images: int, probe_idx: np.ndarray, seed: int) -> np.ndarray:
+    """The probes made for a target at least ``CONFIDENT_TARGET`` sure (all probes when
+    the images came without targets or fewer than 8 are that sure), in the order and
+    with the copies of :func:`_split`."""
+    if targets is None or len(targets) != n_images:
+        return probe_idx
+    order = np.random.default_rng(seed).permutation(n_images)
+    n_probe = max(4, int(round(n_images * PROBE_FRACTION)))
+    sure = np.asarray(targets).max(axis=1)[np.sort(order[:n_probe])] >= CONFIDENT_TARGET
+    sure = np.tile(sure, len(probe_idx) // n_probe)
+    return probe_idx[sure] if sure.sum() >= 8 else probe_idx
+
+
 def fit_dynamic(model: ir.Model, config: DynamicConfig, *, synthetic=None, progress: ProgressFn = silent,
                 seed: int = 0, augment: bool = True) -> DynamicResult:
     """Plan, simulate, train and write the dynamic model (see :func:`apply_dynamic`)."""
     t0 = time.perf_counter()
-    images = _synthetic_images(model, synthetic, progress)
+    images, targets = _synthetic_images(model, synthetic, progress)
     t_synth = time.perf_counter() - t0
+    n_images = len(images)
     images, train_idx, probe_idx = _split(images, seed, augment)
+    if config.mode == "cascade":
+        probe_idx = _confident_probes(targets, n_images, probe_idx, seed)
     progress(STAGE, 0, 4)
 
     plan = make_plan(model, config, images[train_idx])
@@ -621,19 +827,32 @@ def fit_dynamic(model: ir.Model, config: DynamicConfig, *, synthetic=None, progr
     keep = pareto(avg, losses[train_idx].mean(axis=0))
     plan.configs = all_cfgs[keep]
     cfg_bits = avg[keep]
+    front = {"configs": ["/".join(str(int(b)) for b in c) for c in all_cfgs[keep]],
+             "avg_bits": [round(float(b), 4) for b in cfg_bits],
+             "bops": [int(b) for b in plan.bops(all_cfgs[keep])],
+             "probe_loss": [round(float(v), 4) for v in losses[probe_idx][:, keep].mean(axis=0)]}
     progress(STAGE, 2, 4)
 
     t_train = time.perf_counter()
-    selector = train_selector(pooled[train_idx], losses[train_idx][:, keep], cfg_bits, config.target_bits,
+    if config.mode == "cascade":
+        cascade = fit_cascade(logits, losses, avg, keep, train_idx, probe_idx, config.target_bits,
                               steps=config.steps, seed=seed)
-    mu = calibrate_price(selector, pooled[probe_idx], cfg_bits, config.target_bits)
+        selector, mu, keep, cfg_bits = cascade.selector, cascade.price, cascade.configs, cascade.cost_bits
+        plan.configs = all_cfgs[keep]
+        features = confidence_features(logits[keep[0]])
+    else:
+        selector = train_selector(pooled[train_idx], losses[train_idx][:, keep], cfg_bits, config.target_bits,
+                                  steps=config.steps, seed=seed)
+        mu = calibrate_price(selector, pooled[probe_idx], cfg_bits, config.target_bits)
+        features = pooled
     t_train = time.perf_counter() - t_train
     progress(STAGE, 3, 4)
 
-    proto = build_dynamic(plan, selector)
-    choice = selector.choose(pooled[probe_idx])
+    proto = build_cascade(plan, selector) if config.mode == "cascade" else build_dynamic(plan, selector)
+    choice = selector.choose(features[probe_idx])
     stats = _stats(plan, selector, choice, cfg_bits, losses[probe_idx][:, keep], fp[probe_idx],
                    logits[keep][:, probe_idx], mu, config)
+    stats["front"] = front
     stats["seconds"] = {"synthetic": round(t_synth, 2), "selector_training": round(t_train, 2),
                         "total": round(time.perf_counter() - t0, 2)}
     progress(STAGE, 4, 4)
@@ -666,12 +885,18 @@ def selector_cost(plan: Plan, selector: Selector, spatial: int) -> dict:
 
 def _stats(plan: Plan, selector: Selector, choice: np.ndarray, cfg_bits: np.ndarray, probe_losses: np.ndarray,
            fp: np.ndarray, cfg_logits: np.ndarray, mu: float, config: DynamicConfig) -> dict:
+    cascade = config.mode == "cascade"
     feat_shape = next((v.type.tensor_type.shape for v in plan.base.graph.value_info if v.name == plan.features), None)
     spatial = int(np.prod([d.dim_value for d in feat_shape.dim[2:]])) if feat_shape is not None and \
-        all(d.dim_value for d in feat_shape.dim[2:]) else 1
+        all(d.dim_value for d in feat_shape.dim[2:]) and not cascade else 1
     cost = selector_cost(plan, selector, spatial)
     bops = plan.bops(plan.configs)
     labels = ["/".join(str(int(b)) for b in c) for c in plan.configs]
+    extra = {}
+    if cascade:          # choice k > 0 runs the network twice: at configs[0], then at configs[k]
+        bops = np.concatenate([bops[:1], bops[0] + bops[1:]])
+        labels = [labels[0]] + [f"{labels[0]} then {lab}" for lab in labels[1:]]
+        extra = {"mode": "cascade", "rerun_fraction": float(np.mean(choice > 0))}
     hist = {lab: int((choice == k).sum()) for k, lab in enumerate(labels)}
     agree = np.mean(cfg_logits[choice, np.arange(len(choice))].argmax(axis=1) == fp.argmax(axis=1))
     expected_bops = float(bops[choice].mean())
@@ -691,4 +916,5 @@ def _stats(plan: Plan, selector: Selector, choice: np.ndarray, cfg_bits: np.ndar
         "probe_agreement_with_float": float(agree),
         "price_per_bit": float(mu),
         "selector": {**cost, "bops_pct_of_model": 100.0 * cost["bops"] / expected_bops},
+        **extra,
     }

@@ -19,12 +19,13 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from datafree.ops import domain
 from datafree.toolchain import graph
 from datafree.toolchain.errors import UserError
 from datafree.toolchain.recipe import METADATA_KEY as RECIPE_KEY, Recipe
 
 LAYERS_KEY = "datafree.layers"
-DYNAMIC_KEY = "datafree.dynamic"
+DYNAMIC_KEY = domain.METADATA_KEY
 FLOAT_BITS = 32
 DYNAMIC_DOMAIN = "ai.datafree"
 _INT_BITS = {ir.DataType.INT8: 8, ir.DataType.UINT8: 8, ir.DataType.INT4: 4, ir.DataType.UINT4: 4,
@@ -303,6 +304,14 @@ def dynamic_costs(model: ir.Model, probes: np.ndarray) -> DynamicCosts | None:
             group_macs = np.full(chosen.shape[1], macs.sum() / chosen.shape[1])
             note = "dynamic MACs split evenly over the bit outputs (no datafree.dynamic metadata)"
     per_image = static + (chosen ** 2) @ group_macs
+    if meta.get("mode") == "cascade" and meta.get("config_bops"):
+        # each pass's BOPs (stem included) from the metadata; the first pass's layers are
+        # standard ops the layer table would count as float
+        table = np.asarray(meta["configs"], np.float64)
+        first = np.all(chosen == table[0], axis=1)
+        rows = [int(np.flatnonzero(np.all(table == c, axis=1))[0]) for c in chosen]
+        config_bops = np.asarray(meta["config_bops"], np.float64)
+        per_image = config_bops[0] + np.where(first, 0.0, config_bops[rows])
     sel_macs, sel_params, pool = _selector(dyn)
     return DynamicCosts(images=len(probes), mean_bits=chosen.mean(axis=0).round(4).tolist(),
                         expected_bops=float(per_image.mean()), min_bops=float(per_image.min()),
