@@ -150,6 +150,18 @@ def test_dynamic_precision_through_compress(tmp_path, resnet20_bn):
     assert [o.name for o in model.graph.output][1:] == ["bits"] or len(model.graph.output) == 2
 
 
+@pytest.mark.parametrize("mode", ["cascade", "upfront"])
+def test_dynamic_summary_says_how_the_model_chooses(tmp_path, resnet20_bn, mode):
+    out = tmp_path / "dyn.onnx"
+    res = _run("compress", resnet20_bn, "-o", out, "--dynamic", "--dynamic-mode", mode, "--target-bits", "6",
+               "--synthetic", "16", "--synthetic-steps", "5")
+    assert res.exit_code == 0, res.output
+    assert f"dynamic ({mode})" in res.output and "probe images" in res.output
+    assert "expected average bits" in res.output and "selector:" in res.output
+    recipe = json.loads(next(p.value for p in onnx.load(str(out)).metadata_props if p.key == "datafree.recipe"))
+    assert recipe["dynamic"]["mode"] == mode
+
+
 @pytest.mark.parametrize("bits,target,message", [("6,4,8", "5", "sorted"), ("4,4,8", "5", "sorted"),
                                                  ("4,6,8", "9", "outside the candidate range")])
 def test_dynamic_bad_options(tmp_path, resnet20_bn, bits, target, message):

@@ -87,11 +87,29 @@ def print_summary(summary, output=None, *, dry_run: bool = False, dynamic: dict 
     for note in summary.notes:
         out.print(f"note: {note}")
     if dynamic:
-        hist = dynamic.get("bit_histogram") or dynamic.get("histogram")
-        if hist:
-            out.print(f"bits chosen on probe images: {hist}")
-        for k, v in dynamic.items():
-            if k not in ("bit_histogram", "histogram"):
-                out.print(f"  {k}: {v}")
+        _print_dynamic(dynamic)
     if output is not None and not dry_run:
         out.print(f"wrote {output}")
+
+
+def _print_dynamic(d: dict) -> None:
+    """The dynamic model in a few lines: how it chooses, what the probes chose, what it costs."""
+    configs = d.get("configs") or []
+    if d.get("mode") == "cascade" and configs:
+        rerun = configs[-1].split(" then ")[-1] if len(configs) > 1 else None
+        out.print(f"dynamic (cascade): every image at {configs[0]}" +
+                  (f", rerun at {rerun} when the first pass is unsure "
+                   f"({100 * d.get('rerun_fraction', 0):.1f} % of the probe images)" if rerun else ""))
+    elif configs:
+        out.print(f"dynamic (upfront): the selector picks one of {', '.join(configs)} per image")
+    hist = d.get("histogram")
+    if hist:
+        out.print(f"bits chosen on {d.get('probe_images', sum(hist.values()))} probe images: "
+                  + ", ".join(f"{k}: {v}" for k, v in hist.items()))
+    if "expected_bits" in d:
+        out.print(f"expected average bits {d['expected_bits']:.2f} (target {d.get('target_bits', 0):.2f}), "
+                  f"{d.get('expected_bops', 0) / 1e9:.3f} GBOPs per image; agreement with the float model on "
+                  f"the probes {100 * d.get('probe_agreement_with_float', 0):.1f} %")
+    sel = d.get("selector")
+    if sel:
+        out.print(f"selector: {sel['params']} parameters, {sel['bops_pct_of_model']:.3f} % of the BOPs")
