@@ -1,9 +1,9 @@
 """Dynamic precision on ResNet-20: is a per-image choice better than a fixed one at equal cost?
 
-    python benchmarks/dynamic_bench.py [--targets 5,6] [--synthetic 192] [--synthetic-steps 80]
+    python benchmarks/dynamic_bench.py [--targets 5,5.5,6] [--modes cascade,upfront] [--synthetic 256]
 
-For each target average bit-width: the dynamic model (bits 4/6/8, three stage
-groups, selector trained on synthetic images only) against every fixed-precision
+For each mode and target average bit-width: the dynamic model (bits 4/6/8, three
+stage groups, selector trained on synthetic images only) against every fixed-precision
 configuration of the same plan (same calibration, same weights), on the dev images
 (``../shared/data/cifar10_dev.npz`` if present, else ``examples/data/cifar10_dev500.npz``).
 "Equal cost" = the best fixed configuration whose BOPs per image are at most the
@@ -23,7 +23,8 @@ from datafree.runtime import InferenceSession
 from datafree.runtime.bench import measure
 from datafree.runtime.infer import load_images, predict
 from datafree.toolchain.ingest import load
-from datafree.toolchain.passes.dynamic import _run, build_fixed, enumerate_configs, fit_dynamic
+from datafree.toolchain.passes.dynamic import (DEFAULT_SYNTHETIC, DEFAULT_SYNTHETIC_STEPS, _run, build_fixed,
+                                               enumerate_configs, fit_dynamic)
 from datafree.toolchain.recipe import DynamicConfig
 from datafree.toolchain.synth import generate
 
@@ -46,10 +47,10 @@ def _accuracy(model, images) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--targets", default="5,6")
+    ap.add_argument("--targets", default="5,5.5,6")
     ap.add_argument("--modes", default="cascade,upfront", help="dynamic modes to compare")
-    ap.add_argument("--synthetic", type=int, default=128)
-    ap.add_argument("--synthetic-steps", type=int, default=60)
+    ap.add_argument("--synthetic", type=int, default=DEFAULT_SYNTHETIC, help="as compress --dynamic generates")
+    ap.add_argument("--synthetic-steps", type=int, default=DEFAULT_SYNTHETIC_STEPS)
     ap.add_argument("--selector-steps", type=int, default=300)
     ap.add_argument("--no-augment", dest="augment", action="store_false",
                     help="train and probe on the synthetic images alone, without mirrored and shifted copies")

@@ -3,8 +3,25 @@
     model, stats = apply_dynamic(load("m.onnx"), DynamicConfig(bits=(4, 6, 8), target_bits=5))
     logits, bits = InferenceSession(model).run(None, {"input": x})     # bits: [N, G]
 
-What the pass writes (BN folded first; the layers' weights and activations are
-fake-quantized as a device would run them):
+Two modes choose the bits.
+
+``mode="cascade"`` (default, :func:`build_cascade`): every image runs the whole
+network at a low configuration ``configs[0]`` (standard ops; its weights are derived
+from the same stored integers by constant subgraphs onnxruntime folds at load).
+``BitSelect`` reads that first pass's *margin* (largest logit minus the second) and
+either keeps its result or reruns the image at ``configs[1]``: the rows to rerun are
+gathered, run through the dynamic layers and scattered back into the logits; an
+image that is rerun costs both passes.  The pair of configurations and the selector
+are fitted on synthetic images (:func:`fit_cascade`); the price per bit is set on
+the probes generated for confident targets (``CONFIDENT_TARGET``), because images
+made for spread targets are far less sure than real ones and a threshold set on
+them reruns too few real images.  Measured on ResNet-20 (benchmarks/dynamic_bench.py)
+the first pass's margin tells images that need more bits from the others; the
+stem's pooled output does not.
+
+``mode="upfront"``: the selector reads the stem's pooled output and every image runs
+once, at the configuration it picked.  What the pass writes (BN folded first; the
+layers' weights and activations are fake-quantized as a device would run them):
 
 * The first layer (the *stem*) runs at the highest candidate precision for every
   image: its output is what the selector looks at, so it must exist before the
