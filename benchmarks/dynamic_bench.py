@@ -23,9 +23,8 @@ from datafree.runtime import InferenceSession
 from datafree.runtime.bench import measure
 from datafree.runtime.infer import load_images, predict
 from datafree.toolchain.ingest import load
-from datafree.toolchain.passes.dynamic import (DEFAULT_SYNTHETIC, DEFAULT_SYNTHETIC_STEPS, _run, build_fixed,
-                                               enumerate_configs, fit_dynamic)
-from datafree.toolchain.recipe import DynamicConfig
+from datafree.toolchain.passes.dynamic import _run, build_fixed, enumerate_configs, fit_dynamic
+from datafree.toolchain.recipe import DynamicConfig, Recipe
 from datafree.toolchain.synth import generate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,8 +48,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--targets", default="5,5.5,6")
     ap.add_argument("--modes", default="cascade,upfront", help="dynamic modes to compare")
-    ap.add_argument("--synthetic", type=int, default=DEFAULT_SYNTHETIC, help="as compress --dynamic generates")
-    ap.add_argument("--synthetic-steps", type=int, default=DEFAULT_SYNTHETIC_STEPS)
+    ap.add_argument("--synthetic", type=int, default=Recipe().synthetic, help="as compress --dynamic generates")
+    ap.add_argument("--synthetic-steps", type=int, default=Recipe().synthetic_steps)
     ap.add_argument("--selector-steps", type=int, default=300)
     ap.add_argument("--no-augment", dest="augment", action="store_false",
                     help="train and probe on the synthetic images alone, without mirrored and shifted copies")

@@ -740,35 +740,49 @@ class Cascade:
     probe_loss: float
 
 
-def fit_cascade(logits: np.ndarray, losses: np.ndarray, avg: np.ndarray, keep: list[int],
-                train_idx: np.ndarray, probe_idx: np.ndarray, target: float, *, steps: int,
+def _threshold_selector() -> Selector:
+    """Rerun when the margin is below a threshold: choice scores (0, −margin), the
+    threshold is the price :func:`calibrate_price` folds into the bias."""
+    return Selector(w1=np.ones((1, 1), np.float32), b1=np.zeros(1, np.float32),
+                    w2=np.array([[0.0, -1.0]], np.float32), b2=np.zeros(2, np.float32))
+
+
+def fit_cascade(logits: np.ndarray, losses: np.ndarray, avg: np.ndarray, train_idx: np.ndarray,
+                probe_idx: np.ndarray, price_idx: np.ndarray, target: float, *, steps: int,
                 seed: int = 0) -> Cascade:
-    """For every pair (first, rerun) of configurations on the front, the first within
-    ``target`` and the rerun costlier: train the selector on the first pass's margin
-    (choices: keep, or rerun, which costs both passes), set its price on the probes;
-    keep the pair with the lowest probe loss."""
+    """The pair (first, rerun) of simulated configurations, the first within ``target``
+    and the rerun costlier, whose cascade has the lowest loss on all the probes
+    (``probe_idx``) with a plain margin threshold priced to the target on
+    ``price_idx`` (the confident probes); then the selector for that pair, trained on
+    the first pass's margin (choices: keep, or rerun, which costs both passes) and
+    priced the same way.  Scoring pairs on all the probes rather than on the confident
+    ones alone: four times the images, and the hard ones are those a rerun is for
+    (measured on ResNet-20 with two synthetic sets: +0.5 pt on average over the
+    confident probes alone, and over searching only the Pareto front)."""
     best = None
-    for lo in sorted(keep, key=lambda i: avg[i]):
-        if avg[lo] > target + 1e-9:
-            continue
+    for lo in np.flatnonzero(avg <= target + 1e-9):
         feats = confidence_features(logits[lo])
-        for hi in (k for k in keep if avg[k] > avg[lo]):
-            configs = [lo, hi]
+        for hi in np.flatnonzero(avg > avg[lo]):
             cost = np.array([avg[lo], avg[lo] + avg[hi]], np.float64)
-            L = losses[:, configs]
-            selector = train_selector(feats[train_idx], L[train_idx], cost, target, steps=steps, seed=seed)
-            mu = calibrate_price(selector, feats[probe_idx], cost, target)
-            choice = selector.choose(feats[probe_idx])
-            loss = float(L[probe_idx][np.arange(len(choice)), choice].mean())
-            if best is None or loss < best.probe_loss - 1e-9:
-                best = Cascade(selector=selector, configs=configs, cost_bits=cost, price=mu, probe_loss=loss)
-    if best is None:          # target at the cheapest configuration: nothing to rerun
-        lo = min(keep, key=lambda i: avg[i])
-        sel = Selector(w1=np.ones((1, 1), np.float32), b1=np.zeros(1, np.float32),
-                       w2=np.zeros((1, 1), np.float32), b2=np.zeros(1, np.float32))
-        best = Cascade(selector=sel, configs=[lo], cost_bits=np.array([avg[lo]]), price=0.0,
+            rule = _threshold_selector()
+            calibrate_price(rule, feats[price_idx], cost, target)
+            choice = rule.choose(feats[probe_idx])
+            loss = float(losses[probe_idx][:, [lo, hi]][np.arange(len(choice)), choice].mean())
+            if best is None or loss < best[0] - 1e-9:
+                best = (loss, int(lo), int(hi))
+    if best is None:          # target at the costliest configuration: nothing to rerun at
+        lo = int(np.argmin(np.where(avg <= target + 1e-9, losses[probe_idx].mean(axis=0), np.inf)))
+        return Cascade(selector=_threshold_selector(), configs=[lo], cost_bits=np.array([avg[lo]]), price=0.0,
                        probe_loss=float(losses[probe_idx, lo].mean()))
-    return best
+    _, lo, hi = best
+    cost = np.array([avg[lo], avg[lo] + avg[hi]], np.float64)
+    feats = confidence_features(logits[lo])
+    L = losses[:, [lo, hi]]
+    selector = train_selector(feats[train_idx], L[train_idx], cost, target, steps=steps, seed=seed)
+    mu = calibrate_price(selector, feats[price_idx], cost, target)
+    choice = selector.choose(feats[probe_idx])
+    return Cascade(selector=selector, configs=[lo, hi], cost_bits=cost, price=mu,
+                   probe_loss=float(L[probe_idx][np.arange(len(choice)), choice].mean()))
 
 
 # ------------------------------------------------------------------- the pass
@@ -831,7 +845,8 @@ def fit_dynamic(model: ir.Model, config: DynamicConfig, *, synthetic=None, progr
     t_synth = time.perf_counter() - t0
     n_images = len(images)
     images, train_idx, probe_idx = _split(images, seed, augment)
-    if config.mode == "cascade":
+    all_probes = probe_idx
+    if config.mode == "cascade":        # target_bits holds on these (see fit_cascade)
         probe_idx = _confident_probes(targets, n_images, probe_idx, seed)
     progress(STAGE, 0, 4)
 
@@ -847,12 +862,12 @@ def fit_dynamic(model: ir.Model, config: DynamicConfig, *, synthetic=None, progr
     front = {"configs": ["/".join(str(int(b)) for b in c) for c in all_cfgs[keep]],
              "avg_bits": [round(float(b), 4) for b in cfg_bits],
              "bops": [int(b) for b in plan.bops(all_cfgs[keep])],
-             "probe_loss": [round(float(v), 4) for v in losses[probe_idx][:, keep].mean(axis=0)]}
+             "probe_loss": [round(float(v), 4) for v in losses[all_probes][:, keep].mean(axis=0)]}
     progress(STAGE, 2, 4)
 
     t_train = time.perf_counter()
     if config.mode == "cascade":
-        cascade = fit_cascade(logits, losses, avg, keep, train_idx, probe_idx, config.target_bits,
+        cascade = fit_cascade(logits, losses, avg, train_idx, all_probes, probe_idx, config.target_bits,
                               steps=config.steps, seed=seed)
         selector, mu, keep, cfg_bits = cascade.selector, cascade.price, cascade.configs, cascade.cost_bits
         plan.configs = all_cfgs[keep]
