@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
@@ -210,3 +211,24 @@ def test_report_costs_a_cascade_by_its_passes(fitted):
     once, twice = fitted.stats["config_bops"]
     assert (d.min_bops, d.max_bops) == (once, twice)
     assert d.selector_params == fitted.stats["selector"]["params"]
+    from datafree.toolchain.report.cost import layer_costs
+
+    first = _meta(fitted.model)["first_layers"]
+    rows = {c.name: c for c in layer_costs(load_model(fitted.model))}
+    assert len(first) == 20 and all(rows[n].wbits == rows[n].abits == b for n, b in first.items())
+    assert not any(n.startswith("selector/") for n in rows)     # the margin is not a layer
+
+
+def test_cascade_falls_back_to_upfront_for_a_model_with_two_outputs(model, synthetic):
+    """The cascade reruns on the margin of one score per class: a second graph output
+    (here the pooled features beside the logits) would come out of the rerun short."""
+    proto = ir.serde.serialize_model(model)
+    gemm = next(n for n in proto.graph.node if n.op_type == "Gemm")
+    proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(gemm.input[0]))
+    small = type(synthetic)(images=synthetic.images[:24], targets=synthetic.targets[:24],
+                            source=synthetic.source, seed=0)
+    result = fit_dynamic(ir.serde.deserialize_model(proto),
+                         DynamicConfig(bits=(4, 8), target_bits=6.0, steps=20, groups="2"), synthetic=small)
+    assert "upfront" in result.stats["note"] and "mode" not in result.stats
+    outs = InferenceSession(result.model).run(None, {"input": synthetic.images[:3]})
+    assert outs[0].shape == (3, 10) and len(outs) == 3

@@ -113,3 +113,5 @@ def _print_dynamic(d: dict) -> None:
     sel = d.get("selector")
     if sel:
         out.print(f"selector: {sel['params']} parameters, {sel['bops_pct_of_model']:.3f} % of the BOPs")
+    if d.get("note"):
+        out.print(f"note: {d['note']}")

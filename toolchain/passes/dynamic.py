@@ -68,6 +68,7 @@ bit-widths are requantised from those integers at run time (see ``datafree.ops``
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import time
@@ -444,7 +445,7 @@ def build_dynamic(plan: Plan, selector: Selector) -> onnx.ModelProto:
 
 def confidence_features(logits: np.ndarray) -> np.ndarray:
     """What the cascade's selector reads: the first pass's margin, its largest logit
-    minus the second largest, [n, 1] (as TopK and a MatMul compute it in the graph)."""
+    minus the second largest, [n, 1] (as TopK, Slice and Sub compute it in the graph)."""
     z = np.asarray(logits, np.float32)
     top = -np.sort(-z, axis=1)[:, :2]
     return (top @ np.array([[1.0], [-1.0]], np.float32)).astype(np.float32)
@@ -511,6 +512,7 @@ def build_cascade(plan: Plan, selector: Selector) -> onnx.ModelProto:
     layers = {l.name: l for l in [plan.stem] + plan.layers}
     rename: dict[str, str] = {}
     first: list[onnx.NodeProto] = []
+    first_bits: dict[str, int] = {}       # first-pass layer -> its bits (weights and input)
     for n in orig:
         ins = [rename.get(i, i) for i in n.input]
         for o in n.output:
@@ -525,6 +527,8 @@ def build_cascade(plan: Plan, selector: Selector) -> onnx.ModelProto:
             first.append(m)
             continue
         bits = plan.max_bits if layer is plan.stem else int(first_cfg[layer.group])
+        first_bits[w.name("first/" + n.name)] = bits
+        layer_name = next(reversed(first_bits))
         q_nodes, xq = w.static_quant(layer, bits, x=ins[0], prefix="first/")
         first += q_nodes
         if layer is plan.stem:
@@ -532,26 +536,34 @@ def build_cascade(plan: Plan, selector: Selector) -> onnx.ModelProto:
             m.CopyFrom(n)
             m.input[0], m.input[1] = xq, stem_w
             m.input[2:] = ins[2:]
-            m.name, m.output[:] = w.name("first/" + n.name), outs
+            m.name, m.output[:] = layer_name, outs
             first.append(m)
             continue
         w_nodes, wq = _derived_weight(w, layer, bits, w_ints[layer.name], "first/")
         first += w_nodes
         op_ins = [xq, wq, biases[layer.name]]
         if layer.op == "Conv":
-            first.append(helper.make_node("Conv", op_ins, outs, name=w.name("first/" + n.name), **layer.attrs))
+            first.append(helper.make_node("Conv", op_ins, outs, name=layer_name, **layer.attrs))
         else:
-            first.append(helper.make_node("Gemm", op_ins, outs, name=w.name("first/" + n.name), transB=1))
+            first.append(helper.make_node("Gemm", op_ins, outs, name=layer_name, transB=1))
     first_out = rename[out_name]
 
     # ---- the choice and the gathering of the rows to rerun
     top, feats = w.name("selector/top2"), w.name("selector/margin")
+    top1, top2 = w.name("selector/top1_logit"), w.name("selector/top2_logit")
     nz, idx, idx_col = w.name("rerun/nonzero"), w.name("rerun/rows"), w.name("rerun/rows_col")
     mask = w.name("rerun/mask")
     glue = [helper.make_node("TopK", [first_out, w.const("selector/k", np.array([2], np.int64))],
                              [top, w.name("selector/top_index")], axis=1, name=w.name("selector/TopK")),
-            helper.make_node("MatMul", [top, w.const("selector/difference", np.array([[1.0], [-1.0]], np.float32))],
-                             [feats], name=w.name("selector/margin")),
+            helper.make_node("Slice", [top, w.const("selector/s0", np.array([0], np.int64)),
+                                       w.const("selector/s1", np.array([1], np.int64)),
+                                       w.const("selector/axis", np.array([1], np.int64))], [top1],
+                             name=w.name("selector/Slice1")),
+            helper.make_node("Slice", [top, w.const("selector/s1b", np.array([1], np.int64)),
+                                       w.const("selector/s2", np.array([2], np.int64)),
+                                       w.const("selector/axisb", np.array([1], np.int64))], [top2],
+                             name=w.name("selector/Slice2")),
+            helper.make_node("Sub", [top1, top2], [feats], name=w.name("selector/margin")),
             helper.make_node("BitSelect", [feats, w.const("selector/W1", selector.w1),
                                            w.const("selector/b1", selector.b1), w.const("selector/W2", selector.w2),
                                            w.const("selector/b2", selector.b2),
@@ -583,7 +595,7 @@ def build_cascade(plan: Plan, selector: Selector) -> onnx.ModelProto:
             "group_macs": plan.group_macs.tolist(), "configs": plan.configs.astype(int).tolist(),
             "config_bops": [int(b) for b in plan.bops(plan.configs)], "stem": plan.stem.name,
             "stem_bits": plan.max_bits, "bits_output": BITS_OUTPUT,
-            "first_output": first_out, "rerun_input": x2, "rerun_bits": bits2, "rerun_output": rerun_out}
+            "first_output": first_out, "first_layers": first_bits, "rerun_input": x2, "rerun_bits": bits2, "rerun_output": rerun_out}
     model.metadata_props.append(onnx.StringStringEntryProto(key=METADATA_KEY, value=json.dumps(meta)))
     return model
 
@@ -846,8 +858,6 @@ def fit_dynamic(model: ir.Model, config: DynamicConfig, *, synthetic=None, progr
     n_images = len(images)
     images, train_idx, probe_idx = _split(images, seed, augment)
     all_probes = probe_idx
-    if config.mode == "cascade":        # target_bits holds on these (see fit_cascade)
-        probe_idx = _confident_probes(targets, n_images, probe_idx, seed)
     progress(STAGE, 0, 4)
 
     plan = make_plan(model, config, images[train_idx])
@@ -856,6 +866,13 @@ def fit_dynamic(model: ir.Model, config: DynamicConfig, *, synthetic=None, progr
     logits, fp, pooled = simulate(plan, all_cfgs, images)
     losses = np.stack([_config_losses(fp, lg) for lg in logits], axis=1)        # [n, K_all]
     avg = plan.avg_bits(all_cfgs)
+    note = None
+    if config.mode == "cascade" and not (len(plan.base.graph.output) == 1 and fp.ndim == 2 and fp.shape[1] >= 2):
+        note = ("cascade needs one output of scores per class (it reruns on the margin between the two top "
+                "scores): the selector reads the stem instead (upfront mode)")
+        config = dataclasses.replace(config, mode="upfront")
+    if config.mode == "cascade":        # target_bits holds on these (see fit_cascade)
+        probe_idx = _confident_probes(targets, n_images, probe_idx, seed)
     keep = pareto(avg, losses[train_idx].mean(axis=0))
     plan.configs = all_cfgs[keep]
     cfg_bits = avg[keep]
@@ -885,6 +902,8 @@ def fit_dynamic(model: ir.Model, config: DynamicConfig, *, synthetic=None, progr
     stats = _stats(plan, selector, choice, cfg_bits, losses[probe_idx][:, keep], fp[probe_idx],
                    logits[keep][:, probe_idx], mu, config)
     stats["front"] = front
+    if note:
+        stats["note"] = note
     stats["seconds"] = {"synthetic": round(t_synth, 2), "selector_training": round(t_train, 2),
                         "total": round(time.perf_counter() - t0, 2)}
     progress(STAGE, 4, 4)

@@ -239,6 +239,9 @@ def layer_costs(model: ir.Model) -> list[LayerCost]:
     if dyn.get("stem") and dyn.get("stem_bits") and dyn["stem"] not in meta:
         # a dynamic model's stem: fake-quantized at the highest candidate, stored dequantized
         meta = {**meta, dyn["stem"]: {"wbits": dyn["stem_bits"], "abits": dyn["stem_bits"]}}
+    for name, bits in (dyn.get("first_layers") or {}).items():
+        # a cascade's first pass: fake-quantized at its configuration, weights derived from the stored integers
+        meta.setdefault(name, {"wbits": bits, "abits": bits})
     rows = []
     for layer in compute_layers(model):
         macs = layer.macs()
