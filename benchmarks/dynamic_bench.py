@@ -169,7 +169,8 @@ def main() -> None:
               f"- Wall time (2 cores, shared): synthetic images {'%.0f s' % t_syn if t_syn > 1 else 'cached'}; "
               + "; ".join(f"{r[10]} target {r[0]:.1f}: selector training {r[2]['seconds']['selector_training']:.1f} s, whole pass "
                           f"{r[2]['seconds']['total']:.0f} s" for r in rows_all) + ".",
-              "- Latency of the dynamic model (grouped runner, onnxruntime CPU): " +
+              f"- Latency of the {rows_all[0][10]} model at target {rows_all[0][0]:.1f} (datafree.runtime's default way: "
+              "function bodies for a cascade, the grouped runner for upfront; onnxruntime CPU): " +
               ", ".join(f"batch {r['batch']}: median {r['median_ms']:.1f} ms, p90 {r['p90_ms']:.1f} ms" for r in lat)
               + ".", ""]
     OUT.parent.mkdir(parents=True, exist_ok=True)

@@ -178,5 +178,7 @@ def predict(session: InferenceSession, images: ImageSet, batch: int = 64) -> Pre
 def run_file(model: str | os.PathLike, images: str | os.PathLike, *, batch: int = 64,
              threads: int | None = None, use_kernels: bool = True) -> Predictions:
     """``datafree run`` as a function: load the model and the images, predict."""
-    session = InferenceSession(model, threads=threads, use_kernels=use_kernels)
+    # use_kernels=False asks for the function bodies, as a stock onnxruntime runs the file
+    session = InferenceSession(model, threads=threads, use_kernels=use_kernels,
+                               grouped=None if use_kernels else False)
     return predict(session, load_images(images, input_size(session)), batch=batch)

@@ -232,3 +232,18 @@ def test_cascade_falls_back_to_upfront_for_a_model_with_two_outputs(model, synth
     assert "upfront" in result.stats["note"] and "mode" not in result.stats
     outs = InferenceSession(result.model).run(None, {"input": synthetic.images[:3]})
     assert outs[0].shape == (3, 10) and len(outs) == 3
+
+
+def test_default_session_takes_the_fastest_way_and_no_kernels_means_function_bodies(fitted, tmp_path):
+    cascade = fitted.stats.get("mode") == "cascade"
+    s = InferenceSession(fitted.model)
+    assert s.grouped is (not cascade) and not (cascade and s.uses_kernels)
+    from datafree.runtime.infer import run_file
+
+    path, images = tmp_path / "dyn.onnx", tmp_path / "x.npz"
+    onnx.save(fitted.model, str(path))
+    np.savez(images, x=fitted.images[:8])
+    bodies = run_file(path, images, use_kernels=False)
+    logits, bits = _plain(fitted.model, fitted.images[:8])
+    np.testing.assert_allclose(bodies.logits, logits, atol=1e-5)
+    np.testing.assert_array_equal(bodies.bits, bits)

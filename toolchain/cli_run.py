@@ -14,7 +14,7 @@ import numpy as np
               help=".npz (images uint8 NHWC [+ mean/std, labels] or x float NCHW) or a folder of PNG/JPEG.")
 @click.option("--batch", default=64, show_default=True, type=click.IntRange(min=1), help="Images per run.")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="onnxruntime intra-op threads.")
-@click.option("--no-kernels", is_flag=True, help="Run dynamic ops through their ONNX function bodies.")
+@click.option("--no-kernels", is_flag=True, help="Run dynamic models as a stock onnxruntime does: ONNX function bodies only.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def run(model: str, images: str, batch: int, threads: int | None, no_kernels: bool, as_json: bool) -> None:
     """Run MODEL over an image set: prediction per image, accuracy when labels are given,
