@@ -817,8 +817,9 @@ class DynamicResult:
     plan: Plan
     selector: Selector
     stats: dict
-    probe: np.ndarray                   # indices of the probe images in the synthetic set
+    probe: np.ndarray                   # indices of the probes target_bits holds on
     images: np.ndarray                  # the synthetic images
+    all_probes: np.ndarray | None = None   # every held-out image (a cascade's probe is its confident part)
 
 
 def _split(images: np.ndarray, seed: int, augment: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -907,7 +908,8 @@ def fit_dynamic(model: ir.Model, config: DynamicConfig, *, synthetic=None, progr
     stats["seconds"] = {"synthetic": round(t_synth, 2), "selector_training": round(t_train, 2),
                         "total": round(time.perf_counter() - t0, 2)}
     progress(STAGE, 4, 4)
-    return DynamicResult(model=proto, plan=plan, selector=selector, stats=stats, probe=probe_idx, images=images)
+    return DynamicResult(model=proto, plan=plan, selector=selector, stats=stats, probe=probe_idx, images=images,
+                         all_probes=all_probes)
 
 
 def apply_dynamic(model: ir.Model, config: DynamicConfig, *, synthetic=None,
