@@ -20,6 +20,15 @@ OP_TYPES = ("BitSelect", "DynQuant", "DynQConv", "DynQGemm")
 METADATA_KEY = "datafree.dynamic"
 
 
+def all_nodes(graph: onnx.GraphProto):
+    """The nodes of ``graph`` and of its subgraphs (a cascade's rerun sits in an If)."""
+    for node in graph.node:
+        yield node
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from all_nodes(a.g)
+
+
 def image_bits(meta: dict, bits) -> "np.ndarray":
     """Average bits each image cost, from the ``bits`` output [N, G] and the model's
     metadata: the MAC-weighted mean over the groups; in a cascade, an image whose
@@ -53,5 +62,5 @@ def add_opset_import(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def uses_domain(model: onnx.ModelProto) -> bool:
-    """True when any node of the main graph is one of our ops."""
-    return any(n.domain == DOMAIN for n in model.graph.node)
+    """True when any node of the model (subgraphs included) is one of our ops."""
+    return any(n.domain == DOMAIN for n in all_nodes(model.graph))

@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 
 from . import reference as ref
-from .domain import DOMAIN, KERNEL_DOMAIN
+from .domain import DOMAIN, KERNEL_DOMAIN, all_nodes
 
 try:
     from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
@@ -144,7 +144,7 @@ def to_kernel_model(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` whose ai.datafree nodes run on the kernels (see module doc)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    for node in out.graph.node:
+    for node in all_nodes(out.graph):
         if node.domain != DOMAIN:
             continue
         node.domain = KERNEL_DOMAIN

@@ -13,9 +13,9 @@ Dynamic-precision models use the ``ai.datafree`` ops.  Three ways to run them:
   model, exactly as a stock onnxruntime runs the file.
 
 ``grouped=None`` (default) takes the fastest for the model.  500 ResNet-20 images,
-batches of 100, 2 cores: an upfront model 0.52 s grouped, 0.67 s function bodies,
-14.8 s Python kernels (grouped is the default); a cascade 0.56 s grouped, 0.42 s
-function bodies, 3.7 s kernels (function bodies are the default: the first pass is
+batches of 100, 2 cores: an upfront model 0.39 s grouped, 0.52 s function bodies,
+9.6 s Python kernels (grouped is the default); a cascade 0.40 s grouped, 0.34 s
+function bodies, 2.5 s kernels (function bodies are the default: the first pass is
 standard ops already, and only the rerun rows run every candidate bit-width).
 
 Quantized models no layer of which can run as an onnxruntime integer kernel

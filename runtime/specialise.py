@@ -142,8 +142,12 @@ def rerun_model(model: onnx.ModelProto, meta: dict) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     nodes = []
-    for n in out.graph.node:
-        if any(o in rename or o == out_name for o in n.output):
+    flat = []
+    for n in out.graph.node:              # the rerun branch's nodes, in the main graph
+        branch = next((a.g for a in n.attribute if a.name == "then_branch"), None)
+        flat.extend(branch.node if n.op_type == "If" and branch is not None else [n])
+    for n in flat:
+        if any(o in rename or o == out_name for o in n.output) or n.op_type == "ScatterND":
             continue                      # the gathering and the scattering
         n.input[:] = [rename.get(i, i) for i in n.input]
         n.output[:] = [out_name if o == meta["rerun_output"] else o for o in n.output]

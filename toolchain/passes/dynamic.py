@@ -291,6 +291,12 @@ def make_plan(model: ir.Model, config: DynamicConfig, images: np.ndarray) -> Pla
 
 
 # -------------------------------------------------------------- graph writing
+def _inputs_used(graph: onnx.GraphProto) -> set[str]:
+    """Every value a node of ``graph`` or of its subgraphs (If branches) reads."""
+    return {i for n in domain.all_nodes(graph) for i in n.input}
+
+
+
 class _Writer:
     """Edits a copy of the BN-folded float model (ModelProto) into a quantized one."""
 
@@ -369,7 +375,7 @@ class _Writer:
 
     def finish(self, extra_outputs: list[str] = ()) -> onnx.ModelProto:
         self.graph.initializer.extend(self.inits)
-        used = {i for n in self.graph.node for i in n.input}
+        used = _inputs_used(self.graph)
         keep = [t for t in self.graph.initializer if t.name in used]
         del self.graph.initializer[:]
         self.graph.initializer.extend(keep)
@@ -579,12 +585,30 @@ def build_cascade(plan: Plan, selector: Selector) -> onnx.ModelProto:
     for g, gb in enumerate(group_bits):
         glue.append(helper.make_node("Gather", [bits2, w.const(f"bits/index{g}", np.int64(g))], [gb], axis=1,
                                      name=w.name(f"bits/Gather{g}")))
+    gather_at = next(i for i, n in enumerate(glue) if n.output[0] == x2)
     scatter = [helper.make_node("Reshape", [idx, w.const("rerun/col", np.array([-1, 1], np.int64))], [idx_col],
                                 name=w.name("rerun/ReshapeRows")),
                helper.make_node("ScatterND", [first_out, idx_col, rerun_out], [out_name],
                                 name=w.name("rerun/ScatterND"))]
+    # the rerun only when some row needs it: user graphs need not accept an empty batch
+    # (a Reshape to [0, -1] of no elements is invalid), so the rerun sits in an If whose
+    # other branch gives no rows (an empty slice of the first pass: a branch may not
+    # return an outer value as it is); the scatter of no rows keeps the first pass
+    cond, n_rows, none = w.name("rerun/any"), w.name("rerun/count"), w.name("rerun/no_rows")
+    updates = w.name("rerun/updates")
+    then_graph = helper.make_graph(glue[gather_at:] + rerun, "rerun", [],
+                                   [helper.make_tensor_value_info(rerun_out, TensorProto.FLOAT, None)])
+    zero = w.const("rerun/slice0", np.array([0], np.int64))
+    else_graph = helper.make_graph([helper.make_node("Slice", [first_out, zero, zero, zero], [none])], "keep", [],
+                                   [helper.make_tensor_value_info(none, TensorProto.FLOAT, None)])
+    branch = [helper.make_node("Size", [idx], [n_rows], name=w.name("rerun/Size")),
+              helper.make_node("Greater", [n_rows, w.const("rerun/none", np.int64(0))], [cond],
+                               name=w.name("rerun/GreaterCount")),
+              helper.make_node("If", [cond], [updates], then_branch=then_graph, else_branch=else_graph,
+                               name=w.name("rerun/If"))]
+    scatter[-1].input[2] = updates
     del w.graph.node[:]
-    w.graph.node.extend(first + glue + rerun + scatter)
+    w.graph.node.extend(first + glue[:gather_at] + branch + scatter)
     del w.graph.value_info[:]          # the rerun's values have the rerun's batch, not the input's
     model = w.finish()
     model.graph.output.append(helper.make_tensor_value_info(BITS_OUTPUT, TensorProto.FLOAT,
@@ -611,7 +635,14 @@ def _batch_dim(model: onnx.ModelProto):
 
 # ------------------------------------------------------------------ training
 def _config_losses(fp_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
-    """CE to the float model's class + KL(FP ‖ config), per image: [n]."""
+    """CE to the float model's class + KL(FP ‖ config), per image: [n].  An output that
+    is not one score per class (a feature map, boxes) gets its error instead: the mean
+    squared difference over the float output's mean square."""
+    if fp_logits.ndim != 2:
+        fp = fp_logits.reshape(len(fp_logits), -1).astype(np.float64)
+        err = ((logits.reshape(len(logits), -1) - fp) ** 2).mean(axis=1)
+        return err / max(float((fp ** 2).mean()), 1e-12)
+
     def log_softmax(z):
         z = z - z.max(axis=1, keepdims=True)
         return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
