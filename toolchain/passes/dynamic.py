@@ -10,8 +10,10 @@ network at a low configuration ``configs[0]`` (standard ops; its weights are der
 from the same stored integers by constant subgraphs onnxruntime folds at load).
 ``BitSelect`` reads that first pass's *margin* (largest logit minus the second) and
 either keeps its result or reruns the image at ``configs[1]``: the rows to rerun are
-gathered, run through the dynamic layers and scattered back into the logits; an
-image that is rerun costs both passes.  The pair of configurations and the selector
+gathered, run through the dynamic layers (inside an ``If``, so that no graph ever
+sees an empty batch) and scattered back into the logits; an image that is rerun
+costs both passes.  Models whose output is not one score per class (or that have
+more than one output) get the upfront selector, with a note.  The pair of configurations and the selector
 are fitted on synthetic images (:func:`fit_cascade`); the price per bit is set on
 the probes generated for confident targets (``CONFIDENT_TARGET``), because images
 made for spread targets are far less sure than real ones and a threshold set on
