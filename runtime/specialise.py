@@ -147,8 +147,8 @@ def rerun_model(model: onnx.ModelProto, meta: dict) -> onnx.ModelProto:
         branch = next((a.g for a in n.attribute if a.name == "then_branch"), None)
         flat.extend(branch.node if n.op_type == "If" and branch is not None else [n])
     for n in flat:
-        if any(o in rename or o == out_name for o in n.output) or n.op_type == "ScatterND":
-            continue                      # the gathering and the scattering
+        if any(o in rename or o == out_name for o in n.output):
+            continue                      # the gathering and the scattering (which writes the output)
         n.input[:] = [rename.get(i, i) for i in n.input]
         n.output[:] = [out_name if o == meta["rerun_output"] else o for o in n.output]
         nodes.append(n)
