@@ -151,7 +151,7 @@ def main() -> None:
     hist = pred.bits_histogram()
     for lab, bits, bops, acc, cand in sorted(fixed, key=lambda f: f[2]):
         lines.append(f"| {lab} | {bits:.2f} | {bops / 1e9:.3f} | {100 * acc:.2f} % | {'yes' if cand else ''} | "
-                     f"{hist.get(lab, '')} |")
+                     f"{next((v for k, v in hist.items() if k.split(' then ')[-1] == lab), '')} |")
     lines += ["", "## Does the selector spot easy images?", "",
               "Dev images split by the bits the selector gave them (at or below the median vs above); "
               "the float model's accuracy on each part says whether the cheap part is the easy part.", "",

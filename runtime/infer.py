@@ -42,8 +42,9 @@ class Predictions:
     logits: np.ndarray                 # [N, classes]
     labels: np.ndarray | None = None
     bits: np.ndarray | None = None     # [N, G] for dynamic models
-    avg_bits: np.ndarray | None = None  # [N], MAC-weighted over the groups
+    avg_bits: np.ndarray | None = None  # [N], MAC-weighted over the groups, both passes of a cascade
     names: list[str] = field(default_factory=list)
+    first: tuple[int, ...] | None = None   # a cascade's first configuration (every image runs it)
 
     @property
     def accuracy(self) -> float | None:
@@ -52,11 +53,15 @@ class Predictions:
         return float(np.mean(self.predictions == self.labels))
 
     def bits_histogram(self) -> dict[str, int]:
-        """Images per configuration, keyed like ``"4/6/8"``."""
+        """Images per configuration, keyed like ``"4/6/8"`` (a cascade's reruns like
+        ``"4/4/4 then 8/6/8"``: they ran both)."""
         if self.bits is None:
             return {}
         keys, counts = np.unique(self.bits.astype(int), axis=0, return_counts=True)
-        return {"/".join(str(b) for b in k): int(c) for k, c in zip(keys, counts)}
+        label = lambda k: "/".join(str(b) for b in k)  # noqa: E731
+        first = label(self.first) if self.first is not None else None
+        return {(label(k) if first in (None, label(k)) else f"{first} then {label(k)}"): int(c)
+                for k, c in zip(keys, counts)}
 
     def to_json(self) -> dict:
         out: dict = {"images": len(self.predictions), "predictions": self.predictions.tolist()}
@@ -172,6 +177,8 @@ def predict(session: InferenceSession, images: ImageSet, batch: int = 64) -> Pre
         b = np.concatenate(bits).astype(np.float32).reshape(len(images.x), -1)
         meta = json.loads(session.metadata.get(domain.METADATA_KEY) or "{}")
         result.bits, result.avg_bits = b, domain.image_bits(meta, b).astype(np.float32)
+        if meta.get("mode") == "cascade":
+            result.first = tuple(int(v) for v in meta["configs"][0])
     return result
 
 

@@ -156,6 +156,10 @@ def test_three_ways_to_run_agree_and_cli_reports_bits(fitted, tmp_path):
     out = json.loads(r.output)
     assert len(out["bits"]) == 12 and len(out["bits"][0]) == 3
     assert sum(out["configurations"].values()) == 12
+    if fitted.stats.get("mode") == "cascade":         # reruns are named by both passes
+        first = "/".join(str(int(b)) for b in fitted.plan.configs[0])
+        assert all(k == first or k.startswith(first + " then ") for k in out["configurations"])
+        assert set(out["configurations"]) <= set(fitted.stats["histogram"])
 
 
 @pytest.mark.parametrize("target", [4.3, 5.0, 6.5, 7.8])
