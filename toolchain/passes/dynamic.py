@@ -859,9 +859,8 @@ def _split(images: np.ndarray, seed: int, augment: bool) -> tuple[np.ndarray, np
     """(images, train indices, probe indices): a quarter of the synthetic images held
     out as probes; with ``augment`` each part gains its own mirrored and shifted copies
     (:func:`synth.augmented`), so no copy of a probe image is trained on."""
-    order = np.random.default_rng(seed).permutation(len(images))
-    n_probe = max(4, int(round(len(images) * PROBE_FRACTION)))
-    probe, train = images[np.sort(order[:n_probe])], images[np.sort(order[n_probe:])]
+    train_src, probe_src = _held_out(len(images), seed)
+    probe, train = images[probe_src], images[train_src]
     if augment:
         from ..synth import augmented
 
@@ -870,16 +869,22 @@ def _split(images: np.ndarray, seed: int, augment: bool) -> tuple[np.ndarray, np
     return both, np.arange(len(train)), np.arange(len(train), len(both))
 
 
+def _held_out(n_images: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training, probe) source images of :func:`_split`: a seeded quarter held out."""
+    order = np.random.default_rng(seed).permutation(n_images)
+    n_probe = max(4, int(round(n_images * PROBE_FRACTION)))
+    return np.sort(order[n_probe:]), np.sort(order[:n_probe])
+
+
 def _confident_probes(targets: np.ndarray | None, n_images: int, probe_idx: np.ndarray, seed: int) -> np.ndarray:
     """The probes made for a target at least ``CONFIDENT_TARGET`` sure (all probes when
     the images came without targets or fewer than 8 are that sure), in the order and
     with the copies of :func:`_split`."""
     if targets is None or len(targets) != n_images:
         return probe_idx
-    order = np.random.default_rng(seed).permutation(n_images)
-    n_probe = max(4, int(round(n_images * PROBE_FRACTION)))
-    sure = np.asarray(targets).max(axis=1)[np.sort(order[:n_probe])] >= CONFIDENT_TARGET
-    sure = np.tile(sure, len(probe_idx) // n_probe)
+    _, probe_src = _held_out(n_images, seed)
+    sure = np.asarray(targets).max(axis=1)[probe_src] >= CONFIDENT_TARGET
+    sure = np.tile(sure, len(probe_idx) // len(probe_src))
     return probe_idx[sure] if sure.sum() >= 8 else probe_idx
 
 
