@@ -454,9 +454,8 @@ def build_dynamic(plan: Plan, selector: Selector) -> onnx.ModelProto:
 def confidence_features(logits: np.ndarray) -> np.ndarray:
     """What the cascade's selector reads: the first pass's margin, its largest logit
     minus the second largest, [n, 1] (as TopK, Slice and Sub compute it in the graph)."""
-    z = np.asarray(logits, np.float32)
-    top = -np.sort(-z, axis=1)[:, :2]
-    return (top @ np.array([[1.0], [-1.0]], np.float32)).astype(np.float32)
+    top = -np.sort(-np.asarray(logits, np.float32), axis=1)
+    return top[:, :1] - top[:, 1:2]
 
 
 def _derived_weight(w: _Writer, layer: DynLayer, bits: int, w_int: str, prefix: str) -> tuple[list, str]:
@@ -535,8 +534,8 @@ def build_cascade(plan: Plan, selector: Selector) -> onnx.ModelProto:
             first.append(m)
             continue
         bits = plan.max_bits if layer is plan.stem else int(first_cfg[layer.group])
-        first_bits[w.name("first/" + n.name)] = bits
-        layer_name = next(reversed(first_bits))
+        layer_name = w.name("first/" + n.name)
+        first_bits[layer_name] = bits
         q_nodes, xq = w.static_quant(layer, bits, x=ins[0], prefix="first/")
         first += q_nodes
         if layer is plan.stem:
@@ -556,61 +555,49 @@ def build_cascade(plan: Plan, selector: Selector) -> onnx.ModelProto:
             first.append(helper.make_node("Gemm", op_ins, outs, name=layer_name, transB=1))
     first_out = rename[out_name]
 
-    # ---- the choice and the gathering of the rows to rerun
-    top, feats = w.name("selector/top2"), w.name("selector/margin")
-    top1, top2 = w.name("selector/top1_logit"), w.name("selector/top2_logit")
-    nz, idx, idx_col = w.name("rerun/nonzero"), w.name("rerun/rows"), w.name("rerun/rows_col")
-    mask = w.name("rerun/mask")
-    glue = [helper.make_node("TopK", [first_out, w.const("selector/k", np.array([2], np.int64))],
-                             [top, w.name("selector/top_index")], axis=1, name=w.name("selector/TopK")),
-            helper.make_node("Slice", [top, w.const("selector/s0", np.array([0], np.int64)),
-                                       w.const("selector/s1", np.array([1], np.int64)),
-                                       w.const("selector/axis", np.array([1], np.int64))], [top1],
-                             name=w.name("selector/Slice1")),
-            helper.make_node("Slice", [top, w.const("selector/s1b", np.array([1], np.int64)),
-                                       w.const("selector/s2", np.array([2], np.int64)),
-                                       w.const("selector/axisb", np.array([1], np.int64))], [top2],
-                             name=w.name("selector/Slice2")),
-            helper.make_node("Sub", [top1, top2], [feats], name=w.name("selector/margin")),
-            helper.make_node("BitSelect", [feats, w.const("selector/W1", selector.w1),
-                                           w.const("selector/b1", selector.b1), w.const("selector/W2", selector.w2),
-                                           w.const("selector/b2", selector.b2),
-                                           w.const("selector/bits_table", plan.configs.astype(np.float32))],
-                             [config, BITS_OUTPUT], domain=domain.DOMAIN, name=w.name("selector/BitSelect")),
-            helper.make_node("Greater", [config, w.const("rerun/zero", np.int64(0))], [mask],
-                             name=w.name("rerun/Greater")),
-            helper.make_node("NonZero", [mask], [nz], name=w.name("rerun/NonZero")),
-            helper.make_node("Reshape", [nz, w.const("rerun/flat", np.array([-1], np.int64))], [idx],
-                             name=w.name("rerun/Reshape")),
-            helper.make_node("Gather", [x_name, idx], [x2], axis=0, name=w.name("rerun/GatherInput")),
-            helper.make_node("Gather", [BITS_OUTPUT, idx], [bits2], axis=0, name=w.name("rerun/GatherBits"))]
-    for g, gb in enumerate(group_bits):
-        glue.append(helper.make_node("Gather", [bits2, w.const(f"bits/index{g}", np.int64(g))], [gb], axis=1,
-                                     name=w.name(f"bits/Gather{g}")))
-    gather_at = next(i for i, n in enumerate(glue) if n.output[0] == x2)
-    scatter = [helper.make_node("Reshape", [idx, w.const("rerun/col", np.array([-1, 1], np.int64))], [idx_col],
-                                name=w.name("rerun/ReshapeRows")),
-               helper.make_node("ScatterND", [first_out, idx_col, rerun_out], [out_name],
-                                name=w.name("rerun/ScatterND"))]
-    # the rerun only when some row needs it: user graphs need not accept an empty batch
-    # (a Reshape to [0, -1] of no elements is invalid), so the rerun sits in an If whose
+    # ---- the choice: BitSelect on the margin (largest logit minus the second)
+    top, top1, top2 = w.name("selector/top2"), w.name("selector/top1_logit"), w.name("selector/top2_logit")
+    feats, mask, nz, idx = w.name("selector/margin"), w.name("rerun/mask"), w.name("rerun/nonzero"), w.name("rerun/rows")
+    i0, i1, i2 = (w.const(f"selector/i{v}", np.array([v], np.int64)) for v in (0, 1, 2))
+    zero = w.const("rerun/zero", np.int64(0))
+    choose = [helper.make_node("TopK", [first_out, i2], [top, w.name("selector/top_index")], axis=1,
+                               name=w.name("selector/TopK")),
+              helper.make_node("Slice", [top, i0, i1, i1], [top1], name=w.name("selector/Slice1")),
+              helper.make_node("Slice", [top, i1, i2, i1], [top2], name=w.name("selector/Slice2")),
+              helper.make_node("Sub", [top1, top2], [feats], name=w.name("selector/margin")),
+              helper.make_node("BitSelect", [feats, w.const("selector/W1", selector.w1),
+                                             w.const("selector/b1", selector.b1), w.const("selector/W2", selector.w2),
+                                             w.const("selector/b2", selector.b2),
+                                             w.const("selector/bits_table", plan.configs.astype(np.float32))],
+                               [config, BITS_OUTPUT], domain=domain.DOMAIN, name=w.name("selector/BitSelect")),
+              helper.make_node("Greater", [config, zero], [mask], name=w.name("rerun/Greater")),
+              helper.make_node("NonZero", [mask], [nz], name=w.name("rerun/NonZero")),
+              helper.make_node("Reshape", [nz, w.const("rerun/flat", np.array([-1], np.int64))], [idx],
+                               name=w.name("rerun/Reshape"))]
+    # ---- the rerun, only when some row needs it: user graphs need not accept an empty
+    # batch (a Reshape to [0, -1] of no elements is invalid), so it sits in an If whose
     # other branch gives no rows (an empty slice of the first pass: a branch may not
     # return an outer value as it is); the scatter of no rows keeps the first pass
+    gather = [helper.make_node("Gather", [x_name, idx], [x2], axis=0, name=w.name("rerun/GatherInput")),
+              helper.make_node("Gather", [BITS_OUTPUT, idx], [bits2], axis=0, name=w.name("rerun/GatherBits"))]
+    gather += [helper.make_node("Gather", [bits2, w.const(f"bits/index{g}", np.int64(g))], [gb], axis=1,
+                                name=w.name(f"bits/Gather{g}")) for g, gb in enumerate(group_bits)]
     cond, n_rows, none = w.name("rerun/any"), w.name("rerun/count"), w.name("rerun/no_rows")
-    updates = w.name("rerun/updates")
-    then_graph = helper.make_graph(glue[gather_at:] + rerun, "rerun", [],
+    updates, idx_col = w.name("rerun/updates"), w.name("rerun/rows_col")
+    then_graph = helper.make_graph(gather + rerun, "rerun", [],
                                    [helper.make_tensor_value_info(rerun_out, TensorProto.FLOAT, None)])
-    zero = w.const("rerun/slice0", np.array([0], np.int64))
-    else_graph = helper.make_graph([helper.make_node("Slice", [first_out, zero, zero, zero], [none])], "keep", [],
+    else_graph = helper.make_graph([helper.make_node("Slice", [first_out, i0, i0, i0], [none])], "keep", [],
                                    [helper.make_tensor_value_info(none, TensorProto.FLOAT, None)])
     branch = [helper.make_node("Size", [idx], [n_rows], name=w.name("rerun/Size")),
-              helper.make_node("Greater", [n_rows, w.const("rerun/none", np.int64(0))], [cond],
-                               name=w.name("rerun/GreaterCount")),
+              helper.make_node("Greater", [n_rows, zero], [cond], name=w.name("rerun/GreaterCount")),
               helper.make_node("If", [cond], [updates], then_branch=then_graph, else_branch=else_graph,
-                               name=w.name("rerun/If"))]
-    scatter[-1].input[2] = updates
+                               name=w.name("rerun/If")),
+              helper.make_node("Reshape", [idx, w.const("rerun/col", np.array([-1, 1], np.int64))], [idx_col],
+                               name=w.name("rerun/ReshapeRows")),
+              helper.make_node("ScatterND", [first_out, idx_col, updates], [out_name],
+                               name=w.name("rerun/ScatterND"))]
     del w.graph.node[:]
-    w.graph.node.extend(first + glue[:gather_at] + branch + scatter)
+    w.graph.node.extend(first + choose + branch)
     del w.graph.value_info[:]          # the rerun's values have the rerun's batch, not the input's
     model = w.finish()
     model.graph.output.append(helper.make_tensor_value_info(BITS_OUTPUT, TensorProto.FLOAT,
@@ -782,7 +769,6 @@ class Cascade:
     configs: list[int]              # indices into the simulated configurations
     cost_bits: np.ndarray           # [K]: average bits an image costs at each choice (both passes)
     price: float
-    probe_loss: float
 
 
 def _threshold_selector() -> Selector:
@@ -805,29 +791,27 @@ def fit_cascade(logits: np.ndarray, losses: np.ndarray, avg: np.ndarray, train_i
     (measured on ResNet-20 with two synthetic sets: +0.5 pt on average over the
     confident probes alone, and over searching only the Pareto front)."""
     best = None
+    probe_losses = losses[probe_idx]
+    rows = np.arange(len(probe_idx))
     for lo in np.flatnonzero(avg <= target + 1e-9):
         feats = confidence_features(logits[lo])
         for hi in np.flatnonzero(avg > avg[lo]):
             cost = np.array([avg[lo], avg[lo] + avg[hi]], np.float64)
             rule = _threshold_selector()
             calibrate_price(rule, feats[price_idx], cost, target)
-            choice = rule.choose(feats[probe_idx])
-            loss = float(losses[probe_idx][:, [lo, hi]][np.arange(len(choice)), choice].mean())
+            rerun = rule.choose(feats[probe_idx])
+            loss = float(np.where(rerun > 0, probe_losses[rows, hi], probe_losses[rows, lo]).mean())
             if best is None or loss < best[0] - 1e-9:
                 best = (loss, int(lo), int(hi))
     if best is None:          # target at the costliest configuration: nothing to rerun at
-        lo = int(np.argmin(np.where(avg <= target + 1e-9, losses[probe_idx].mean(axis=0), np.inf)))
-        return Cascade(selector=_threshold_selector(), configs=[lo], cost_bits=np.array([avg[lo]]), price=0.0,
-                       probe_loss=float(losses[probe_idx, lo].mean()))
+        lo = int(np.argmin(np.where(avg <= target + 1e-9, probe_losses.mean(axis=0), np.inf)))
+        return Cascade(selector=_threshold_selector(), configs=[lo], cost_bits=np.array([avg[lo]]), price=0.0)
     _, lo, hi = best
     cost = np.array([avg[lo], avg[lo] + avg[hi]], np.float64)
     feats = confidence_features(logits[lo])
-    L = losses[:, [lo, hi]]
-    selector = train_selector(feats[train_idx], L[train_idx], cost, target, steps=steps, seed=seed)
+    selector = train_selector(feats[train_idx], losses[train_idx][:, [lo, hi]], cost, target, steps=steps, seed=seed)
     mu = calibrate_price(selector, feats[price_idx], cost, target)
-    choice = selector.choose(feats[probe_idx])
-    return Cascade(selector=selector, configs=[lo, hi], cost_bits=cost, price=mu,
-                   probe_loss=float(L[probe_idx][np.arange(len(choice)), choice].mean()))
+    return Cascade(selector=selector, configs=[lo, hi], cost_bits=cost, price=mu)
 
 
 # ------------------------------------------------------------------- the pass
