@@ -296,25 +296,26 @@ def dynamic_costs(model: ir.Model, probes: np.ndarray) -> DynamicCosts | None:
     meta = json.loads(model.metadata_props.get(DYNAMIC_KEY) or "{}")
     bits_name = meta.get("bits_output") or model.graph.outputs[1].name
     chosen = np.asarray(run_model(model, probes)[bits_name], dtype=np.float64).reshape(len(probes), -1)
-    static = float(sum(c.bops for c in layer_costs(model)))     # the stem at its metadata bits
     note = ""
-    group_macs = np.asarray(meta.get("group_macs") or [], dtype=np.float64)
-    if len(group_macs) != chosen.shape[1]:
-        layers = [n for n in dyn if n.op_type not in ("BitSelect", "DynQuant")]
-        macs = np.array([_dynamic_macs(n) for n in layers], dtype=np.float64)
-        group_macs = np.array([macs.sum()]) if chosen.shape[1] == 1 else macs
-        if len(group_macs) != chosen.shape[1]:
-            group_macs = np.full(chosen.shape[1], macs.sum() / chosen.shape[1])
-            note = "dynamic MACs split evenly over the bit outputs (no datafree.dynamic metadata)"
-    per_image = static + (chosen ** 2) @ group_macs
     if meta.get("mode") == "cascade" and meta.get("config_bops"):
-        # each pass's BOPs (stem included) from the metadata; the first pass's layers are
-        # standard ops the layer table would count as float
+        # a cascade: every image pays the first pass, a rerun image also the pass of its
+        # configuration (each pass's BOPs, stem included, from the metadata)
         table = np.asarray(meta["configs"], np.float64)
         first = np.all(chosen == table[0], axis=1)
         rows = [int(np.flatnonzero(np.all(table == c, axis=1))[0]) for c in chosen]
         config_bops = np.asarray(meta["config_bops"], np.float64)
         per_image = config_bops[0] + np.where(first, 0.0, config_bops[rows])
+    else:
+        static = float(sum(c.bops for c in layer_costs(model)))     # the stem at its metadata bits
+        group_macs = np.asarray(meta.get("group_macs") or [], dtype=np.float64)
+        if len(group_macs) != chosen.shape[1]:
+            layers = [n for n in dyn if n.op_type not in ("BitSelect", "DynQuant")]
+            macs = np.array([_dynamic_macs(n) for n in layers], dtype=np.float64)
+            group_macs = np.array([macs.sum()]) if chosen.shape[1] == 1 else macs
+            if len(group_macs) != chosen.shape[1]:
+                group_macs = np.full(chosen.shape[1], macs.sum() / chosen.shape[1])
+                note = "dynamic MACs split evenly over the bit outputs (no datafree.dynamic metadata)"
+        per_image = static + (chosen ** 2) @ group_macs
     sel_macs, sel_params, pool = _selector(dyn)
     return DynamicCosts(images=len(probes), mean_bits=chosen.mean(axis=0).round(4).tolist(),
                         expected_bops=float(per_image.mean()), min_bops=float(per_image.min()),
