@@ -14,7 +14,6 @@ again counts both passes).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,7 +174,7 @@ def predict(session: InferenceSession, images: ImageSet, batch: int = 64) -> Pre
                          labels=images.labels, names=images.names)
     if bits:
         b = np.concatenate(bits).astype(np.float32).reshape(len(images.x), -1)
-        meta = json.loads(session.metadata.get(domain.METADATA_KEY) or "{}")
+        meta = session.dynamic_metadata
         result.bits, result.avg_bits = b, domain.image_bits(meta, b).astype(np.float32)
         if meta.get("mode") == "cascade":
             result.first = tuple(int(v) for v in meta["configs"][0])

@@ -102,11 +102,13 @@ def _selection(weight: onnx.TensorProto) -> bool:
         is_selection_weight(numpy_helper.to_array(weight))
 
 
-def _is_cascade(metadata: dict) -> bool:
+def _dynamic_metadata(metadata: dict) -> dict:
+    """A dynamic model's ``datafree.dynamic`` metadata ({} when absent or unreadable)."""
     try:
-        return json.loads(metadata.get(domain.METADATA_KEY) or "{}").get("mode") == "cascade"
-    except (ValueError, AttributeError):
-        return False
+        meta = json.loads(metadata.get(domain.METADATA_KEY) or "{}")
+    except ValueError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def _has_selector(proto: onnx.ModelProto) -> bool:
@@ -121,6 +123,7 @@ class InferenceSession:
         proto = _load(source)
         self.dynamic = domain.uses_domain(proto)
         self.metadata = {p.key: p.value for p in proto.metadata_props}
+        self.dynamic_metadata = _dynamic_metadata(self.metadata)
         options = ort.SessionOptions()
         options.log_severity_level = 3
         if threads is not None:
@@ -130,14 +133,14 @@ class InferenceSession:
         self.weights_folded = not self.dynamic and folds_weights(proto)
         if self.weights_folded:
             options.add_session_config_entry("session.disable_quant_qdq", "1")
-        cascade = _is_cascade(self.metadata)
+        cascade = self.dynamic_metadata.get("mode") == "cascade"
         if grouped is None:                   # the fastest way for this model (see above)
             grouped, use_kernels = (False, False) if cascade else (True, use_kernels)
         self.grouped = bool(self.dynamic and grouped and _has_selector(proto))
         self.uses_kernels = bool(self.dynamic and not self.grouped and use_kernels and kernels.register())
         try:
             if self.grouped:
-                self._session = GroupedRunner(proto, options, providers)
+                self._session = GroupedRunner(proto, options, providers, self.dynamic_metadata)
                 return
             if self.uses_kernels:
                 options.register_custom_ops_library(kernels.library_path())

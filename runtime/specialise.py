@@ -20,7 +20,6 @@ in the specialised model): it is one layer.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -174,10 +173,9 @@ def _info(v: onnx.ValueInfoProto) -> ValueInfo:
 class GroupedRunner:
     """Selector, then each configuration's specialised model on its own images."""
 
-    def __init__(self, model: onnx.ModelProto, options: ort.SessionOptions, providers: list[str]):
+    def __init__(self, model: onnx.ModelProto, options: ort.SessionOptions, providers: list[str], meta: dict):
         self.model = model
         self._options, self._providers = options, providers
-        meta = json.loads(next((p.value for p in model.metadata_props if p.key == domain.METADATA_KEY), "{}"))
         self.cascade = meta.get("mode") == "cascade"
         first = (meta["first_output"],) if self.cascade else ()
         sel, (self._config_name, self._bits_name, *self._first) = selector_model(model, first)
