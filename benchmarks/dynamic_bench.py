@@ -13,12 +13,14 @@ dynamic model's mean BOPs (selector included).  Writes ``benchmarks/results/dyna
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 
+from datafree.ops.domain import config_label
 from datafree.runtime import InferenceSession
 from datafree.runtime.bench import measure
 from datafree.runtime.infer import load_images, predict
@@ -33,10 +35,6 @@ MODEL = ROOT / "examples/models/resnet20_bn.onnx"
 SHARED = ROOT.parent / "shared/data/cifar10_dev.npz"
 DEV = SHARED if SHARED.exists() else ROOT / "examples/data/cifar10_dev500.npz"
 OUT = ROOT / "benchmarks/results/dynamic.md"
-
-
-def _label(cfg) -> str:
-    return "/".join(str(int(b)) for b in cfg)
 
 
 def _accuracy(model, images) -> float:
@@ -84,18 +82,18 @@ def main() -> None:
         plan, stats = result.plan, result.stats
         session = InferenceSession(result.model)
         pred = predict(session, dev, batch=100)
-        cfg_index = {_label(c): k for k, c in enumerate(plan.configs)}
+        cfg_index = {config_label(c): k for k, c in enumerate(plan.configs)}
         bops_cfg = np.asarray(stats["config_bops"], np.float64)     # a cascade's reruns cost both passes
-        chosen = np.array([cfg_index[_label(b)] for b in pred.bits])
+        chosen = np.array([cfg_index[config_label(b)] for b in pred.bits])
         dyn_bops = float(bops_cfg[chosen].mean()) + stats["selector"]["bops"]
         all_cfgs = enumerate_configs(plan.candidates, len(plan.groups))
         fixed = []
         for c in all_cfgs:
-            key = _label(c)   # the plan does not depend on the target (same split, same calibration)
+            key = config_label(c)   # the plan does not depend on the target (same split, same calibration)
             if key not in fixed_cache:
                 fixed_cache[key] = _accuracy(build_fixed(plan, c), dev)
-            fixed.append((_label(c), float(plan.avg_bits(c[None])[0]), float(plan.bops(c[None])[0]), fixed_cache[key],
-                          _label(c) in stats["front"]["configs"]))
+            fixed.append((config_label(c), float(plan.avg_bits(c[None])[0]), float(plan.bops(c[None])[0]), fixed_cache[key],
+                          config_label(c) in stats["front"]["configs"]))
         affordable = [f for f in fixed if f[2] <= dyn_bops]
         best_all = max(affordable, key=lambda f: f[3]) if affordable else None
         best_cand = max((f for f in affordable if f[4]), key=lambda f: f[3], default=None)
@@ -115,7 +113,7 @@ def main() -> None:
         if target not in syn_loss:     # every configuration's loss on the held-out synthetic images
             cfg_logits, fp_logits, _ = simulate(plan, all_cfgs, result.images[result.all_probes])
             syn_loss[target] = [float(_config_losses(fp_logits, lg).mean()) for lg in cfg_logits]
-        by_loss = [(_label(c), loss) for c, loss in zip(all_cfgs, syn_loss[target])
+        by_loss = [(config_label(c), loss) for c, loss in zip(all_cfgs, syn_loss[target])
                    if plan.bops(c[None])[0] <= dyn_bops]
         pick = min(by_loss, key=lambda t: t[1])[0] if by_loss else None
         best_datafree = next((f for f in fixed if f[0] == pick), None)
@@ -142,16 +140,16 @@ def main() -> None:
                      f"{dyn_bops / 1e9:.3f} | {fmt(best_df)} | {fmt(best_cand)} | "
                      f"{fmt(best_all)} | {fmt(best_uniform)} |")
     lines += ["", "Cascades chosen: " + "; ".join(
-        f"target {r[0]:.1f}: {' then '.join(dict.fromkeys(r[2]['configs'][-1].split(' then ')))}"
+        f"target {r[0]:.1f}: {r[2]['configs'][-1]}"
         for r in rows_all if r[10] == "cascade") + ".", ""]
     target, pred, stats, dyn_bops, *_rest, fixed, lat, _df, mode, _r = rows_all[0]
     lines += ["", f"## Configurations ({mode}, target {target:.1f})", "",
               "Chosen on the dev images by the selector; every configuration's own fixed-precision accuracy.", "",
               "| configuration | avg bits | GBOPs | fixed top-1 | on the front | images (dev) |", "|---|---|---|---|---|---|"]
-    hist = pred.bits_histogram()
+    hist = Counter(config_label(b) for b in pred.bits)      # images per final configuration
     for lab, bits, bops, acc, cand in sorted(fixed, key=lambda f: f[2]):
         lines.append(f"| {lab} | {bits:.2f} | {bops / 1e9:.3f} | {100 * acc:.2f} % | {'yes' if cand else ''} | "
-                     f"{next((v for k, v in hist.items() if k.split(' then ')[-1] == lab), '')} |")
+                     f"{hist.get(lab, '')} |")
     lines += ["", "## Does the selector spot easy images?", "",
               "Dev images split by the bits the selector gave them (at or below the median vs above); "
               "the float model's accuracy on each part says whether the cheap part is the easy part.", "",

@@ -8,6 +8,7 @@ import the name from here.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 
 DOMAIN = "ai.datafree"
@@ -29,12 +30,19 @@ def all_nodes(graph: onnx.GraphProto):
                 yield from all_nodes(a.g)
 
 
-def image_bits(meta: dict, bits) -> "np.ndarray":
+def config_label(bits, first=None) -> str:
+    """A configuration as people read it, ``"4/6/8"`` (bits per group); in a cascade an
+    image rerun after ``first`` ran both: ``"4/4/4 then 8/6/8"``."""
+    label = "/".join(str(int(b)) for b in bits)
+    if first is None or list(map(int, first)) == list(map(int, bits)):
+        return label
+    return f"{config_label(first)} then {label}"
+
+
+def image_bits(meta: dict, bits) -> np.ndarray:
     """Average bits each image cost, from the ``bits`` output [N, G] and the model's
     metadata: the MAC-weighted mean over the groups; in a cascade, an image whose
     configuration is not the first ran twice and costs both passes."""
-    import numpy as np
-
     b = np.asarray(bits, np.float64).reshape(len(bits), -1)
     w = np.asarray(meta.get("group_macs") or np.ones(b.shape[1]), np.float64)
     if len(w) != b.shape[1]:

@@ -57,10 +57,7 @@ class Predictions:
         if self.bits is None:
             return {}
         keys, counts = np.unique(self.bits.astype(int), axis=0, return_counts=True)
-        label = lambda k: "/".join(str(b) for b in k)  # noqa: E731
-        first = label(self.first) if self.first is not None else None
-        return {(label(k) if first in (None, label(k)) else f"{first} then {label(k)}"): int(c)
-                for k, c in zip(keys, counts)}
+        return {domain.config_label(k, self.first): int(c) for k, c in zip(keys, counts)}
 
     def to_json(self) -> dict:
         out: dict = {"images": len(self.predictions), "predictions": self.predictions.tolist()}

@@ -96,8 +96,8 @@ def _print_dynamic(d: dict) -> None:
     """The dynamic model in a few lines: how it chooses, what the probes chose, what it costs."""
     configs = d.get("configs") or []
     if d.get("mode") == "cascade" and configs:
-        rerun = configs[-1].split(" then ")[-1] if len(configs) > 1 else None
-        out.print(f"dynamic (cascade): every image at {configs[0]}" +
+        rerun = d.get("rerun")
+        out.print(f"dynamic (cascade): every image at {d['first']}" +
                   (f", rerun at {rerun} when the first pass is unsure "
                    f"({100 * d.get('rerun_fraction', 0):.1f} % of the probe images)" if rerun else ""))
     elif configs:

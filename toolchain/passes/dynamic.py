@@ -899,7 +899,7 @@ def fit_dynamic(model: ir.Model, config: DynamicConfig, *, synthetic=None, progr
     keep = pareto(avg, losses[train_idx].mean(axis=0))
     plan.configs = all_cfgs[keep]
     cfg_bits = avg[keep]
-    front = {"configs": ["/".join(str(int(b)) for b in c) for c in all_cfgs[keep]],
+    front = {"configs": [domain.config_label(c) for c in all_cfgs[keep]],
              "avg_bits": [round(float(b), 4) for b in cfg_bits],
              "bops": [int(b) for b in plan.bops(all_cfgs[keep])],
              "probe_loss": [round(float(v), 4) for v in losses[all_probes][:, keep].mean(axis=0)]}
@@ -966,12 +966,14 @@ def _stats(plan: Plan, selector: Selector, choice: np.ndarray, cfg_bits: np.ndar
         all(d.dim_value for d in feat_shape.dim[2:]) and not cascade else 1
     cost = selector_cost(plan, selector, spatial)
     bops = plan.bops(plan.configs)
-    labels = ["/".join(str(int(b)) for b in c) for c in plan.configs]
+    first = plan.configs[0] if cascade else None
+    labels = [domain.config_label(c, first) for c in plan.configs]
     extra = {}
     if cascade:          # choice k > 0 runs the network twice: at configs[0], then at configs[k]
         bops = np.concatenate([bops[:1], bops[0] + bops[1:]])
-        labels = [labels[0]] + [f"{labels[0]} then {lab}" for lab in labels[1:]]
-        extra = {"mode": "cascade", "rerun_fraction": float(np.mean(choice > 0))}
+        extra = {"mode": "cascade", "rerun_fraction": float(np.mean(choice > 0)),
+                 "first": domain.config_label(plan.configs[0]),
+                 "rerun": domain.config_label(plan.configs[-1]) if len(plan.configs) > 1 else None}
     hist = {lab: int((choice == k).sum()) for k, lab in enumerate(labels)}
     agree = np.mean(cfg_logits[choice, np.arange(len(choice))].argmax(axis=1) == fp.argmax(axis=1))
     expected_bops = float(bops[choice].mean())
