@@ -47,6 +47,13 @@ def _meta(model: onnx.ModelProto) -> dict:
     return json.loads(next(p.value for p in model.metadata_props if p.key == METADATA_KEY))
 
 
+def _equal_to_either(out: np.ndarray, basic: np.ndarray, optimised: np.ndarray, atol: float) -> None:
+    """Each row of ``out`` equals the model run at basic or at full optimisation
+    (whose layout transforms move a fake-quantized activation a step on some images)."""
+    err = np.minimum(np.abs(out - basic).max(axis=1), np.abs(out - optimised).max(axis=1))
+    assert np.all(err <= atol), err
+
+
 def _plain(model: onnx.ModelProto, x: np.ndarray, basic: bool = False) -> list[np.ndarray]:
     """Stock onnxruntime, function bodies only (``basic``: its basic graph optimisations
     only, which keep float results bit-exact between equivalent graphs; its layout
@@ -104,10 +111,14 @@ def test_forced_configuration_equals_fixed_precision_model(fitted):
         np.testing.assert_array_equal(bits, np.repeat(fitted.plan.configs[k:k + 1], 16, axis=0))
         (fixed,) = _plain(build_fixed(fitted.plan, fitted.plan.configs[k]), x, basic=True)
         np.testing.assert_allclose(logits, fixed, atol=1e-4)
+        # at full optimisation onnxruntime's layout transforms round the fixed model's
+        # convs differently on some images (a fake-quantized activation moves a step);
+        # they reach a cascade's first pass but not the layers inside its If: each image
+        # equals the fixed model run one way or the other
         default_logits, _ = InferenceSession(forced).run(None, {"input": x})
         (fixed_all,) = _plain(build_fixed(fitted.plan, fitted.plan.configs[k]), x)
-        close = np.abs(default_logits - fixed_all).max(axis=1) < 1e-4
-        assert close.sum() >= 14 and (default_logits.argmax(1) == fixed_all.argmax(1)).sum() >= 15
+        close = np.minimum(np.abs(default_logits - fixed_all).max(axis=1), np.abs(default_logits - fixed).max(axis=1))
+        assert np.all(close < 1e-4) and (default_logits.argmax(1) == fixed_all.argmax(1)).sum() >= 15
 
 
 def test_target_bits_met_on_the_probe_set(fitted):
@@ -276,10 +287,11 @@ def test_other_models_get_a_dynamic_model_that_runs_every_way(name, mode, tmp_pa
     assert result.stats.get("mode", "upfront") == mode and (mode == "cascade") != ("note" in result.stats)
     x = syn.images[:6]
     reference = _plain(result.model, x, basic=True)
+    optimised = _plain(result.model, x)
     for kw in ({"grouped": True}, {"grouped": False, "use_kernels": True}, {"grouped": False, "use_kernels": False}):
         outs = InferenceSession(result.model, **kw).run(None, {"input": x})
         np.testing.assert_array_equal(outs[-1], reference[-1])
-        np.testing.assert_allclose(outs[0], reference[0], atol=1e-3)
+        _equal_to_either(outs[0], reference[0], optimised[0], atol=1e-3)
     if mode == "cascade":                 # nothing to rerun: the selector forced to keep every first pass
         forced = onnx.ModelProto()
         forced.CopyFrom(result.model)
@@ -287,8 +299,9 @@ def test_other_models_get_a_dynamic_model_that_runs_every_way(name, mode, tmp_pa
         b2 = next(t for t in forced.graph.initializer if t.name == sel.input[4])
         b2.CopyFrom(onnx.numpy_helper.from_array(np.array([1e6, -1e6], np.float32), b2.name))
         (first,) = _plain(build_fixed(result.plan, result.plan.configs[0]), x, basic=True)
+        (first_optimised,) = _plain(build_fixed(result.plan, result.plan.configs[0]), x)
         for kw in ({"grouped": True}, {"grouped": False, "use_kernels": True},
                    {"grouped": False, "use_kernels": False}):
             logits, bits = InferenceSession(forced, **kw).run(None, {"input": x})
-            np.testing.assert_allclose(logits, first, atol=1e-3)
+            _equal_to_either(logits, first, first_optimised, atol=1e-3)
             assert np.all(bits == result.plan.configs[0])

@@ -71,6 +71,46 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs():
     assert err_gptq < 0.7 * err_rtn
 
 
+def test_nested_gptq_each_bit_width_derives_its_own_fitted_rounding():
+    """The int8 weights requantise (as the dynamic ops do) to the plain GPTQ solution
+    at the lowest bit-width, and the output error summed over the bit-widths is well
+    below rounding to nearest's, on post-ReLU-like correlated inputs."""
+    from datafree.ops.reference import derive_weight
+
+    rng = np.random.default_rng(6)
+    x = np.maximum(rng.standard_normal((3000, 48)) + 0.5 * rng.standard_normal((3000, 1)), 0)
+    w = rng.standard_normal((16, 48))
+    H = torch.from_numpy(x.T @ x)
+    table = np.ones((9, 16), np.float32)
+    for b in (4, 6, 8):
+        table[b] = weight_scales(w, b)
+    scales = {b: torch.from_numpy(table[b].astype(np.float64)) for b in (4, 6, 8)}
+    q8 = fit.nested_gptq(torch.from_numpy(w), H, scales).numpy().astype(np.int8)
+    _, q4 = fit.gptq(torch.from_numpy(w), H, 4, scales[4])
+    derived4 = np.round(derive_weight(q8, table[8], table, 4) / table[4][:, None])
+    fitted_rows = np.all(derived4 == q4.numpy(), axis=1)
+    assert fitted_rows.sum() >= 8
+    err = {"nested": 0.0, "nearest": 0.0}
+    for b in (4, 6, 8):
+        qmax = 2 ** (b - 1) - 1
+        nearest = np.clip(np.round(w / table[b][:, None]), -qmax, qmax) * table[b][:, None]
+        err["nested"] += np.sum((x @ (w - derive_weight(q8, table[8], table, b)).T) ** 2)
+        err["nearest"] += np.sum((x @ (w - nearest).T) ** 2)
+    assert err["nested"] < 0.8 * err["nearest"]
+
+
+def test_gptq_keeps_inside_bounds():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((500, 20))
+    w = rng.standard_normal((6, 20))
+    scale = weight_scales(w, 8)
+    lo = torch.from_numpy(rng.integers(-20, 5, (6, 20)).astype(np.float64))
+    hi = lo + torch.from_numpy(rng.integers(0, 4, (6, 20)).astype(np.float64))
+    _, q = fit.gptq(torch.from_numpy(w), torch.from_numpy(x.T @ x), 8, torch.from_numpy(scale.astype(np.float64)),
+                    bounds=(lo, hi))
+    assert torch.all(q >= lo) and torch.all(q <= hi)
+
+
 @pytest.fixture(scope="module")
 def synthetic_small():
     from conftest import SMALL_SYNTHETIC

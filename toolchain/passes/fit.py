@@ -26,6 +26,7 @@ layer, whatever the number of images.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +44,7 @@ from .quantize import WeightQuant
 
 RIDGE = 1e-3        # λ relative to the mean diagonal of the Gram matrix (plus features / rows)
 DAMP = 0.01         # GPTQ damping, relative to the mean diagonal
+CELL_MARGIN = 1e-3  # nested GPTQ: fraction of a step kept from a cell's edge
 CHUNK = 64          # images per forward pass
 MAX_ROWS = 131072   # feature rows per layer for the Gram statistics
 STATS_IMAGES = 512  # at most this many images (evenly spaced) for channel selection
@@ -266,6 +268,15 @@ def _stats(layer: Layer, X: torch.Tensor, Y: torch.Tensor | None, max_rows: int 
     return total
 
 
+def input_gram(layer: Layer, X: torch.Tensor) -> torch.Tensor | None:
+    """XᵀX of the layer's input features on the inputs ``X`` (None where they are not
+    plain columns of its weight, e.g. grouped convolutions)."""
+    probe = _features(layer, X[:1])
+    if probe is None or probe.shape[1] != int(np.prod(layer.w_oc().shape[1:])):
+        return None
+    return _stats(layer, X, None).G
+
+
 def _rows_total(layer: Layer, X: torch.Tensor) -> int:
     f = _features(layer, X[:1])
     return max(1, len(f) * len(X)) if f is not None else 1
@@ -323,11 +334,16 @@ def ridge_refit(st: _Stats, W0: torch.Tensor, with_bias: bool, ridge: float = RI
 
 
 def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, scale: torch.Tensor,
-         block: int = 128, damp: float = DAMP) -> tuple[torch.Tensor, torch.Tensor]:
+         block: int = 128, damp: float = DAMP, bounds: tuple[torch.Tensor, torch.Tensor] | None = None
+         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize rows of ``W`` (out x features) minimising ||X(W − Ŵ)ᵀ||², H = XᵀX.
 
     Returns (dequantized weights, integer weights).  Columns are processed in order
-    of decreasing H diagonal ("act order"), the standard GPTQ heuristic.
+    of decreasing H diagonal ("act order"), the standard GPTQ heuristic.  ``bounds``
+    (integer tensors shaped like ``W``) confine each integer weight to [lo, hi]: the
+    rounding picks the nearest allowed level and the error feedback spreads what the
+    box costs over the columns still to come (used for nested bit-widths,
+    :func:`nested_gptq`).
     """
     W = W.double().clone()
     H = H.double().clone()
@@ -338,11 +354,13 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, scale: torch.Tensor,
     perm = torch.argsort(torch.diagonal(H), descending=True)
     inv = torch.argsort(perm)
     W, H = W[:, perm], H[perm][:, perm]
+    qmax = weight_qmax(bits)
+    lo = torch.full_like(W, -qmax) if bounds is None else bounds[0].double()[:, perm].clamp(-qmax, qmax)
+    hi = torch.full_like(W, qmax) if bounds is None else torch.maximum(bounds[1].double()[:, perm].clamp(-qmax, qmax), lo)
     H += damp * torch.diagonal(H).mean() * torch.eye(d, dtype=H.dtype)
     L = torch.linalg.cholesky(H)
     Hinv = torch.cholesky_inverse(L)
     U = torch.linalg.cholesky(Hinv, upper=True)
-    qmax = weight_qmax(bits)
     s = scale.double()[:, None]
     Q = torch.zeros_like(W)
     for i1 in range(0, d, block):
@@ -352,7 +370,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, scale: torch.Tensor,
         U1 = U[i1:i2, i1:i2]
         for j in range(i2 - i1):
             w = W1[:, j:j + 1]
-            q = torch.clamp(torch.round(w / s), -qmax, qmax)
+            q = torch.minimum(torch.maximum(torch.round(w / s), lo[:, i1 + j:i1 + j + 1]), hi[:, i1 + j:i1 + j + 1])
             Q[:, i1 + j:i1 + j + 1] = q
             err = (w - q * s) / U1[j, j]
             W1[:, j:] -= err @ U1[j:j + 1, j:]
@@ -360,6 +378,46 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, scale: torch.Tensor,
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
     Q = Q[:, inv]
     return Q * s, Q
+
+
+def nested_gptq(W: torch.Tensor, H: torch.Tensor, scales: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Integer weights at the highest bit-width of ``scales`` ({bits: per-row scale})
+    from which every lower bit-width, requantised by rounding to its own scale
+    (``ops.reference.derive_weight``), is a fitted rounding of ``W`` too.
+
+    The bit-widths are fitted from the lowest up, each by GPTQ confined to the
+    quantization cells the lower ones chose (the values that round back to them):
+    the low bit-widths, which lose the most, get plain GPTQ; the higher ones the best
+    rounding still compatible with them.  Cells of different bit-widths do not
+    nest exactly, so a weight moved far by a low bit-width drags the higher ones
+    with it: a row whose output errors ||X(w − ŵ_b)ᵀ||², summed over the
+    bit-widths, come out above plain nearest rounding's keeps nearest rounding.
+    """
+    W = W.double()
+    Hd = H.double()
+
+    def row_error(Wq: torch.Tensor) -> torch.Tensor:
+        D = W - Wq
+        return ((D @ Hd) * D).sum(dim=1)
+
+    lo = torch.full_like(W, -math.inf)          # float values every fitted bit-width allows
+    hi = torch.full_like(W, math.inf)
+    err_fitted = torch.zeros(W.shape[0], dtype=torch.float64)
+    err_nearest = torch.zeros_like(err_fitted)
+    Q = nearest = None
+    for bits in sorted(scales):
+        s = scales[bits].double()[:, None]
+        qmax = weight_qmax(bits)
+        margin = CELL_MARGIN * s                 # stay clear of the rounding ties at a cell's edge
+        qlo = torch.ceil((lo + margin) / s).clamp(-qmax, qmax)
+        qhi = torch.floor((hi - margin) / s).clamp(-qmax, qmax)
+        Wq, Q = gptq(W, H, bits, scales[bits], bounds=(qlo, qhi))
+        nearest = torch.clamp(torch.round(W / s), -qmax, qmax)
+        err_fitted += row_error(Wq)
+        err_nearest += row_error(nearest * s)
+        lo = torch.maximum(lo, torch.where(Q <= -qmax, -math.inf, (Q - 0.5) * s))
+        hi = torch.minimum(hi, torch.where(Q >= qmax, math.inf, (Q + 0.5) * s))
+    return torch.where((err_fitted < err_nearest)[:, None], Q, nearest)
 
 
 @dataclass
