@@ -1,6 +1,6 @@
 """Dynamic precision on ResNet-20: is a per-image choice better than a fixed one at equal cost?
 
-    python benchmarks/dynamic_bench.py [--targets 5,5.5,6] [--modes cascade,upfront] [--synthetic 256]
+    python benchmarks/dynamic_bench.py [--targets 4.5,5,5.5,6] [--modes cascade,upfront] [--synthetic 256]
 
 For each mode and target average bit-width: the dynamic model (bits 4/6/8, three
 stage groups, selector trained on synthetic images only) against every fixed-precision
@@ -45,7 +45,7 @@ def _accuracy(model, images) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--targets", default="5,5.5,6")
+    ap.add_argument("--targets", default="4.5,5,5.5,6")
     ap.add_argument("--modes", default="cascade,upfront", help="dynamic modes to compare")
     ap.add_argument("--synthetic", type=int, default=Recipe().synthetic, help="as compress --dynamic generates")
     ap.add_argument("--synthetic-steps", type=int, default=Recipe().synthetic_steps)
