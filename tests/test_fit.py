@@ -36,12 +36,13 @@ def test_refit_is_exact_when_kept_channels_span_the_pruned_one(tmp_path):
     assert got is None
     pred = x_full[:, :12] @ layer.w_oc().T.astype(np.float64) + layer.bias_array()
     np.testing.assert_allclose(pred, y, rtol=1e-4, atol=1e-4)
-    # with the default pull toward the (here random) closed form (λ ≈ 2.5 % here), within 5 %
+    # with the default pull toward the (here random) closed form (λ ≈ 12 % of the feature
+    # energy here, which is the same in every direction), within 15 %
     layer = _gemm_layer(tmp_path)
     fit.fit_layer(layer, torch.from_numpy(x_full[:, :12]).float(), torch.from_numpy(y).float(),
                   None, Recipe(synthetic=0))
     pred = x_full[:, :12] @ layer.w_oc().T.astype(np.float64) + layer.bias_array()
-    assert np.linalg.norm(pred - y) < 0.05 * np.linalg.norm(y)
+    assert np.linalg.norm(pred - y) < 0.15 * np.linalg.norm(y)
 
 
 def test_refit_never_worse_than_the_closed_form_on_its_data(tmp_path):

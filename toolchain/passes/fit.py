@@ -8,7 +8,12 @@ output in the float network:
 2. weights: ridge least squares ``min ||X̃ W + b − Y||² + λ||W − W₀||²``, where ``W₀``
    is the closed-form (UDFC-compensated) weight — exact when the kept channels span
    the pruned ones, never worse than ``W₀`` on the data it was fitted on, and it
-   absorbs the error every earlier layer left behind;
+   absorbs the error every earlier layer left behind.  λ is a tenth of the mean
+   feature energy: the refit moves the weights freely along the input directions
+   the images fill strongly and barely along the weak ones, which is where synthetic
+   images differ most from real ones (ResNet-20 W4A4 on real dev images, three seeds:
+   79.5 % with λ at 0.001, 80.6–81.1 from 0.01 to 1; pruned models unchanged within
+   a seed's spread);
 3. rounding: GPTQ (Frantar et al. 2023) on the centred Gram matrix of ``X̃``, which
    quantizes one input column at a time and pushes its rounding error onto the
    columns not yet quantized;
@@ -42,7 +47,7 @@ from ..stats import mse_range
 from .qdq import ActQuant, activation_plan
 from .quantize import WeightQuant
 
-RIDGE = 1e-3        # λ relative to the mean diagonal of the Gram matrix (plus features / rows)
+RIDGE = 0.1         # λ relative to the mean diagonal of the Gram matrix (plus features / rows)
 DAMP = 0.01         # GPTQ damping, relative to the mean diagonal
 CELL_MARGIN = 1e-3  # nested GPTQ: fraction of a step kept from a cell's edge
 CHUNK = 64          # images per forward pass
