@@ -94,7 +94,7 @@ from ..errors import NotCompressible, UserError
 from ..graph import Layer, UniqueNames, analyse
 from ..progress import ProgressFn, silent
 from ..quant import act_qparams, quantize_weight, weight_scales
-from ..recipe import DynamicConfig
+from ..recipe import DynamicConfig, Recipe
 from ..stats import mse_range
 from . import fit
 from .fold import fold_batchnorm
@@ -108,8 +108,6 @@ HIDDEN = 16
 PROBE_FRACTION = 0.25
 SELECTOR_LR = 1e-2
 PENALTY = 2.0            # λ, per bit above target
-DEFAULT_SYNTHETIC = 256
-DEFAULT_SYNTHETIC_STEPS = 200
 CONFIDENT_TARGET = 0.9   # cascade probes: synthetic images made for a target this sure (see fit_cascade)
 
 
@@ -836,7 +834,8 @@ def _synthetic_images(model: ir.Model, synthetic, progress: ProgressFn) -> tuple
     if synthetic is None:
         from ..synth import generate
 
-        synthetic = generate(model, DEFAULT_SYNTHETIC, steps=DEFAULT_SYNTHETIC_STEPS, seed=0, progress=progress)
+        defaults = Recipe()             # the set `compress --dynamic` makes, so both share the cache
+        synthetic = generate(model, defaults.synthetic, steps=defaults.synthetic_steps, seed=0, progress=progress)
     images = np.asarray(getattr(synthetic, "images", synthetic), dtype=np.float32)
     if len(images) < 8:
         raise UserError(f"dynamic precision needs at least 8 synthetic images, got {len(images)}")
