@@ -171,6 +171,9 @@ def test_three_ways_to_run_agree_and_cli_reports_bits(fitted, tmp_path):
         first = "/".join(str(int(b)) for b in fitted.plan.configs[0])
         assert all(k == first or k.startswith(first + " then ") for k in out["configurations"])
         assert set(out["configurations"]) <= set(fitted.stats["histogram"])
+        text = CliRunner().invoke(main, ["run", str(path), "--images", str(tmp_path / "x.npz")])
+        per_image = [line.split("\t")[2] for line in text.output.splitlines()[:12]]
+        assert all(b == "bits " + first or b.startswith(f"bits {first} then ") for b in per_image), per_image
 
 
 @pytest.mark.parametrize("target", [4.3, 5.0, 6.5, 7.8])

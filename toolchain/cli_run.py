@@ -19,6 +19,7 @@ import numpy as np
 def run(model: str, images: str, batch: int, threads: int | None, no_kernels: bool, as_json: bool) -> None:
     """Run MODEL over an image set: prediction per image, accuracy when labels are given,
     and the bit-widths a dynamic model chose for each image."""
+    from datafree.ops.domain import config_label
     from datafree.runtime.infer import run_file
 
     result = run_file(model, images, batch=batch, threads=threads, use_kernels=not no_kernels)
@@ -31,7 +32,7 @@ def run(model: str, images: str, batch: int, threads: int | None, no_kernels: bo
         if result.labels is not None:
             line += f"\tlabel {int(result.labels[i])}"
         if result.bits is not None:
-            line += f"\tbits {'/'.join(str(int(b)) for b in result.bits[i])}\tavg {result.avg_bits[i]:.2f}"
+            line += f"\tbits {config_label(result.bits[i], result.first)}\tavg {result.avg_bits[i]:.2f}"
         click.echo(line)
     summary = [f"{len(result.predictions)} images"]
     if result.accuracy is not None:
