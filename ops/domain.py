@@ -8,6 +8,9 @@ import the name from here.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
+
 import numpy as np
 import onnx
 
@@ -19,6 +22,16 @@ KERNEL_DOMAIN = "ai.onnx.contrib"
 OP_TYPES = ("BitSelect", "DynQuant", "DynQConv", "DynQGemm")
 # Model metadata of a dynamic model: groups, their MACs, the configurations, the mode.
 METADATA_KEY = "datafree.dynamic"
+
+
+def dynamic_metadata(metadata: Mapping[str, str]) -> dict:
+    """A model's ``datafree.dynamic`` metadata from its metadata properties ({} when
+    absent or unreadable)."""
+    try:
+        meta = json.loads(metadata.get(METADATA_KEY) or "{}")
+    except ValueError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def all_nodes(graph: onnx.GraphProto):

@@ -35,7 +35,6 @@ step (seen on 1 image in 100).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -102,15 +101,6 @@ def _selection(weight: onnx.TensorProto) -> bool:
         is_selection_weight(numpy_helper.to_array(weight))
 
 
-def _dynamic_metadata(metadata: dict) -> dict:
-    """A dynamic model's ``datafree.dynamic`` metadata ({} when absent or unreadable)."""
-    try:
-        meta = json.loads(metadata.get(domain.METADATA_KEY) or "{}")
-    except ValueError:
-        return {}
-    return meta if isinstance(meta, dict) else {}
-
-
 def _has_selector(proto: onnx.ModelProto) -> bool:
     return any(n.domain == domain.DOMAIN and n.op_type == "BitSelect" for n in proto.graph.node)
 
@@ -123,7 +113,7 @@ class InferenceSession:
         proto = _load(source)
         self.dynamic = domain.uses_domain(proto)
         self.metadata = {p.key: p.value for p in proto.metadata_props}
-        self.dynamic_metadata = _dynamic_metadata(self.metadata)
+        self.dynamic_metadata = domain.dynamic_metadata(self.metadata)
         options = ort.SessionOptions()
         options.log_severity_level = 3
         if threads is not None:

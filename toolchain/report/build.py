@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from datafree.ops import domain
 from datafree.toolchain import ingest
 from datafree.toolchain.errors import UserError
 from datafree.toolchain.progress import ProgressFn, silent
@@ -256,7 +257,7 @@ def _sqnr_summary(rows, bits) -> dict:
 
 
 def _is_dynamic(m: ir.Model) -> bool:
-    return any(n.domain == cost.DYNAMIC_DOMAIN for n in m.graph)
+    return any(n.domain == domain.DOMAIN for n in m.graph)
 
 
 def _dynamic(m: ir.Model, x: np.ndarray) -> dict:

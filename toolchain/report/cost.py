@@ -25,9 +25,7 @@ from datafree.toolchain.errors import UserError
 from datafree.toolchain.recipe import METADATA_KEY as RECIPE_KEY, Recipe
 
 LAYERS_KEY = "datafree.layers"
-DYNAMIC_KEY = domain.METADATA_KEY
 FLOAT_BITS = 32
-DYNAMIC_DOMAIN = "ai.datafree"
 _INT_BITS = {ir.DataType.INT8: 8, ir.DataType.UINT8: 8, ir.DataType.INT4: 4, ir.DataType.UINT4: 4,
              ir.DataType.INT16: 16, ir.DataType.UINT16: 16, ir.DataType.INT2: 2, ir.DataType.UINT2: 2}
 
@@ -235,7 +233,7 @@ def _elements(value: ir.Value) -> int:
 def layer_costs(model: ir.Model) -> list[LayerCost]:
     """Per-layer cost of ``model`` at the precision it is stored in."""
     meta, recipe = _metadata(model)
-    dyn = json.loads(model.metadata_props.get(DYNAMIC_KEY) or "{}")
+    dyn = domain.dynamic_metadata(model.metadata_props)
     if dyn.get("stem") and dyn.get("stem_bits") and dyn["stem"] not in meta:
         # a dynamic model's stem: fake-quantized at the highest candidate, stored dequantized
         meta = {**meta, dyn["stem"]: {"wbits": dyn["stem_bits"], "abits": dyn["stem_bits"]}}
@@ -288,12 +286,12 @@ def dynamic_costs(model: ir.Model, probes: np.ndarray) -> DynamicCosts | None:
     nodes themselves.  The selector (``BitSelect``: pooling and a small float MLP)
     is counted apart, at 32 x 32.
     """
-    dyn = [n for n in model.graph if n.domain == DYNAMIC_DOMAIN]
+    dyn = [n for n in model.graph if n.domain == domain.DOMAIN]
     if not dyn or len(model.graph.outputs) < 2:
         return None
     from .probes import run_model  # onnxruntime only when needed
 
-    meta = json.loads(model.metadata_props.get(DYNAMIC_KEY) or "{}")
+    meta = domain.dynamic_metadata(model.metadata_props)
     bits_name = meta.get("bits_output") or model.graph.outputs[1].name
     chosen = np.asarray(run_model(model, probes)[bits_name], dtype=np.float64).reshape(len(probes), -1)
     note = ""
