@@ -25,8 +25,7 @@ from datafree.runtime import InferenceSession
 from datafree.runtime.bench import measure
 from datafree.runtime.infer import load_images, predict
 from datafree.toolchain.ingest import load
-from datafree.toolchain.passes.dynamic import (_config_losses, _run, build_fixed, enumerate_configs, fit_dynamic,
-                                               simulate)
+from datafree.toolchain.passes.dynamic import _run, build_fixed, enumerate_configs, fit_dynamic
 from datafree.toolchain.recipe import DynamicConfig, Recipe
 from datafree.toolchain.synth import generate
 
@@ -75,7 +74,6 @@ def main() -> None:
              ""]
     rows_all = []
     fixed_cache: dict[str, float] = {}
-    syn_loss: dict[float, list[float]] = {}
     for mode, target in ((m, t) for m in modes for t in targets):
         cfg = DynamicConfig(bits=(4, 6, 8), target_bits=target, steps=args.selector_steps, mode=mode)
         result = fit_dynamic(model, cfg, synthetic=syn, augment=args.augment)
@@ -110,10 +108,7 @@ def main() -> None:
                              "high_dyn_acc": float((pred.predictions == dev.labels)[~low].mean())
                              if (~low).any() else float("nan")}
         # what a user without data would pick: the candidate with the lowest synthetic probe loss within the BOPs
-        if target not in syn_loss:     # every configuration's loss on the held-out synthetic images
-            cfg_logits, fp_logits, _ = simulate(plan, all_cfgs, result.images[result.all_probes])
-            syn_loss[target] = [float(_config_losses(fp_logits, lg).mean()) for lg in cfg_logits]
-        by_loss = [(config_label(c), loss) for c, loss in zip(all_cfgs, syn_loss[target])
+        by_loss = [(config_label(c), loss) for c, loss in zip(all_cfgs, result.config_probe_loss)
                    if plan.bops(c[None])[0] <= dyn_bops]
         pick = min(by_loss, key=lambda t: t[1])[0] if by_loss else None
         best_datafree = next((f for f in fixed if f[0] == pick), None)

@@ -313,7 +313,6 @@ def _inputs_used(graph: onnx.GraphProto) -> set[str]:
     return {i for n in domain.all_nodes(graph) for i in n.input}
 
 
-
 class _Writer:
     """Edits a copy of the BN-folded float model (ModelProto) into a quantized one."""
 
@@ -853,6 +852,7 @@ class DynamicResult:
     probe: np.ndarray                   # indices of the probes target_bits holds on
     images: np.ndarray                  # the synthetic images
     all_probes: np.ndarray | None = None   # every held-out image (a cascade's probe is its confident part)
+    config_probe_loss: np.ndarray | None = None   # mean loss on all_probes of each enumerate_configs configuration
 
 
 def _split(images: np.ndarray, seed: int, augment: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -947,7 +947,7 @@ def fit_dynamic(model: ir.Model, config: DynamicConfig, *, synthetic=None, progr
                         "total": round(time.perf_counter() - t0, 2)}
     progress(STAGE, 4, 4)
     return DynamicResult(model=proto, plan=plan, selector=selector, stats=stats, probe=probe_idx, images=images,
-                         all_probes=all_probes)
+                         all_probes=all_probes, config_probe_loss=losses[all_probes].mean(axis=0))
 
 
 def apply_dynamic(model: ir.Model, config: DynamicConfig, *, synthetic=None,
