@@ -100,6 +100,29 @@ def test_nested_gptq_each_bit_width_derives_its_own_fitted_rounding():
     assert err["nested"] < 0.8 * err["nearest"]
 
 
+def test_nested_gptq_no_row_worse_than_stored_nearest():
+    """Per output row, the error summed over the bit-widths, with every bit-width
+    derived from the stored int8 as the ops derive it, is never above that of storing
+    the int8 rounded to nearest (the guard's alternative), on inputs where some rows
+    fall back."""
+    from datafree.ops.reference import derive_weight
+
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((400, 24)) * np.geomspace(1, 30, 24)     # badly conditioned: GPTQ can lose
+    w = rng.standard_normal((32, 24))
+    table = np.ones((9, 32), np.float32)
+    for b in (4, 6, 8):
+        table[b] = weight_scales(w, b)
+    scales = {b: torch.from_numpy(table[b].astype(np.float64)) for b in (4, 6, 8)}
+    q8 = fit.nested_gptq(torch.from_numpy(w), torch.from_numpy(x.T @ x), scales).numpy().astype(np.int8)
+    near8 = np.clip(np.round(w / table[8][:, None]), -127, 127).astype(np.int8)
+
+    def row_error(q):
+        return sum(np.sum((x @ (w - derive_weight(q, table[8], table, b)).T) ** 2, axis=0) for b in (4, 6, 8))
+
+    assert np.all(row_error(q8) <= row_error(near8) * (1 + 1e-6))
+
+
 def test_gptq_keeps_inside_bounds():
     rng = np.random.default_rng(4)
     x = rng.standard_normal((500, 20))

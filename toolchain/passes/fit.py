@@ -396,10 +396,14 @@ def nested_gptq(W: torch.Tensor, H: torch.Tensor, scales: dict[int, torch.Tensor
     rounding still compatible with them.  Cells of different bit-widths do not
     nest exactly, so a weight moved far by a low bit-width drags the higher ones
     with it: a row whose output errors ||X(w − ŵ_b)ᵀ||², summed over the
-    bit-widths, come out above plain nearest rounding's keeps nearest rounding.
+    bit-widths, come out above those of the top bit-width's nearest rounding keeps
+    that rounding (its lower bit-widths requantised from it, as the ops derive them).
     """
     W = W.double()
     Hd = H.double()
+    top = max(scales)
+    s_top = scales[top].double()[:, None]
+    nearest = torch.clamp(torch.round(W / s_top), -weight_qmax(top), weight_qmax(top))
 
     def row_error(Wq: torch.Tensor) -> torch.Tensor:
         D = W - Wq
@@ -409,7 +413,7 @@ def nested_gptq(W: torch.Tensor, H: torch.Tensor, scales: dict[int, torch.Tensor
     hi = torch.full_like(W, math.inf)
     err_fitted = torch.zeros(W.shape[0], dtype=torch.float64)
     err_nearest = torch.zeros_like(err_fitted)
-    Q = nearest = None
+    Q = None
     for bits in sorted(scales):
         s = scales[bits].double()[:, None]
         qmax = weight_qmax(bits)
@@ -417,9 +421,8 @@ def nested_gptq(W: torch.Tensor, H: torch.Tensor, scales: dict[int, torch.Tensor
         qlo = torch.ceil((lo + margin) / s).clamp(-qmax, qmax)
         qhi = torch.floor((hi - margin) / s).clamp(-qmax, qmax)
         Wq, Q = gptq(W, H, bits, scales[bits], bounds=(qlo, qhi))
-        nearest = torch.clamp(torch.round(W / s), -qmax, qmax)
         err_fitted += row_error(Wq)
-        err_nearest += row_error(nearest * s)
+        err_nearest += row_error(torch.clamp(torch.round(nearest * s_top / s), -qmax, qmax) * s)
         lo = torch.maximum(lo, torch.where(Q <= -qmax, -math.inf, (Q - 0.5) * s))
         hi = torch.minimum(hi, torch.where(Q >= qmax, math.inf, (Q + 0.5) * s))
     return torch.where((err_fitted < err_nearest)[:, None], Q, nearest)
