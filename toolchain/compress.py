@@ -26,10 +26,9 @@ from .errors import CannotSynthesise, NotCompressible, UserError
 from .passes import fold, prune, qdq, quantize
 from .passes.shortcut import ShortcutAsConvPass
 from .progress import ProgressFn, silent
-from .recipe import METADATA_KEY, Recipe
+from .recipe import LAYERS_KEY, METADATA_KEY, Recipe
 from .stats import mse_range, output_mean, output_samples
 
-LAYERS_KEY = "datafree.layers"
 VERSION_KEY = "datafree.version"
 
 

@@ -18,6 +18,7 @@ from .errors import UserError
 
 RECIPE_VERSION = 1
 METADATA_KEY = "datafree.recipe"
+LAYERS_KEY = "datafree.layers"    # per-layer bits and channels the compressor wrote (read by the report)
 CRITERIA = ("auto", "l1", "l2", "bn_l1", "output")
 CLIPS = ("max", "mse")
 SCOPES = ("auto", "layer", "global")

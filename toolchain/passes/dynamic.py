@@ -227,16 +227,15 @@ def _weights(layer: Layer, candidates: tuple[int, ...], x: np.ndarray | None = N
     docstring), otherwise rounded to nearest."""
     w = layer.w_oc().astype(np.float32)
     top = max(candidates)
-    w_int, w_scale = quantize_weight(w, top)
     table = np.ones((top + 1, w.shape[0]), np.float32)
     for b in candidates:
-        table[b] = w_scale if b == top else weight_scales(w, b)
+        table[b] = weight_scales(w, b)
     gram = fit.input_gram(layer, torch.from_numpy(np.ascontiguousarray(x, np.float32))) if x is not None else None
-    if gram is not None:
-        scales = {b: torch.from_numpy(table[b].astype(np.float64)) for b in (runs_at or candidates)}
-        q = fit.nested_gptq(torch.from_numpy(w.reshape(w.shape[0], -1).astype(np.float64)), gram, scales)
-        w_int = q.numpy().reshape(w.shape).astype(np.int8)
-    return w_int, w_scale, table
+    if gram is None:
+        return quantize_weight(w, top, table[top])[0], table[top], table
+    scales = {b: torch.from_numpy(table[b].astype(np.float64)) for b in (runs_at or candidates)}
+    q = fit.nested_gptq(torch.from_numpy(w.reshape(w.shape[0], -1).astype(np.float64)), gram, scales)
+    return q.numpy().reshape(w.shape).astype(np.int8), table[top], table
 
 
 def _calibrate(plan_layers: list[DynLayer], acts: dict[str, np.ndarray], candidates: tuple[int, ...]) -> None:

@@ -22,9 +22,8 @@ import onnx_ir as ir
 from datafree.ops import domain
 from datafree.toolchain import graph
 from datafree.toolchain.errors import UserError
-from datafree.toolchain.recipe import METADATA_KEY as RECIPE_KEY, Recipe
+from datafree.toolchain.recipe import LAYERS_KEY, METADATA_KEY as RECIPE_KEY, Recipe
 
-LAYERS_KEY = "datafree.layers"
 FLOAT_BITS = 32
 _INT_BITS = {ir.DataType.INT8: 8, ir.DataType.UINT8: 8, ir.DataType.INT4: 4, ir.DataType.UINT4: 4,
              ir.DataType.INT16: 16, ir.DataType.UINT16: 16, ir.DataType.INT2: 2, ir.DataType.UINT2: 2}
