@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter
+from dataclasses import dataclass
 import time
 from pathlib import Path
 
@@ -34,6 +35,35 @@ MODEL = ROOT / "examples/models/resnet20_bn.onnx"
 SHARED = ROOT.parent / "shared/data/cifar10_dev.npz"
 DEV = SHARED if SHARED.exists() else ROOT / "examples/data/cifar10_dev500.npz"
 OUT = ROOT / "benchmarks/results/dynamic.md"
+
+
+@dataclass
+class Fixed:
+    """One fixed-precision configuration of the plan, measured on the dev images."""
+
+    label: str
+    bits: float
+    bops: float
+    accuracy: float
+    on_front: bool
+
+
+@dataclass
+class Row:
+    """One dynamic model (mode, target) and what it is compared with."""
+
+    mode: str
+    target: float
+    pred: object                 # datafree.runtime.infer prediction on the dev images
+    stats: dict
+    bops: float                  # mean BOPs per dev image, selector included
+    rerun: float | None          # share of dev images a cascade reruns
+    fixed: list[Fixed]
+    best_any: Fixed | None       # best of all mixes within the BOPs (dev-label oracle)
+    best_front: Fixed | None     # best on the Pareto front within the BOPs
+    best_uniform: Fixed | None
+    best_datafree: Fixed | None  # lowest synthetic probe loss within the BOPs
+    latency: list
 
 
 def _accuracy(model, images) -> float:
@@ -90,12 +120,13 @@ def main() -> None:
             key = config_label(c)   # the plan does not depend on the target (same split, same calibration)
             if key not in fixed_cache:
                 fixed_cache[key] = _accuracy(build_fixed(plan, c), dev)
-            fixed.append((config_label(c), float(plan.avg_bits(c[None])[0]), float(plan.bops(c[None])[0]), fixed_cache[key],
-                          config_label(c) in stats["front"]["configs"]))
-        affordable = [f for f in fixed if f[2] <= dyn_bops]
-        best_all = max(affordable, key=lambda f: f[3]) if affordable else None
-        best_cand = max((f for f in affordable if f[4]), key=lambda f: f[3], default=None)
-        best_uniform = max((f for f in affordable if len(set(f[0].split("/"))) == 1), key=lambda f: f[3], default=None)
+            fixed.append(Fixed(key, float(plan.avg_bits(c[None])[0]), float(plan.bops(c[None])[0]), fixed_cache[key],
+                               key in stats["front"]["configs"]))
+        affordable = [f for f in fixed if f.bops <= dyn_bops]
+        best = lambda fs: max(fs, key=lambda f: f.accuracy, default=None)  # noqa: E731
+        best_all = best(affordable)
+        best_cand = best(f for f in affordable if f.on_front)
+        best_uniform = best(f for f in affordable if len(set(f.label.split("/"))) == 1)
         lat = measure(session, batch_sizes=(1, 64), warmup=2, repeats=5)
         # does the selector spot easy images? float accuracy on the images it sends low vs high
         low = pred.avg_bits <= np.median(pred.avg_bits)
@@ -111,13 +142,15 @@ def main() -> None:
         by_loss = [(config_label(c), loss) for c, loss in zip(all_cfgs, result.config_probe_loss)
                    if plan.bops(c[None])[0] <= dyn_bops]
         pick = min(by_loss, key=lambda t: t[1])[0] if by_loss else None
-        best_datafree = next((f for f in fixed if f[0] == pick), None)
-        rows_all.append((target, pred, stats, dyn_bops, best_all, best_cand, best_uniform, fixed, lat, best_datafree,
-                         mode, float(np.mean(chosen > 0)) if mode == "cascade" else None))
+        best_datafree = next((f for f in fixed if f.label == pick), None)
+        rows_all.append(Row(mode=mode, target=target, pred=pred, stats=stats, bops=dyn_bops,
+                            rerun=float(np.mean(chosen > 0)) if mode == "cascade" else None, fixed=fixed,
+                            best_any=best_all, best_front=best_cand, best_uniform=best_uniform,
+                            best_datafree=best_datafree, latency=lat))
 
         print(f"{mode} target {target}: dynamic {100 * pred.accuracy:.2f} % at {pred.avg_bits.mean():.2f} bits, "
               f"{dyn_bops / 1e9:.3f} GBOPs; best fixed at <= BOPs: "
-              f"{best_all[0] if best_all else '-'} {100 * best_all[3] if best_all else float('nan'):.2f} %")
+              f"{best_all.label if best_all else '-'} {100 * best_all.accuracy if best_all else float('nan'):.2f} %")
 
     lines += ["## Dynamic model vs fixed precision at equal BOPs", "",
               "Fixed columns: configuration: dev top-1 (GBOPs/image), among configurations with at most the "
@@ -128,47 +161,49 @@ def main() -> None:
               "count a cascade's rerun images twice (both passes).", "",
               "| mode | target bits | dynamic top-1 | mean bits (dev) | mean bits (probes) | rerun (dev) | GBOPs/image | fixed, picked without data | best fixed of the front | best fixed, any mix | best uniform |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for target, pred, stats, dyn_bops, best_all, best_cand, best_uniform, _f, _l, best_df, mode, rerun in rows_all:
-        fmt = (lambda f: f"{f[0]}: {100 * f[3]:.2f} % ({f[2] / 1e9:.3f})" if f else "none")
-        lines.append(f"| {mode} | {target:.1f} | {100 * pred.accuracy:.2f} % | {pred.avg_bits.mean():.2f} | "
-                     f"{stats['expected_bits']:.2f} | {'–' if rerun is None else f'{100 * rerun:.1f} %'} | "
-                     f"{dyn_bops / 1e9:.3f} | {fmt(best_df)} | {fmt(best_cand)} | "
-                     f"{fmt(best_all)} | {fmt(best_uniform)} |")
+    fmt = (lambda f: f"{f.label}: {100 * f.accuracy:.2f} % ({f.bops / 1e9:.3f})" if f else "none")  # noqa: E731
+    for r in rows_all:
+        lines.append(f"| {r.mode} | {r.target:.1f} | {100 * r.pred.accuracy:.2f} % | {r.pred.avg_bits.mean():.2f} | "
+                     f"{r.stats['expected_bits']:.2f} | {'–' if r.rerun is None else f'{100 * r.rerun:.1f} %'} | "
+                     f"{r.bops / 1e9:.3f} | {fmt(r.best_datafree)} | {fmt(r.best_front)} | "
+                     f"{fmt(r.best_any)} | {fmt(r.best_uniform)} |")
     lines += ["", "Cascades chosen: " + "; ".join(
-        f"target {r[0]:.1f}: {r[2]['configs'][-1]}"
-        for r in rows_all if r[10] == "cascade") + ".", ""]
-    target, pred, stats, dyn_bops, *_rest, fixed, lat, _df, mode, _r = rows_all[0]
-    lines += ["", f"## Configurations ({mode}, target {target:.1f})", "",
+        f"target {r.target:.1f}: {r.stats['configs'][-1]}"
+        for r in rows_all if r.mode == "cascade") + ".", ""]
+    first = rows_all[0]
+    lines += ["", f"## Configurations ({first.mode}, target {first.target:.1f})", "",
               "Chosen on the dev images by the selector; every configuration's own fixed-precision accuracy.", "",
               "| configuration | avg bits | GBOPs | fixed top-1 | on the front | images (dev) |", "|---|---|---|---|---|---|"]
-    hist = Counter(config_label(b) for b in pred.bits)      # images per final configuration
-    for lab, bits, bops, acc, cand in sorted(fixed, key=lambda f: f[2]):
-        lines.append(f"| {lab} | {bits:.2f} | {bops / 1e9:.3f} | {100 * acc:.2f} % | {'yes' if cand else ''} | "
-                     f"{hist.get(lab, '')} |")
+    hist = Counter(config_label(b) for b in first.pred.bits)      # images per final configuration
+    for f in sorted(first.fixed, key=lambda f: f.bops):
+        lines.append(f"| {f.label} | {f.bits:.2f} | {f.bops / 1e9:.3f} | {100 * f.accuracy:.2f} % | "
+                     f"{'yes' if f.on_front else ''} | {hist.get(f.label, '')} |")
     lines += ["", "## Does the selector spot easy images?", "",
               "Dev images split by the bits the selector gave them (at or below the median vs above); "
               "the float model's accuracy on each part says whether the cheap part is the easy part.", "",
               "| mode | target | images given fewer bits | float top-1 there | dynamic top-1 there | images given more bits | float top-1 there | dynamic top-1 there |",
               "|---|---|---|---|---|---|---|---|"]
-    for t, _p, s_, *_r, mode_, _rr in rows_all:
-        sp = s_["spotting"]
+    for r in rows_all:
+        sp = r.stats["spotting"]
         if not sp["high_n"]:
-            lines.append(f"| {mode_} | {t:.1f} | {sp['low_n']} (one configuration for all) | {100 * sp['low_fp_acc']:.1f} % | "
-                         f"{100 * sp['low_dyn_acc']:.1f} % | 0 | – | – |")
+            lines.append(f"| {r.mode} | {r.target:.1f} | {sp['low_n']} (one configuration for all) | "
+                         f"{100 * sp['low_fp_acc']:.1f} % | {100 * sp['low_dyn_acc']:.1f} % | 0 | – | – |")
             continue
-        lines.append(f"| {mode_} | {t:.1f} | {sp['low_n']} | {100 * sp['low_fp_acc']:.1f} % | {100 * sp['low_dyn_acc']:.1f} % | "
+        lines.append(f"| {r.mode} | {r.target:.1f} | {sp['low_n']} | {100 * sp['low_fp_acc']:.1f} % | {100 * sp['low_dyn_acc']:.1f} % | "
                      f"{sp['high_n']} | {100 * sp['high_fp_acc']:.1f} % | {100 * sp['high_dyn_acc']:.1f} % |")
-    sel = stats["selector"]
+    sel = first.stats["selector"]
     lines += ["", "## Cost", "",
               f"- Selector: {sel['params']} parameters, {sel['macs']} MACs + {sel['pool_adds']} adds of pooling, "
               f"run in float32: {sel['bops'] / 1e6:.1f} MBOPs = {sel['bops_pct_of_model']:.2f} % of the model's "
               f"expected BOPs.",
               f"- Wall time (2 cores, shared): synthetic images {'%.0f s' % t_syn if t_syn > 1 else 'cached'}; "
-              + "; ".join(f"{r[10]} target {r[0]:.1f}: selector training {r[2]['seconds']['selector_training']:.1f} s, whole pass "
-                          f"{r[2]['seconds']['total']:.0f} s" for r in rows_all) + ".",
-              f"- Latency of the {rows_all[0][10]} model at target {rows_all[0][0]:.1f} (datafree.runtime's default way: "
+              + "; ".join(f"{r.mode} target {r.target:.1f}: selector training "
+                          f"{r.stats['seconds']['selector_training']:.1f} s, whole pass "
+                          f"{r.stats['seconds']['total']:.0f} s" for r in rows_all) + ".",
+              f"- Latency of the {first.mode} model at target {first.target:.1f} (datafree.runtime's default way: "
               "function bodies for a cascade, the grouped runner for upfront; onnxruntime CPU): " +
-              ", ".join(f"batch {r['batch']}: median {r['median_ms']:.1f} ms, p90 {r['p90_ms']:.1f} ms" for r in lat)
+              ", ".join(f"batch {m['batch']}: median {m['median_ms']:.1f} ms, p90 {m['p90_ms']:.1f} ms"
+                        for m in first.latency)
               + ".", ""]
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text("\n".join(lines))
