@@ -203,6 +203,23 @@ def test_probe_split_keeps_copies_of_probe_images_out_of_training():
     assert len(plain) == 40 and len(probe0) == 10 and not set(train0) & set(probe0)
 
 
+def test_cascade_reports_its_cost_on_all_probes_too(fitted, capsys):
+    """A cascade is priced on the confident probes; the summary also gives what all
+    probes (hard targets included) cost, measured the same way as on the model."""
+    if fitted.stats.get("mode") != "cascade":
+        pytest.skip("cascade only")
+    from datafree.toolchain.render import _print_dynamic
+
+    assert len(fitted.probe) < len(fitted.all_probes)
+    _, bits = InferenceSession(fitted.model).run(None, {"input": fitted.images[fitted.all_probes]})
+    mean_bits = float(np.mean(image_bits(_meta(fitted.model), bits)))
+    assert fitted.stats["expected_bits_all_probes"] == pytest.approx(mean_bits, abs=1e-6)
+    assert fitted.stats["expected_bits_all_probes"] > fitted.stats["expected_bits"]
+    assert fitted.stats["all_probe_images"] == len(fitted.all_probes)
+    _print_dynamic(fitted.stats)
+    assert f"on all {len(fitted.all_probes)} probes" in " ".join(capsys.readouterr().out.split())
+
+
 def test_cascade_reruns_only_the_unsure_and_runs_an_empty_rerun(fitted):
     if fitted.stats.get("mode") != "cascade":
         pytest.skip("cascade only")

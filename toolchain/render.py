@@ -110,6 +110,11 @@ def _print_dynamic(d: dict) -> None:
         out.print(f"expected average bits {d['expected_bits']:.2f} (target {d.get('target_bits', 0):.2f}), "
                   f"{d.get('expected_bops', 0) / 1e9:.3f} GBOPs per image; agreement with the float model on "
                   f"the probes {100 * d.get('probe_agreement_with_float', 0):.1f} %")
+    if "expected_bits_all_probes" in d:
+        out.print(f"the target holds on the probes made to be recognised with confidence; on all "
+                  f"{d.get('all_probe_images', '?')} probes, the deliberately hard ones included, "
+                  f"{d['expected_bits_all_probes']:.2f} bits. Inputs the model is less sure of are rerun more "
+                  "often: `datafree run --images` measures real ones")
     sel = d.get("selector")
     if sel:
         out.print(f"selector: {sel['params']} parameters, {sel['bops_pct_of_model']:.3f} % of the BOPs")
