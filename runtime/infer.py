@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from datafree.ops import domain
-from datafree.toolchain.errors import UserError
+from datafree.toolchain.errors import UserError, format_dims
 
 from .session import InferenceSession
 
@@ -137,10 +137,9 @@ def input_size(session: InferenceSession) -> tuple[int, int] | None:
 
 def _check_fits(want, have) -> None:
     """Images whose shape the model input cannot take: one line, before onnxruntime's own error."""
-    fmt = lambda dims: "[" + ", ".join(str(d) if isinstance(d, int) else "?" for d in dims) + "]"  # noqa: E731
     if len(want) != len(have) or any(isinstance(w, int) and w != h for w, h in zip(want[1:], have[1:])):
-        raise UserError(f"images of shape {fmt(have[1:])} do not fit the model input {fmt(want[1:])} "
-                        "(batch axis left out)")
+        raise UserError(f"images of shape {format_dims(have[1:])} do not fit the model input "
+                        f"{format_dims(want[1:])} (batch axis left out)")
 
 
 def predict(session: InferenceSession, images: ImageSet, batch: int = 64) -> Predictions:

@@ -172,3 +172,12 @@ def test_an_op_the_differentiable_copy_lacks_means_closed_form_not_failure(tmp_p
     result = compress(tmp_path / "lrn.onnx", Recipe(wbits=8, abits=8, synthetic=8, synthetic_steps=2))
     assert any("LRN" in n and "closed form used" in n for n in result.summary.notes)
     assert np.isfinite(zoo.run(result.model, zoo.images(2))).all()
+
+
+def test_dims_in_messages_name_symbolic_dims_or_mark_them_unknown():
+    import onnx_ir as ir
+
+    from datafree.toolchain.errors import format_dims
+
+    assert format_dims([ir.SymbolicDim(None), 3, ir.SymbolicDim("h"), 32]) == "[?, 3, h, 32]"
+    assert format_dims(["batch", None, np.int64(3)]) == "[batch, ?, 3]"      # onnxruntime's and numpy's dims

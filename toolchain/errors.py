@@ -5,6 +5,21 @@ propagate so pipelines can catch it.  Anything else escaping is a bug.
 """
 
 
+from numbers import Integral
+
+
+def format_dims(dims) -> str:
+    """Tensor dims for a message, ``[batch, 3, 32, 32]``: a symbolic dim by its name
+    where it has one (onnx_ir's SymbolicDim, onnxruntime's str), else ``?``."""
+    def one(d) -> str:
+        if isinstance(d, Integral):
+            return str(int(d))
+        name = getattr(d, "value", d)
+        return name if isinstance(name, str) and name else "?"
+
+    return "[" + ", ".join(one(d) for d in dims) + "]"
+
+
 class UserError(Exception):
     """Bad input: the message names the problem in one line."""
 

@@ -55,7 +55,7 @@ import onnx_ir as ir
 import torch
 import torch.nn.functional as F
 
-from .errors import CannotSynthesise, UserError
+from .errors import CannotSynthesise, UserError, format_dims
 from .graph import analyse
 from .progress import ProgressFn, silent
 from .torchgraph import TorchGraph
@@ -162,16 +162,12 @@ def sample_shape(model: ir.Model, input_shape: tuple[int, ...] | None = None) ->
             for want, have in zip(dims[1:], given):
                 if isinstance(want, int) and want != have:
                     raise UserError(f"input_shape {tuple(input_shape)} does not match the model input "
-                                    f"{_fmt(dims)}")
+                                    f"{format_dims(dims)}")
         return given
     if dims is None or any(not isinstance(d, int) for d in dims[1:]):
-        raise CannotSynthesise(f"input size {_fmt(dims) if dims is not None else '?'} is symbolic: "
+        raise CannotSynthesise(f"input size {format_dims(dims) if dims is not None else '?'} is symbolic: "
                                "pass input_shape (--input-shape)")
     return tuple(int(d) for d in dims[1:])
-
-
-def _fmt(dims) -> str:
-    return "[" + ", ".join(str(d) for d in dims) + "]"
 
 
 def cache_key(model: ir.Model, **args) -> str:
