@@ -273,13 +273,17 @@ def _stats(layer: Layer, X: torch.Tensor, Y: torch.Tensor | None, max_rows: int 
     return total
 
 
+def _plain_columns(layer: Layer, X: torch.Tensor) -> bool:
+    """Whether the layer's input features on ``X`` are plain columns of its weight
+    (not, e.g., a grouped convolution's), so least squares and GPTQ apply."""
+    probe = _features(layer, X[:1])
+    return probe is not None and probe.shape[1] == int(np.prod(layer.w_oc().shape[1:]))
+
+
 def input_gram(layer: Layer, X: torch.Tensor) -> torch.Tensor | None:
     """XᵀX of the layer's input features on the inputs ``X`` (None where they are not
     plain columns of its weight, e.g. grouped convolutions)."""
-    probe = _features(layer, X[:1])
-    if probe is None or probe.shape[1] != int(np.prod(layer.w_oc().shape[1:])):
-        return None
-    return _stats(layer, X, None).G
+    return _stats(layer, X, None).G if _plain_columns(layer, X) else None
 
 
 def _rows_total(layer: Layer, X: torch.Tensor) -> int:
@@ -293,10 +297,7 @@ def fit_layer(layer: Layer, X: torch.Tensor, Y: torch.Tensor, wbits: int | None,
     """Refit (and quantize) one layer in place; returns its quantization or None."""
     w0 = layer.w_oc()
     shape = w0.shape
-    probe = _features(layer, X[:1])
-    st = None
-    if probe is not None and probe.shape[1] == int(np.prod(shape[1:])):
-        st = _stats(layer, X, Y)
+    st = _stats(layer, X, Y) if _plain_columns(layer, X) else None
     if st is None:
         if wbits is None:
             return None
@@ -463,9 +464,8 @@ def consumer_statistics(model: ir.Model, groups, images: np.ndarray, layers: lis
             with torch.no_grad():
                 got = _collect_many(graph, x_all, [name, end])
             X, V = got[name], got[end]
-            probe = _features(c.layer, X[:1])
             w = c.layer.w_oc()
-            if probe is None or probe.shape[1] != int(np.prod(w.shape[1:])):
+            if not _plain_columns(c.layer, X):
                 entries = []
                 break
             st = _stats(c.layer, X, None)
