@@ -22,6 +22,6 @@ integers so that every requantised bit-width is itself a fitted (GPTQ) rounding
 (``toolchain.passes.fit.nested_gptq``).  Storing one tensor per bit-width would cost
 4+6+8 = 18 bits per weight instead of 8 and buys nothing: on ResNet-20 (BN folded,
 4/6/8 bits per stage, 1000 CIFAR-10 dev images) the 27 stage configurations average
-81.6 % top-1 from the nested int8 weights and 81.5 % with GPTQ weights stored per
+81.7 % top-1 from the nested int8 weights and 81.5 % with GPTQ weights stored per
 bit-width (80.7 % requantising a plain round-to-nearest int8).
 """
