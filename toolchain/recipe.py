@@ -45,6 +45,7 @@ class DynamicConfig:
     steps: int = 300
     groups: str = "stage"
     mode: str = "cascade"       # cascade: run low, rerun the uncertain at higher bits; upfront: choose from the stem
+    bias_correction: bool = True   # cascade: each pass gets biases corrected on the synthetic images
 
 
 @dataclass
