@@ -363,3 +363,48 @@ def test_other_models_get_a_dynamic_model_that_runs_every_way(name, mode, tmp_pa
             logits, bits = InferenceSession(forced, **kw).run(None, {"input": x})
             _equal_to_either(logits, first, first_optimised, atol=1e-3)
             assert np.all(bits == result.plan.configs[0])
+
+
+@pytest.mark.parametrize("shift", [-0.6, 0.6])
+def test_retarget_holds_a_new_target_on_the_given_images_and_changes_only_the_price(fitted, shift):
+    from datafree.runtime.retarget import retarget
+
+    x = fitted.images[fitted.all_probes]
+    before = fitted.model.SerializeToString()
+    target = TARGET + shift
+    held, info = retarget(fitted.model, x, target)
+    assert fitted.model.SerializeToString() == before                  # the source is left as it is
+    _, bits = _plain(held, x)
+    mean_bits = float(np.mean(image_bits(_meta(held), bits)))
+    assert mean_bits <= target + 1e-6 and abs(mean_bits - target) <= 0.25
+    assert info["bits_after"] == pytest.approx(mean_bits, abs=1e-4)
+    assert _meta(held)["retarget"]["target_bits"] == target
+    sel = next(n for n in held.graph.node if n.op_type == "BitSelect")
+    changed = [t.name for t, u in zip(held.graph.initializer, fitted.model.graph.initializer) if t != u]
+    assert changed == [sel.input[4]]
+    assert [n.SerializeToString() for n in held.graph.node] == [n.SerializeToString() for n in fitted.model.graph.node]
+
+
+def test_retarget_command_writes_the_model_and_refuses_bad_input(fitted, tmp_path, resnet20_bn):
+    from click.testing import CliRunner
+
+    from datafree.toolchain.cli import main
+
+    path, out = tmp_path / "dyn.onnx", tmp_path / "held.onnx"
+    onnx.save(fitted.model, str(path))
+    np.savez(tmp_path / "x.npz", x=fitted.images[fitted.all_probes])
+    run = lambda *a: CliRunner().invoke(main, ["retarget", *map(str, a)])  # noqa: E731
+    r = run(path, "--images", tmp_path / "x.npz", "--target-bits", 4.5, "-o", out, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["bits_after"] <= 4.5 and _meta(onnx.load(str(out)))["retarget"]["images"] == len(
+        fitted.all_probes)
+    for args, message in [((resnet20_bn,), "not a dynamic-precision model"),
+                          ((path, "--target-bits", 20), "outside what this model's choices cost"),
+                          ((path, "-o", path), "is the input file")]:
+        full = [*args, "--images", tmp_path / "x.npz", "--target-bits", 5, "-o", out]
+        if "--target-bits" in args:
+            full = [*args, "--images", tmp_path / "x.npz", "-o", out]
+        if "-o" in args:
+            full = [args[0], "--images", tmp_path / "x.npz", "--target-bits", 5, "-o", path]
+        r = run(*full)
+        assert r.exit_code == 2 and message in r.output and len(r.output.strip().splitlines()) == 1, r.output

@@ -38,8 +38,9 @@ def _register() -> None:
 
     main.add_command(compress)
     main.add_command(convert_and_compress)
-    from .cli_run import run
+    from .cli_run import retarget, run
     main.add_command(run)
+    main.add_command(retarget)
     from .cli_report import report, targets
     main.add_command(report)
     main.add_command(targets)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 import numpy as np
@@ -41,3 +42,31 @@ def run(model: str, images: str, batch: int, threads: int | None, no_kernels: bo
         summary.append(f"mean bits {float(np.mean(result.avg_bits)):.2f}")
         summary.append("configurations " + ", ".join(f"{k}: {v}" for k, v in result.bits_histogram().items()))
     click.echo(" | ".join(summary))
+
+
+@click.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--images", "images", required=True, type=click.Path(),
+              help="Inputs the model will see (labels, if any, are not used): .npz or a folder of PNG/JPEG.")
+@click.option("--target-bits", required=True, type=float, help="Average bits these images should cost.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the retargeted model (the input file is left as it is).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def retarget(model: str, images: str, target_bits: float, output: Path, as_json: bool) -> None:
+    """Re-price the bit selector of a dynamic MODEL so that the given inputs cost
+    --target-bits on average: no labels, no refitting; only the selector's price moves."""
+    import onnx_ir as ir
+
+    from datafree.exporters.writer import save
+    from datafree.runtime.retarget import retarget_file
+
+    from .cli_compress import _check_paths
+
+    _check_paths(model, output, dry_run=False)
+    held, info = retarget_file(model, images, target_bits)
+    save(ir.serde.deserialize_model(held), output)
+    if as_json:
+        click.echo(json.dumps(info | {"output": str(output)}))
+        return
+    click.echo(f"{info['images']} images: mean bits {info['bits_before']:.2f} -> {info['bits_after']:.2f} "
+               f"(target {info['target_bits']:g}); wrote {output}")
