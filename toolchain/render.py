@@ -114,7 +114,8 @@ def _print_dynamic(d: dict) -> None:
         out.print(f"the target holds on the probes made to be recognised with confidence; on all "
                   f"{d.get('all_probe_images', '?')} probes, the deliberately hard ones included, "
                   f"{d['expected_bits_all_probes']:.2f} bits. Inputs the model is less sure of are rerun more "
-                  "often: `datafree run --images` measures real ones")
+                  "often: `datafree run --images` measures real ones, `datafree retarget` re-prices the "
+                  "selector on them")
     sel = d.get("selector")
     if sel:
         out.print(f"selector: {sel['params']} parameters, {sel['bops_pct_of_model']:.3f} % of the BOPs")
