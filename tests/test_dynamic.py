@@ -363,6 +363,12 @@ def test_other_models_get_a_dynamic_model_that_runs_every_way(name, mode, tmp_pa
             logits, bits = InferenceSession(forced, **kw).run(None, {"input": x})
             _equal_to_either(logits, first, first_optimised, atol=1e-3)
             assert np.all(bits == result.plan.configs[0])
+    from datafree.runtime.retarget import retarget     # whatever the selector reads (margin, or a feature map)
+
+    held, info = retarget(result.model, syn.images, 7.0)
+    _, bits = _plain(held, syn.images)
+    mean_bits = float(np.mean(image_bits(_meta(held), bits)))
+    assert mean_bits == pytest.approx(info["bits_after"], abs=1e-4) and mean_bits <= 7.0
 
 
 @pytest.mark.parametrize("shift", [-0.6, 0.6])
