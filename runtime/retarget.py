@@ -24,8 +24,9 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from datafree.ops import domain
-from datafree.toolchain.errors import UserError, format_dims
+from datafree.toolchain.errors import UserError
 
+from .infer import _check_fits, load_images
 from .session import _load
 from .specialise import _prune
 
@@ -50,10 +51,7 @@ def selector_features(model: onnx.ModelProto, images: np.ndarray, batch: int = 2
     opts.log_severity_level = 3
     sess = ort.InferenceSession(part.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     inp = sess.get_inputs()[0]
-    want, have = inp.shape, images.shape
-    if len(want) != len(have) or any(isinstance(w, int) and w != h for w, h in zip(want[1:], have[1:])):
-        raise UserError(f"images of shape {format_dims(have[1:])} do not fit the model input "
-                        f"{format_dims(want[1:])} (batch axis left out)")
+    _check_fits(inp.shape, images.shape)
     x = np.ascontiguousarray(images, np.float32)
     f = np.concatenate([sess.run(None, {inp.name: x[s:s + batch]})[0] for s in range(0, len(x), batch)])
     return f.reshape(f.shape[0], f.shape[1], -1).mean(axis=2, dtype=np.float32)     # as kernels.bit_select
@@ -101,8 +99,6 @@ def retarget(source, images: np.ndarray, target_bits: float) -> tuple[onnx.Model
 def retarget_file(model, images, target_bits: float) -> tuple[onnx.ModelProto, dict]:
     """:func:`retarget` from paths: the model, and an ``.npz`` or a folder of images
     (read as ``datafree run`` reads them, resized to a fixed model input)."""
-    from .infer import load_images
-
     proto = _load(model)
     dims = proto.graph.input[0].type.tensor_type.shape.dim if proto.graph.input else []
     size = tuple(d.dim_value for d in dims[2:4]) if len(dims) == 4 and all(d.dim_value for d in dims[2:4]) else None
