@@ -16,7 +16,7 @@ import pytest
 from datafree.ops.domain import all_nodes, image_bits
 from datafree.runtime import InferenceSession
 from datafree.toolchain.ingest import load
-from datafree.toolchain.passes.dynamic import (BITS_OUTPUT, METADATA_KEY, apply_dynamic, build_fixed,
+from datafree.toolchain.passes.dynamic import (BITS_OUTPUT, METADATA_KEY, _run, apply_dynamic, build_fixed,
                                                config_key, fit_dynamic, pareto)
 from datafree.toolchain.recipe import DynamicConfig
 
@@ -230,32 +230,22 @@ def test_cascade_passes_have_biases_corrected_to_the_float_means(fitted):
     plan = fitted.plan
     x = fitted.images[fitted.train]
     outputs = [next(n for n in plan.base.graph.node if n.name == l.name).output[0] for l in [plan.stem] + plan.layers]
-    float_out = _plain_outputs(plan.base, x, outputs)
+    float_out = _run(plan.base, x, outputs)
     mean = lambda v: v.reshape(v.shape[0], v.shape[1], -1).mean(axis=(0, 2))  # noqa: E731
     for cfg in plan.configs:
         assert config_key(cfg) in plan.biases
         corrected = build_fixed(plan, cfg)
         biases, plan.biases = plan.biases, {}
         try:
-            stored = _plain_outputs(build_fixed(plan, cfg), x, outputs)
+            stored = _run(build_fixed(plan, cfg), x, outputs)
         finally:
             plan.biases = biases
         worst = 0.0
         for name in outputs:
-            got = _plain_outputs(corrected, x, [name])[name]
+            got = _run(corrected, x, [name])[name]
             worst = max(worst, np.abs(mean(got) - mean(float_out[name])).max())
         assert worst < 1e-5
         assert max(np.abs(mean(stored[n]) - mean(float_out[n])).max() for n in outputs) > 1e-2
-
-
-def _plain_outputs(model: onnx.ModelProto, x: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
-    """Values ``names`` of ``model`` on ``x``, stock onnxruntime at its default optimisation."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    present = {o.name for o in m.graph.output}
-    m.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in present)
-    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-    return dict(zip(names, sess.run(names, {"input": x})))
 
 
 def test_cascade_reruns_only_the_unsure_and_runs_an_empty_rerun(fitted):
