@@ -995,7 +995,6 @@ def fit_dynamic(model: ir.Model, config: DynamicConfig, *, synthetic=None, progr
                 correct_biases(plan, all_cfgs[k], images[train_idx])
             corrected, _, _ = simulate(plan, all_cfgs[pair], images)
             t_correct = time.perf_counter() - t_correct
-            logits, losses = logits.copy(), losses.copy()
             for k, lg in zip(pair, corrected):
                 logits[k], losses[:, k] = lg, _config_losses(fp, lg)
             if len(pair) == 2:
