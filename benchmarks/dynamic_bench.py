@@ -90,6 +90,12 @@ def _correct(model, images) -> np.ndarray:
     return logits.argmax(axis=1) == images.labels
 
 
+def _choices(bits: np.ndarray, configs) -> np.ndarray:
+    """Each image's configuration, as an index into ``configs``, from the model's ``bits`` output."""
+    index = {config_label(c): k for k, c in enumerate(configs)}
+    return np.array([index[config_label(b)] for b in bits])
+
+
 def _retargeted(model, dev, target: float, bops_cfg: np.ndarray, selector_bops: float, fixed: list[Fixed],
                 fp_correct: np.ndarray, splits: int, n_cal: int) -> list[Retargeted]:
     """Retarget on ``n_cal`` random dev images (labels unused), score on the rest; per split."""
@@ -100,8 +106,7 @@ def _retargeted(model, dev, target: float, bops_cfg: np.ndarray, selector_bops: 
         held, _ = retarget(model, dev.x[cal], target)
         session = InferenceSession(held)
         pred = predict(session, ImageSet(x=dev.x[ev], labels=dev.labels[ev]), batch=100)
-        index = {config_label(c): k for k, c in enumerate(session.dynamic_metadata["configs"])}
-        chosen = np.array([index[config_label(b)] for b in pred.bits])
+        chosen = _choices(pred.bits, session.dynamic_metadata["configs"])
         bops = float(bops_cfg[chosen].mean()) + selector_bops
         best = max((f for f in fixed if f.bops <= bops), key=lambda f: f.correct[ev].mean(), default=None)
         out.append(Retargeted(bits=float(pred.avg_bits.mean()), accuracy=float(pred.accuracy),
@@ -151,9 +156,8 @@ def main() -> None:
         plan, stats = result.plan, result.stats
         session = InferenceSession(result.model)
         pred = predict(session, dev, batch=100)
-        cfg_index = {config_label(c): k for k, c in enumerate(plan.configs)}
         bops_cfg = np.asarray(stats["config_bops"], np.float64)     # a cascade's reruns cost both passes
-        chosen = np.array([cfg_index[config_label(b)] for b in pred.bits])
+        chosen = _choices(pred.bits, plan.configs)
         dyn_bops = float(bops_cfg[chosen].mean()) + stats["selector"]["bops"]
         all_cfgs = enumerate_configs(plan.candidates, len(plan.groups))
         fixed = []
