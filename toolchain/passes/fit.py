@@ -69,13 +69,17 @@ class _Stats:
 
 def fit_sequential(model: ir.Model, reference: ir.Model, layers: list[Layer], images: np.ndarray,
                    recipe: Recipe, *, progress: ProgressFn = silent, kept: dict[str, np.ndarray] | None = None,
-                   regions: dict[str, tuple[list[str], list[str]]] | None = None, joint_steps: int = 0):
+                   regions: dict[str, tuple[list[str], list[str]]] | None = None, joint_steps: int = 0,
+                   notes: list[str] | None = None):
     """``kept``: output channels kept by pruning, per layer name (the float targets are sliced to them).
 
     ``regions``: per pruned producer, the names of the layers carried with it
     (depthwise) and of its consumers; with ``joint_steps`` > 0 each region is first
     fitted jointly (:func:`fit_region`) and its producer and carried layers then keep
     the outputs that fit gave them as their targets.
+
+    ``notes``: where a layer that cannot be fitted (:class:`FitFailed`) says why; it is
+    rounded to nearest instead.
     """
     from ..torchgraph import TorchGraph
 
@@ -137,7 +141,12 @@ def fit_sequential(model: ir.Model, reference: ir.Model, layers: list[Layer], im
             Y = _collect_after(TorchGraph(model).eval(), in_name, X, layer.node.outputs[0].name, hooks, x_all)
         else:
             Y = _reference(layer.name)
-        fitted = fit_layer(layer, X, Y, eff.wbits, recipe)
+        try:
+            fitted = fit_layer(layer, X, Y, eff.wbits, recipe)
+        except FitFailed as exc:
+            fitted = _nearest(layer, eff.wbits, recipe)
+            if notes is not None:
+                notes.append(f"{layer.name}: not fitted, {exc}: rounded to nearest")
         if fitted is not None:
             weights[layer.name] = fitted
         out_name = layer.output.name
@@ -299,12 +308,13 @@ def fit_layer(layer: Layer, X: torch.Tensor, Y: torch.Tensor, wbits: int | None,
     shape = w0.shape
     st = _stats(layer, X, Y) if _plain_columns(layer, X) else None
     if st is None:
-        if wbits is None:
-            return None
-        from .quantize import quantize_layer
-        return quantize_layer(layer, wbits, recipe.clip)
+        return _nearest(layer, wbits, recipe)
+    if not all(torch.isfinite(t).all() for t in (st.G, st.C, st.x_sum, st.y_sum)):
+        raise FitFailed("its input or output statistics are not finite")
     W0 = torch.from_numpy(w0.reshape(shape[0], -1).T.astype(np.float64))     # features x out
     W = ridge_refit(st, W0, layer.bias is not None or layer.op != "MatMul", ridge)
+    if not torch.isfinite(W).all():
+        raise FitFailed("its least-squares refit is not finite")
     q = scale = None
     if wbits is not None:
         H = centred_gram(st)
@@ -318,6 +328,15 @@ def fit_layer(layer: Layer, X: torch.Tensor, Y: torch.Tensor, wbits: int | None,
     if wbits is None:
         return None
     return WeightQuant(bits=wbits, q=q.numpy().astype(np.int8).reshape(shape), scale=scale.astype(np.float32))
+
+
+def _nearest(layer: Layer, wbits: int | None, recipe: Recipe) -> WeightQuant | None:
+    """The layer's weights rounded to nearest, unfitted (None when they stay float)."""
+    if wbits is None:
+        return None
+    from .quantize import quantize_layer
+
+    return quantize_layer(layer, wbits, recipe.clip)
 
 
 def centred_gram(st: _Stats) -> torch.Tensor:
@@ -363,10 +382,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, scale: torch.Tensor,
     qmax = weight_qmax(bits)
     lo = torch.full_like(W, -qmax) if bounds is None else bounds[0].double()[:, perm].clamp(-qmax, qmax)
     hi = torch.full_like(W, qmax) if bounds is None else torch.maximum(bounds[1].double()[:, perm].clamp(-qmax, qmax), lo)
-    H += damp * torch.diagonal(H).mean() * torch.eye(d, dtype=H.dtype)
-    L = torch.linalg.cholesky(H)
-    Hinv = torch.cholesky_inverse(L)
-    U = torch.linalg.cholesky(Hinv, upper=True)
+    U = _inverse_cholesky(H, damp)
     s = scale.double()[:, None]
     Q = torch.zeros_like(W)
     for i1 in range(0, d, block):
@@ -384,6 +400,28 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, scale: torch.Tensor,
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
     Q = Q[:, inv]
     return Q * s, Q
+
+
+class FitFailed(Exception):
+    """A layer's statistics cannot be fitted (not finite, or no damping makes them positive definite)."""
+
+
+def _inverse_cholesky(H: torch.Tensor, damp: float, tries: int = 6) -> torch.Tensor:
+    """Upper Cholesky factor of (H + δI)⁻¹, δ = ``damp`` x the mean diagonal, raised tenfold
+    until the factorisation succeeds (dead, constant or duplicate channels make H singular,
+    and rounding can leave it a little indefinite)."""
+    if not torch.isfinite(H).all():
+        raise FitFailed("its input statistics are not finite")
+    d = H.shape[0]
+    base = float(torch.diagonal(H).mean().clamp_min(1e-12))
+    eye = torch.eye(d, dtype=H.dtype)
+    for k in range(tries):
+        L, info = torch.linalg.cholesky_ex(H + damp * 10 ** k * base * eye)
+        if int(info) == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if int(info) == 0 and torch.isfinite(U).all():
+                return U
+    raise FitFailed("its input Gram matrix is not positive definite even with strong damping")
 
 
 def nested_gptq(W: torch.Tensor, H: torch.Tensor, scales: dict[int, torch.Tensor]) -> torch.Tensor:
