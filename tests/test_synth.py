@@ -145,14 +145,26 @@ def test_compress_falls_back_to_the_closed_form_when_no_images_can_be_made(tmp_p
     _, tokens = zoo.build("token_mlp", tmp_path)                 # no BN, output is not class scores
     with pytest.raises(synth.CannotSynthesise, match="no BatchNormalization statistics"):
         synth.generate(load(tokens), 2, steps=1, cache=False)
-    notes = compress(tokens, Recipe(wbits=8, **small)).summary.notes
-    assert any("closed form used" in n for n in notes), notes
+    headline = compress(tokens, Recipe(wbits=8, **small)).summary.headline
+    assert any("closed form used" in n for n in headline), headline
     with pytest.raises(UserError, match="dynamic precision needs synthetic images"):
         compress(tokens, Recipe(dynamic=DynamicConfig(steps=2), **small))
+
+
+def test_symbolic_spatial_size_is_chosen_and_images_made_at_it(tmp_path):
+    import zoo
+    from datafree.toolchain.compress import compress
+    from datafree.toolchain.recipe import Recipe
+
+    small = dict(synthetic=8, synthetic_steps=2, joint_steps=5)
     sym = zoo.symbolic_spatial(zoo.conv_bn_relu_conv(), tmp_path)
-    assert any("is symbolic" in n for n in compress(sym, Recipe(prune=0.3, **small)).summary.notes)
+    chosen = compress(sym, Recipe(prune=0.3, **small))
+    assert chosen.summary.headline[0].startswith("input assumed: [1, 3, 224, 224] (symbolic height and width")
+    assert any("8 synthetic images" in n for n in chosen.summary.headline)
+    assert chosen.recipe.input_shape == [3, 224, 224]
     fitted = compress(sym, Recipe(prune=0.3, **small), input_shape=(1, 3, 32, 32))
-    assert any("8 synthetic images" in n for n in fitted.summary.notes)
+    assert fitted.summary.headline[0].startswith("input assumed: [1, 3, 32, 32] (as given)")
+    assert any("8 synthetic images" in n for n in fitted.summary.headline)
 
 
 def test_an_op_the_differentiable_copy_lacks_means_closed_form_not_failure(tmp_path):
@@ -170,7 +182,7 @@ def test_an_op_the_differentiable_copy_lacks_means_closed_form_not_failure(tmp_p
                             helper.make_node("LRN", [out + "_pre"], [out], size=3, name="lrn"))
     onnx.save(proto, str(tmp_path / "lrn.onnx"))
     result = compress(tmp_path / "lrn.onnx", Recipe(wbits=8, abits=8, synthetic=8, synthetic_steps=2))
-    assert any("LRN" in n and "closed form used" in n for n in result.summary.notes)
+    assert any("LRN" in n and "closed form used" in n for n in result.summary.headline)
     assert np.isfinite(zoo.run(result.model, zoo.images(2))).all()
 
 
@@ -181,3 +193,22 @@ def test_dims_in_messages_name_symbolic_dims_or_mark_them_unknown():
 
     assert format_dims([ir.SymbolicDim(None), 3, ir.SymbolicDim("h"), 32]) == "[?, 3, h, 32]"
     assert format_dims(["batch", None, np.int64(3)]) == "[batch, ?, 3]"      # onnxruntime's and numpy's dims
+
+
+def test_natural_route_makes_photographs_in_the_input_range(folded_model):
+    from datafree.toolchain.inputs import CONVENTIONS
+
+    s = synth.generate(folded_model, 6, steps=3, cache=False, route="natural", convention=CONVENTIONS["0..255"])
+    assert s.source == "natural" and s.images.shape == (6, 3, 32, 32) and s.targets.shape == (6, 0)
+    assert s.images.min() >= 0 and s.images.max() <= 255 and 60 < s.images.mean() < 200
+    again = synth.generate(folded_model, 6, steps=3, cache=False, route="natural", convention=CONVENTIONS["0..255"])
+    assert np.array_equal(s.images, again.images)
+
+
+def test_a_route_the_model_cannot_take_is_refused_not_replaced(folded_model):
+    with pytest.raises(synth.RouteRefused, match="no BatchNormalization statistics"):
+        synth.generate(folded_model, 2, steps=1, cache=False, route="bn-statistics")
+    with pytest.raises(UserError, match="synthetic_route must be one of"):
+        from datafree.toolchain.recipe import Recipe
+
+        Recipe(synthetic_route="photos")

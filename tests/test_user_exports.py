@@ -87,7 +87,7 @@ def test_view_flatten_head_fits_on_synthetic_images(tmp_path):
     module = zoo.view_flatten_net()
     path = zoo.export_model(module, tmp_path, "view")
     result = compress(load(path), Recipe(prune=0.5, wbits=4, **QUICK))
-    assert not any("closed form" in n for n in result.summary.notes)
+    assert not any("closed form" in n for n in result.summary.headline)
     x = zoo.images(3)
     assert zoo.run(result.model, x).shape == (3, 10)
 
@@ -203,7 +203,7 @@ def test_token_ids_get_valid_probes_and_no_synthetic_images(tmp_path):
     ids = np.random.default_rng(1).integers(0, 50, size=(8, 16)).astype(np.int64)
     ref = _ort(path, {"ids": ids})
     result = compress(load(path), Recipe(wbits=8, abits=8, synthetic=16, synthetic_steps=2))
-    assert any("is int64, not float32" in n and "closed form used" in n for n in result.summary.notes)
+    assert any("is int64, not float32" in n and "closed form used" in n for n in result.summary.headline)
     assert any("stay float" in n and "'emb.weight' (Gather, 6 KiB)" in n for n in result.summary.notes)
     y = _ort(result.model, {"ids": ids})
     assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 0.05
@@ -227,7 +227,7 @@ def test_two_inputs_and_a_fixed_batch(tmp_path):
     for dynamic in (True, False):           # fixed batch of 2: probes go in runs of 2
         path = _export(module, tmp_path / f"two{dynamic}.onnx", args, ["img", "vec"], dynamic=dynamic)
         result = compress(load(path), Recipe(wbits=8, abits=8, synthetic=16, synthetic_steps=2))
-        assert any("the model has 2 inputs" in n for n in result.summary.notes)
+        assert any("the model has 2 inputs" in n for n in result.summary.headline)
         feeds = {"img": zoo.images(2), "vec": np.ones((2, 4), np.float32)}
         ref = _ort(path, feeds)
         assert np.linalg.norm(_ort(result.model, feeds) - ref) / np.linalg.norm(ref) < 0.05

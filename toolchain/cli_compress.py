@@ -8,7 +8,9 @@ from pathlib import Path
 import click
 
 from .errors import UserError
-from .recipe import BUDGETS, CRITERIA, FLOAT, SCOPES, Recipe
+from .recipe import BUDGETS, CRITERIA, FLOAT, SCOPES, SYNTHETIC_ROUTES, Recipe
+
+_RANGES = ("0..1", "0..255", "-1..1", "imagenet", "caffe")   # inputs.CONVENTIONS, without importing numpy here
 
 # CLI option name -> recipe field
 _FIELDS = {
@@ -18,7 +20,8 @@ _FIELDS = {
     "depthwise_wbits": "depthwise_wbits",
     "compensation": "compensation", "bias_correction": "bias_correction",
     "scale_compensation": "scale_compensation", "synthetic": "synthetic",
-    "synthetic_steps": "synthetic_steps", "seed": "seed", "int4": "int4",
+    "synthetic_steps": "synthetic_steps", "seed": "seed", "int4": "int4", "input_range": "input_range",
+    "synthetic_route": "synthetic_route",
 }
 
 
@@ -65,6 +68,11 @@ def compress_options(f):
         click.option("--synthetic", type=int, default=Recipe.synthetic, show_default=True,
                      help="Synthetic images generated from the model to fit on (0: closed form only)."),
         click.option("--synthetic-steps", type=int, default=Recipe.synthetic_steps, show_default=True),
+        click.option("--synthetic-route", type=click.Choice(list(SYNTHETIC_ROUTES)), default=Recipe.synthetic_route,
+                     show_default=True,
+                     help="How synthetic images are made: bn-statistics (match the model's BatchNormalization "
+                          "statistics), output-only (optimised toward its classes), natural (procedural "
+                          "photographs in the input's range); auto: the first the model allows."),
         click.option("--joint-steps", type=int, default=Recipe.joint_steps, show_default=True,
                      help="Steps fitting each pruned layer jointly with its consumers (0: least squares only)."),
         click.option("--fit-budget", type=click.Choice(list(BUDGETS)), default=Recipe.fit_budget, show_default=True,
@@ -84,7 +92,12 @@ def compress_options(f):
                      help="cascade (default): run at low bits, rerun the images the model is unsure of at "
                           "higher bits; upfront: choose the bits from the first layer's output."),
         click.option("--input-shape", type=str, default=None,
-                     help="Input shape for torch inputs or symbolic sizes, e.g. 1,3,224,224."),
+                     help="Input shape for torch inputs or symbolic sizes, e.g. 1,3,224,224 (default: the "
+                          "model's, or chosen from its metadata and stride where symbolic)."),
+        click.option("--input-range", type=click.Choice(list(_RANGES)), default=None,
+                     help="The values the model expects: 0..1, 0..255, -1..1, imagenet (mean/std normalised) "
+                          "or caffe (0..255 minus the mean); default: inferred from the model's first layers."),
+        click.option("-v", "--verbose", is_flag=True, help="Also print the per-layer table."),
         click.option("--dry-run", is_flag=True, help="Plan only: predicted size and MACs, nothing written."),
         click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON."),
         click.option("--external-data/--no-external-data", default=None,
@@ -150,7 +163,8 @@ def run_compress(ctx: click.Context, params: dict, source) -> None:
         out = result.summary.to_dict() | {"recipe": recipe.to_dict(), "output": str(params["output"] or "")}
         click.echo(json.dumps(out, indent=2, default=_jsonable))
     else:
-        print_summary(result.summary, params["output"], dry_run=params["dry_run"], dynamic=extra)
+        print_summary(result.summary, params["output"], dry_run=params["dry_run"], dynamic=extra,
+                      verbose=params["verbose"])
 
 
 def _jsonable(x):

@@ -56,12 +56,15 @@ class Summary:
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     dynamic: dict = field(default_factory=dict)                # selector statistics (dynamic precision)
+    headline: list[str] = field(default_factory=list)          # what matters first: input assumed, image route
+    inputs: dict = field(default_factory=dict)                 # the input size and range assumed, and why
 
     def to_dict(self) -> dict:
         import dataclasses
 
         return {"layers": [dataclasses.asdict(r) for r in self.rows], "skipped": self.skipped,
                 "totals": self.totals, "timings": self.timings, "notes": self.notes,
+                "headline": self.headline, "inputs": self.inputs,
                 **({"dynamic": self.dynamic} if self.dynamic else {})}
 
 
@@ -73,6 +76,40 @@ class CompressResult:
 
 
 # ------------------------------------------------------------------ helpers
+ROUTES = {
+    "bn-statistics": "optimised to match the model's BatchNormalization statistics and its classes",
+    "output-only": "optimised toward the model's classes under image priors (no BatchNormalization statistics)",
+    "natural": "procedural photographs in the input's range (no BatchNormalization statistics, "
+               "outputs are not class scores)",
+}
+
+
+def _input_spec(model: ir.Model, input_shape, recipe: Recipe):
+    """The input size and range assumed (:mod:`.inputs`); None for inputs that are not one
+    float tensor of known rank (token ids, several inputs: they are probed as before)."""
+    from . import inputs
+
+    single = len(model.graph.inputs) == 1 and model.graph.inputs[0].dtype in (None, ir.DataType.FLOAT)
+    if not single:
+        if input_shape is not None:    # still checked: a shape that cannot fit is an error
+            from .synth import sample_shape
+
+            sample_shape(model, input_shape)
+        return None
+    try:
+        return inputs.resolve(model, input_shape, recipe.input_range, recipe.seed)
+    except UserError:
+        if input_shape is not None or recipe.input_range is not None:
+            raise
+        return None
+
+
+def describe_inputs(spec) -> dict:
+    from . import inputs
+
+    return inputs.describe(spec)
+
+
 def _needs_opset21(recipe: Recipe, layers: list[G.Layer]) -> bool:
     for layer in layers:
         eff = recipe.for_layer(layer.name, layer.kind)
@@ -118,10 +155,12 @@ def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = sil
             if v.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)]
     if half:
         raise UserError(f"model computes in 16-bit floats (input/output {half[0]!r}): compress its float32 export")
-    if input_shape is not None:   # checked even where no images are made: a shape that cannot fit is an error
-        from .synth import sample_shape
-
-        sample_shape(model, input_shape)
+    if input_shape is None and recipe.input_shape is not None:
+        input_shape = tuple(recipe.input_shape)
+    spec = _input_spec(model, input_shape, recipe)
+    if spec is not None:   # the choice is part of the recipe: the recipe in the metadata reproduces it
+        recipe = recipe.replace(input_shape=list(spec.shape),
+                                input_range=spec.convention.name if spec.convention is not None else None)
     analysis = G.analyse(model)
     if not analysis.layers:
         raise NotCompressible("nothing to compress: no Conv/ConvTranspose/Gemm/MatMul with constant weights"
@@ -135,6 +174,9 @@ def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = sil
     bytes_before = weight_bytes(model)
     moments = {l.name: l.preact_moments() for l in analysis.layers}
     summary = Summary(skipped={g.name: g.reason for g in analysis.groups if g.reason} | analysis.skipped)
+    if spec is not None:
+        summary.headline.append(spec.summary_line())
+        summary.inputs = describe_inputs(spec)
     summary.notes.extend(_uncompressed_constants(model, analysis, bytes_before))
     summary.notes.extend(f"recipe layer pattern {pat!r} matches no layer (the names are in the table)"
                          for pat in recipe.unmatched_patterns([l.name for l in analysis.layers]))
@@ -157,15 +199,17 @@ def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = sil
 
         try:
             synthetic = generate(model, n_synthetic, steps=recipe.synthetic_steps, seed=recipe.seed,
-                                 input_shape=input_shape, progress=progress)
+                                 input_shape=spec.shape if spec is not None else input_shape,
+                                 convention=spec.convention if spec is not None else None,
+                                 route=recipe.synthetic_route, progress=progress)
         except CannotSynthesise as exc:
             if recipe.dynamic is not None:
                 raise UserError(f"dynamic precision needs synthetic images: {exc}") from None
-            summary.notes.append(f"no synthetic images ({exc}): closed form used")
+            summary.headline.append(f"no synthetic images ({exc}): closed form used")
     if synthetic is not None:
-        summary.notes.append((f"{len(synthetic.images)} images given by the caller" if synthetic.source == "caller"
-                              else f"{n_synthetic} synthetic images ({synthetic.source})")
-                             + (", fitted with mirrored and shifted copies" if _augmentable(synthetic.images, recipe) else ""))
+        summary.headline.append((f"{len(synthetic.images)} images given by the caller" if synthetic.source == "caller"
+                                 else f"{n_synthetic} synthetic images: {ROUTES.get(synthetic.source, synthetic.source)}")
+                                + (", fitted with mirrored and shifted copies" if _augmentable(synthetic.images, recipe) else ""))
         fit_images = _fitting_set(synthetic.images, recipe)
         from .passes.fit import fitting_budget
 
@@ -221,10 +265,10 @@ def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = sil
 
         weights, acts = fit_sequential(model, reference, analysis.layers, fit_images, recipe,
                                        progress=progress, kept=_kept_channels(plans), regions=_regions(plans),
-                                       joint_steps=joint_steps)
+                                       joint_steps=joint_steps, notes=summary.notes)
     else:
         weights = quantize_closed_form(analysis.layers, recipe, moments, progress, analysis.prunable)
-        acts = activation_ranges_closed_form(model, analysis.layers, recipe, moments)
+        acts = activation_ranges_closed_form(model, analysis.layers, recipe, moments, _probe_images(spec, recipe))
     timings["quantize"] = time.perf_counter() - t
 
     # -------------------------------------------------------------------- write
@@ -550,8 +594,19 @@ def quantize_closed_form(layers: list[G.Layer], recipe: Recipe, moments: dict, p
     return weights
 
 
-def activation_ranges_closed_form(model: ir.Model, layers: list[G.Layer], recipe: Recipe, moments: dict):
-    """Ranges of quantized layers' inputs: BN Gaussians where known, probe images elsewhere."""
+def _probe_images(spec, recipe: Recipe, n: int = 32) -> np.ndarray | None:
+    """Procedural photographs in the input's range, for image inputs (None otherwise)."""
+    if spec is None or spec.convention is None:
+        return None
+    from . import natural
+
+    return spec.convention.apply(natural.images(n, spec.shape, recipe.seed))
+
+
+def activation_ranges_closed_form(model: ir.Model, layers: list[G.Layer], recipe: Recipe, moments: dict,
+                                  probe_images: np.ndarray | None = None):
+    """Ranges of quantized layers' inputs: BN Gaussians where known, probe inputs elsewhere
+    (``probe_images`` for an image input, seeded random values otherwise)."""
     wanted = qdq.activation_plan(layers, recipe)
     if not wanted:
         return {}
@@ -567,7 +622,7 @@ def activation_ranges_closed_form(model: ir.Model, layers: list[G.Layer], recipe
                 continue
         unknown.append(name)
     if unknown:
-        captured = probe_activations(model, unknown, n=32)
+        captured = probe_activations(model, unknown, n=32, images=probe_images)
         for name in unknown:
             ranges[name] = mse_range(captured[name], wanted[name])
     out = {}
@@ -579,8 +634,10 @@ def activation_ranges_closed_form(model: ir.Model, layers: list[G.Layer], recipe
     return out
 
 
-def probe_activations(model: ir.Model, names: list[str], n: int = 32, seed: int = 0) -> dict[str, np.ndarray]:
-    """Values of ``names`` on seeded standard-normal probe inputs (onnxruntime)."""
+def probe_activations(model: ir.Model, names: list[str], n: int = 32, seed: int = 0,
+                      images: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Values of ``names`` on ``images`` (for the first input), else on seeded standard-normal
+    probe inputs (onnxruntime)."""
     import onnxruntime as ort
 
     proto = ir.serde.serialize_model(model)
@@ -597,8 +654,12 @@ def probe_activations(model: ir.Model, names: list[str], n: int = 32, seed: int 
     fixed = {d[0] for d in (i.shape for i in inputs) if d and isinstance(d[0], int)}
     batch = min(fixed) if fixed else n            # a fixed batch axis: as many runs as it takes
     rng = np.random.default_rng(seed)
-    runs = [sess.run(names, {i.name: _probe(i, batch, n, model, rng) for i in inputs})
-            for _ in range(max(1, -(-n // batch)))]
+    if images is not None:
+        runs = [sess.run(names, {inputs[0].name: images[k:k + batch]}) for k in range(0, len(images), batch)
+                if len(images[k:k + batch]) == batch or not fixed]
+    else:
+        runs = [sess.run(names, {i.name: _probe(i, batch, n, model, rng) for i in inputs})
+                for _ in range(max(1, -(-n // batch)))]
     return {name: np.concatenate([r[k] for r in runs]) if runs[0][k].ndim else runs[0][k]
             for k, name in enumerate(names)}
 

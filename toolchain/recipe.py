@@ -23,6 +23,7 @@ CRITERIA = ("auto", "l1", "l2", "bn_l1", "output")
 CLIPS = ("max", "mse")
 SCOPES = ("auto", "layer", "global")
 BUDGETS = ("auto", "full")
+SYNTHETIC_ROUTES = ("auto", "bn-statistics", "output-only", "natural")
 FLOAT = "float"  # how an unquantized wbits/abits is written in TOML
 
 
@@ -74,6 +75,10 @@ class Recipe:
     fit_budget: str = "auto"            # auto: models costlier per image than a CIFAR ResNet-56 get fewer
                                         # synthetic images and joint steps, in proportion; full: as given
     seed: int = 0
+    input_shape: list[int] | None = None  # one input sample (C, H, W); None: the model's, or chosen where symbolic
+    input_range: str | None = None        # the input's value convention (inputs.CONVENTIONS); None: inferred
+    synthetic_route: str = "auto"         # how synthetic images are made (synth.ROUTES): auto, bn-statistics,
+                                          # output-only or natural
     layers: dict[str, LayerOverride] = field(default_factory=dict)
     dynamic: DynamicConfig | None = None
 
@@ -105,6 +110,18 @@ class Recipe:
             raise UserError(f"synthetic must be a non-negative number of images, got {self.synthetic!r}")
         if self.fit_budget not in BUDGETS:
             raise UserError(f"fit_budget must be one of {', '.join(BUDGETS)}, got {self.fit_budget!r}")
+        if self.input_shape is not None:
+            if not isinstance(self.input_shape, (list, tuple)) or not self.input_shape or \
+                    not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in self.input_shape):
+                raise UserError(f"input_shape must be a list of positive integers, got {self.input_shape!r}")
+            self.input_shape = [int(d) for d in self.input_shape]
+        if self.input_range is not None:
+            from .inputs import CONVENTIONS
+
+            if self.input_range not in CONVENTIONS:
+                raise UserError(f"input_range must be one of {', '.join(CONVENTIONS)}, got {self.input_range!r}")
+        if self.synthetic_route not in SYNTHETIC_ROUTES:
+            raise UserError(f"synthetic_route must be one of {', '.join(SYNTHETIC_ROUTES)}, got {self.synthetic_route!r}")
         if not isinstance(self.joint_steps, int) or self.joint_steps < 0:
             raise UserError(f"joint_steps must be a non-negative number of steps, got {self.joint_steps!r}")
         for name, o in self.layers.items():
@@ -167,8 +184,9 @@ class Recipe:
         for key in ("wbits", "abits"):  # TOML has no null: float is spelled out
             if d[key] is None:
                 d[key] = FLOAT
-        if d["dynamic"] is None:
-            del d["dynamic"]
+        for key in ("dynamic", "input_shape", "input_range"):   # nor for "none"
+            if d[key] is None:
+                del d[key]
         return tomli_w.dumps(d)
 
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -64,30 +65,45 @@ def _bits(b) -> str:
     return "fp32" if b is None else str(b)
 
 
-def print_summary(summary, output=None, *, dry_run: bool = False, dynamic: dict | None = None) -> None:
-    t = Table(title="plan (dry run)" if dry_run else "compressed layers", show_lines=False)
-    for col in ("layer", "op", "channels", "W bits", "A bits", "MACs", "params"):
-        t.add_column(col, justify="left" if col in ("layer", "op") else "right")
-    for r in summary.rows:
-        ch = f"{r.channels_before}" if r.channels_after == r.channels_before else f"{r.channels_before}→{r.channels_after}"
-        t.add_row(r.name, r.kind, ch, _bits(r.wbits), _bits(r.abits),
-                  f"{_fmt_m(r.macs_before)}→{_fmt_m(r.macs_after)}", f"{r.params_before}→{r.params_after}")
-    out.print(t)
+def print_summary(summary, output=None, *, dry_run: bool = False, dynamic: dict | None = None,
+                  verbose: bool = False) -> None:
+    """What matters first (input assumed, how images were made), totals, what was left alone
+    grouped by reason, notes; the per-layer table with ``verbose``."""
+    for line in summary.headline:
+        out.print(line, highlight=False)
     tot = summary.totals
     if tot:
         mb = tot["macs_before"] or 0
+        quantized = sum(1 for r in summary.rows if r.wbits is not None)
+        pruned = sum(1 for r in summary.rows if r.channels_after < r.channels_before)
+        out.print(f"{len(summary.rows)} layers: {pruned} pruned, {quantized} with quantized weights", highlight=False)
         out.print(f"MACs {_fmt_m(tot['macs_before'])} → {_fmt_m(tot['macs_after'])}"
                   f" ({100 * (1 - tot['macs_after'] / mb):.1f} % fewer)" if mb else "")
         out.print(f"weights {tot['weight_bytes_before'] / 1024:.0f} KiB → {tot['weight_bytes_after'] / 1024:.0f} KiB"
                   f"   time {summary.timings.get('total', 0):.1f} s")
     if summary.skipped:
+        by_reason: dict[str, list[str]] = {}
+        for name, why in summary.skipped.items():   # one line per kind of reason: node names left out
+            by_reason.setdefault(re.sub(r" ?'[^']*'", "", why), []).append(name)
         out.print(f"[bold]not pruned[/bold] ({len(summary.skipped)}):")
-        for name, why in summary.skipped.items():
-            out.print(f"  {name}: {why}")
+        for why, names in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            out.print(f"  {why}: {shown}", highlight=False)
     for note in summary.notes:
         out.print(f"note: {note}")
     if dynamic:
         _print_dynamic(dynamic)
+    if verbose:
+        t = Table(title="plan (dry run)" if dry_run else "compressed layers", show_lines=False)
+        for col in ("layer", "op", "channels", "W bits", "A bits", "MACs", "params"):
+            t.add_column(col, justify="left" if col in ("layer", "op") else "right")
+        for r in summary.rows:
+            ch = f"{r.channels_before}" if r.channels_after == r.channels_before else f"{r.channels_before}→{r.channels_after}"
+            t.add_row(r.name, r.kind, ch, _bits(r.wbits), _bits(r.abits),
+                      f"{_fmt_m(r.macs_before)}→{_fmt_m(r.macs_after)}", f"{r.params_before}→{r.params_after}")
+        out.print(t)
+    else:
+        out.print("(--verbose for the per-layer table)", highlight=False)
     if output is not None and not dry_run:
         out.print(f"wrote {output}")
 

@@ -57,7 +57,9 @@ import torch.nn.functional as F
 
 from .errors import CannotSynthesise, UserError, format_dims
 from .graph import analyse
+from .inputs import Convention
 from .progress import ProgressFn, silent
+from .recipe import SYNTHETIC_ROUTES
 from .torchgraph import TorchGraph
 
 STAGE = "synthetic images"
@@ -75,6 +77,7 @@ CE_WEIGHT = 1.0
 INIT_DOWNSCALE = 4           # start from noise this many times smaller than the input, upsampled
 OUTPUT_ONLY_INIT_DOWNSCALE = 8
 JITTER_FRACTION = 1 / 16     # of the spatial size, at least one pixel
+ROUTE_WITHOUT_BN = "output-only"   # classifiers without BN: "output-only" (optimised) or "natural" (procedural)
 
 
 @dataclass
@@ -86,9 +89,15 @@ class SyntheticSet:
 
 
 def generate(model: ir.Model, n: int, *, steps: int = DEFAULT_STEPS, seed: int = 0, batch_size: int = 64,
-             input_shape: tuple[int, ...] | None = None, progress: ProgressFn = silent,
-             cache: bool = True, cache_dir: str | Path | None = None) -> SyntheticSet:
-    """``n`` synthetic inputs for ``model`` (cached on disk by model bytes and arguments)."""
+             input_shape: tuple[int, ...] | None = None, convention: Convention | None = None,
+             route: str = "auto", progress: ProgressFn = silent, cache: bool = True,
+             cache_dir: str | Path | None = None) -> SyntheticSet:
+    """``n`` synthetic inputs for ``model`` (cached on disk by model bytes and arguments).
+
+    ``convention``: the input's value range (:mod:`.inputs`); images are made in it.
+    Without BN statistics or class scores it is required: the images are then
+    procedural photographs (:mod:`.natural`) in that range.  ``route`` forces one way of
+    making them (:data:`ROUTES`; "auto" picks as :func:`_route` says)."""
     if n <= 0:
         raise UserError(f"number of synthetic images must be positive, got {n}")
     if steps < 0 or batch_size <= 0:
@@ -97,15 +106,18 @@ def generate(model: ir.Model, n: int, *, steps: int = DEFAULT_STEPS, seed: int =
     shape = sample_shape(model, input_shape)
     path = None
     if cache:
-        key = cache_key(model, n=n, steps=steps, seed=seed, batch_size=batch_size, shape=shape)
+        extra = {"convention": convention.name} if convention is not None and not convention.standardised else {}
+        if route != "auto":
+            extra["route"] = route
+        key = cache_key(model, n=n, steps=steps, seed=seed, batch_size=batch_size, shape=shape, **extra)
         path = _cache_root(cache_dir) / f"synth-{key[:40]}.npz"
         cached = _load(path)
         if cached is not None:
             progress(STAGE, n, n)
             return cached
     try:
-        generator = _Generator(model, shape)
-    except CannotSynthesise:
+        generator = _Generator(model, shape, convention, route)
+    except (CannotSynthesise, RouteRefused):
         raise
     except UserError as exc:  # an op the differentiable copy does not know
         raise CannotSynthesise(str(exc)) from None
@@ -230,26 +242,28 @@ def _chunk_seed(seed: int, chunk: int) -> int:
 
 
 class _Generator:
-    def __init__(self, model: ir.Model, shape: tuple[int, ...]):
+    def __init__(self, model: ir.Model, shape: tuple[int, ...], convention: Convention | None = None,
+                 route: str = "auto"):
         self.shape = shape
+        self.convention = convention
         self.net = TorchGraph(model).eval()
         for p in self.net.buffers():
             p.requires_grad_(False)
         self.logits_name = _logits_value(model)
-        self.bns = [(inp, mean.float(), torch.sqrt(var.float() + 1e-5))
-                    for _, inp, mean, var in self.net.bn_nodes()]
-        self.source = "bn-statistics" if self.bns else "output-only"
-        self.similarity, self.num_classes = _class_similarity(model)
+        bns = [(inp, mean.float(), torch.sqrt(var.float() + 1e-5)) for _, inp, mean, var in self.net.bn_nodes()]
+        self.max_batch = _max_batch(self.net, model, shape)
+        try:
+            self.similarity, self.num_classes = _class_similarity(model)
+            with torch.no_grad():
+                probe = self.net.run(torch.zeros((1, *shape)), capture=[self.logits_name])[self.logits_name]
+            # class targets only where the output is one score per class (not an image, a sequence, boxes)
+            self.classifier = probe.numel() == self.num_classes
+        except CannotSynthesise:
+            self.similarity, self.num_classes, self.classifier = torch.eye(1), 1, False
+        self.source = _route(route, bool(bns), self.classifier, convention is not None)
+        self.bns = bns if self.source == "bn-statistics" else []
         self.preacts = [] if self.bns else _conv_outputs(model)
         self.priors = BN_PRIORS if self.bns else OUTPUT_ONLY_PRIORS
-        self.max_batch = _max_batch(self.net, model, shape)
-        with torch.no_grad():
-            probe = self.net.run(torch.zeros((1, *shape)), capture=[self.logits_name])[self.logits_name]
-        # class targets only where the output is one score per class (not an image, a sequence, boxes)
-        self.classifier = probe.numel() == self.num_classes
-        if not self.bns and not self.classifier:
-            raise CannotSynthesise("cannot make synthetic inputs: the model has no BatchNormalization statistics "
-                                   "and its output is not one score per class")
 
     # targets ---------------------------------------------------------------
     def targets(self, count: int, gen: torch.Generator, start: int) -> torch.Tensor:
@@ -293,7 +307,8 @@ class _Generator:
         terms["tv"] = _total_variation(x)
         terms["l2"] = x.square().mean()
         mean, std = moments(x)
-        terms["input"] = torch.linalg.vector_norm(mean) + torch.linalg.vector_norm(std - 1.0)
+        m0, s0 = (0.0, 1.0) if self.convention is None or self.convention.standardised else self.convention.moments()
+        terms["input"] = (torch.linalg.vector_norm(mean - m0) + torch.linalg.vector_norm(std - s0)) / s0
         if self.preacts:
             terms["act"] = terms["act"] / len(self.preacts)
         terms["logits"] = logits.detach()
@@ -312,8 +327,12 @@ class _Generator:
         gen = torch.Generator().manual_seed(seed)
         target = self.targets(count, gen, start)
         down = INIT_DOWNSCALE if self.bns else OUTPUT_ONLY_INIT_DOWNSCALE
-        x = _initial_images(count, self.shape, gen, down).requires_grad_(True)
+        x = _initial_images(count, self.shape, gen, down)
         lr = LR if self.bns else OUTPUT_ONLY_LR
+        if self.convention is not None and not self.convention.standardised:
+            mean, std = self.convention.moments()     # the same start, in the model's own range
+            x, lr = x * std + mean, lr * std
+        x = x.requires_grad_(True)
         opt = torch.optim.Adam([x], lr=lr, betas=(0.5, 0.9))
         spatial = len(self.shape) - 1
         jitter = [max(1, int(s * JITTER_FRACTION)) for s in self.shape[1:]] if spatial >= 1 else []
@@ -334,6 +353,8 @@ class _Generator:
         return x.detach(), target
 
     def run(self, n: int, *, steps: int, seed: int, batch_size: int, progress: ProgressFn) -> SyntheticSet:
+        if self.source == "natural":
+            return self.natural(n, seed=seed, batch_size=batch_size, progress=progress)
         images = np.empty((n, *self.shape), dtype=np.float32)
         targets = np.empty((n, self.num_classes), dtype=np.float32)
         progress(STAGE, 0, n)
@@ -353,6 +374,19 @@ class _Generator:
                 progress(STAGE, start + count, n)
         return SyntheticSet(images=images, targets=targets, source=self.source, seed=seed)
 
+    def natural(self, n: int, *, seed: int, batch_size: int, progress: ProgressFn) -> SyntheticSet:
+        """Procedural photographs in the model's input range (no optimisation)."""
+        from . import natural
+
+        images = np.empty((n, *self.shape), dtype=np.float32)
+        progress(STAGE, 0, n)
+        for start in range(0, n, batch_size):
+            count = min(batch_size, n - start)
+            u = natural.images(count, self.shape, seed=_chunk_seed(seed, start // batch_size))
+            images[start:start + count] = self.convention.apply(u)
+            progress(STAGE, start + count, n)
+        return SyntheticSet(images=images, targets=np.zeros((n, 0), np.float32), source=self.source, seed=seed)
+
     def evaluate(self, images: np.ndarray, targets: np.ndarray, batch_size: int = 64) -> dict[str, float]:
         """Mean loss terms and top-1 agreement with the target class, for measurements."""
         sums: dict[str, float] = {}
@@ -368,6 +402,33 @@ class _Generator:
         result = {k: v / len(images) for k, v in sums.items()}
         result["top1_agreement"] = agree / len(images)
         return result
+
+
+ROUTES = SYNTHETIC_ROUTES
+
+
+class RouteRefused(UserError):
+    """The route asked for cannot make images for this model (an impossible option, not a fall-back)."""
+
+
+def _route(asked: str, has_bn: bool, classifier: bool, image: bool) -> str:
+    """How images are made: BN statistics where the model keeps them; else, for a classifier,
+    ``ROUTE_WITHOUT_BN``; else procedural photographs (an image input is needed)."""
+    possible = {"bn-statistics": (has_bn, "the model has no BatchNormalization statistics"),
+                "output-only": (classifier, "the model's output is not one score per class"),
+                "natural": (image, "the input is not an image")}
+    if asked != "auto":
+        if asked not in possible:
+            raise RouteRefused(f"synthetic_route must be one of {', '.join(ROUTES)}, got {asked!r}")
+        ok, why = possible[asked]
+        if not ok:
+            raise RouteRefused(f"synthetic route {asked!r} cannot be used: {why}")
+        return asked
+    for route in ("bn-statistics", ROUTE_WITHOUT_BN, "natural"):
+        if possible[route][0]:
+            return route
+    raise CannotSynthesise("cannot make synthetic inputs: the model has no BatchNormalization statistics, its "
+                           "output is not one score per class and its input is not an image")
 
 
 def _initial_images(count: int, shape: tuple[int, ...], gen: torch.Generator, down: int) -> torch.Tensor:
