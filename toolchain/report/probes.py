@@ -79,6 +79,13 @@ def synthetic(model: ir.Model, n: int, *, steps: int, seed: int, progress=None) 
     else:
         kwargs = {} if progress is None else {"progress": progress}
         try:
+            from datafree.toolchain import inputs
+
+            try:   # the size and value range compression assumes (symbolic sizes get one)
+                spec = inputs.resolve(model, seed=seed)
+                kwargs.update(input_shape=spec.shape, convention=spec.convention)
+            except UserError:
+                pass
             s = synth.generate(model, n, steps=steps, seed=seed, **kwargs)
             return Probes(np.ascontiguousarray(s.images, dtype=np.float32),
                           f"synthetic images ({n}, {steps} steps, {getattr(s, 'source', 'generated')})")
