@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from datafree.ops import domain
-from datafree.toolchain.errors import UserError, format_dims
+from datafree.ops.errors import UserError, format_dims
 
 from .session import InferenceSession
 

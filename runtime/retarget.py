@@ -24,7 +24,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from datafree.ops import domain
-from datafree.toolchain.errors import UserError
+from datafree.ops.errors import UserError
 
 from .infer import _check_fits, load_images
 from .session import _load

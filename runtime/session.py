@@ -46,7 +46,7 @@ from onnx import numpy_helper
 from datafree.ops import domain, kernels
 
 from .specialise import GroupedRunner
-from datafree.toolchain.errors import UserError
+from datafree.ops.errors import UserError
 from datafree.toolchain.graph import is_selection_weight
 
 Source = str | os.PathLike | bytes | onnx.ModelProto
