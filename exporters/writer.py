@@ -3,6 +3,11 @@
 A model (and its external-data file, when there is one) is written to temporary
 files beside the destination and renamed into place, so a crash or an error never
 leaves a partial output, and the input is never touched.
+
+What an exporter records on each node and value about where it came from (torch's
+``pkg.torch.onnx.stack_trace`` with the build machine's file paths, module names,
+FX nodes, rewrite rule names) is left out of every file written; the model's own
+``metadata_props`` (the recipe) stay.
 """
 
 from __future__ import annotations
@@ -47,6 +52,37 @@ def _lean(model: ir.Model):
             v.type, v.shape = type_, shape
 
 
+def _annotated(model: ir.Model):
+    """Every node and value of ``model`` (subgraphs and functions included), once each."""
+    seen: set[int] = set()
+    graphs = [model.graph, *model.functions.values()]
+    values = [v for g in graphs for v in (*g.inputs, *g.outputs)] + list(model.graph.initializers.values())
+    for g in graphs:
+        for node in ir.traversal.RecursiveGraphIterator(g):
+            values += [*node.inputs, *node.outputs]
+            if id(node) not in seen:
+                seen.add(id(node))
+                yield node
+    for v in values:
+        if v is not None and id(v) not in seen:
+            seen.add(id(v))
+            yield v
+
+
+@contextmanager
+def _without_provenance(model: ir.Model):
+    """Leave each node's and value's ``metadata_props`` out while ``model`` is
+    serialised (see the module doc); the model in memory keeps them."""
+    saved = [(item, dict(item.metadata_props)) for item in _annotated(model) if item.metadata_props]
+    for item, _ in saved:
+        item.metadata_props.clear()
+    try:
+        yield model
+    finally:
+        for item, props in saved:
+            item.metadata_props.update(props)
+
+
 def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None,
          metadata: dict[str, str] | None = None) -> Path:
     """Save ``model`` to ``path`` atomically.
@@ -64,7 +100,7 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
     data_name = path.name + ".data"
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".datafree-") as tmp:
         tmp_model = Path(tmp) / path.name
-        with _lean(model):
+        with _lean(model), _without_provenance(model):
             if external_data:
                 ir.save(model, tmp_model, external_data=data_name, size_threshold_bytes=1024)
             else:

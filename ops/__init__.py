@@ -5,6 +5,12 @@ shape inference), ``functions`` (ONNX function bodies: any onnxruntime runs the
 model), ``kernels`` (onnxruntime-extensions Python kernels), ``reference`` (the
 maths in numpy, shared by all of them and by the dynamic pass).
 
+The compressor and the runtime both import this package, and it imports only onnx,
+onnxruntime, numpy (and onnxruntime-extensions where present): ``errors`` (the
+``UserError`` both raise) and ``selector`` (the bit selector's rule and its price
+per bit, which the compressor fits and ``datafree.runtime.retarget`` sets again)
+live here for that reason.
+
 | op | inputs → outputs |
 |---|---|
 | ``BitSelect`` | features [N,C,…], W1 [C,H], b1, W2 [H,K], b2, bits_table [K,G] → config int64 [N], bits [N,G] |

@@ -32,13 +32,6 @@ import onnx
 from . import reference as ref
 from .domain import DOMAIN, KERNEL_DOMAIN, all_nodes
 
-try:
-    from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
-except ImportError:  # the runtime falls back to the function bodies
-    onnx_op = None
-    get_library_path = None
-
-AVAILABLE = onnx_op is not None
 _INT_LIST_ATTRS = ("strides", "pads", "dilations")
 
 
@@ -55,25 +48,26 @@ def dyn_quant(x, bits, scale, zero_point, signed=0):
 
 
 def _conv(x, w, bias, strides, pads, dilations, group):
-    import torch
-    import torch.nn.functional as F
-
+    """ONNX Conv in numpy: the windows of the padded input (strided, dilated) times
+    the weights, one matrix product per group."""
     nd = w.ndim - 2
-    tx = torch.from_numpy(np.ascontiguousarray(x))
+    strides, dilations = list(strides) or [1] * nd, list(dilations) or [1] * nd
     pads = list(pads) or [0] * (2 * nd)
-    begin, end = pads[:nd], pads[nd:]
-    if begin != end:
-        spec = []
-        for b, e in zip(reversed(begin), reversed(end)):
-            spec += [b, e]
-        tx, padding = F.pad(tx, spec), 0
-    else:
-        padding = begin
-    fn = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
-    with torch.no_grad():
-        y = fn(tx, torch.from_numpy(w), torch.from_numpy(bias), stride=list(strides) or 1,
-               padding=padding, dilation=list(dilations) or 1, groups=group)
-    return y.numpy()
+    x = np.pad(np.asarray(x, np.float32), [(0, 0), (0, 0)] + [(pads[i], pads[nd + i]) for i in range(nd)])
+    kernel = w.shape[2:]
+    span = [d * (k - 1) + 1 for d, k in zip(dilations, kernel)]
+    win = np.lib.stride_tricks.sliding_window_view(x, span, axis=tuple(range(2, 2 + nd)))
+    win = win[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)
+              + tuple(slice(None, None, d) for d in dilations)]            # [N, C, *out, *kernel]
+    n, c, out = x.shape[0], x.shape[1], win.shape[2:2 + nd]
+    o, taps = w.shape[0], int(np.prod(kernel))
+    cols = win.reshape(n, group, c // group, *out, *kernel)
+    cols = cols.transpose(1, 0, *range(3, 3 + nd), 2, *range(3 + nd, 3 + 2 * nd))
+    cols = cols.reshape(group, -1, (c // group) * taps)                      # [G, N·out, C/G·kernel]
+    wm = w.astype(np.float32).reshape(group, o // group, -1).transpose(0, 2, 1)
+    y = (cols @ wm).reshape(group, n, *out, o // group)                      # [G, N, *out, O/G]
+    y = np.moveaxis(y, -1, 1).reshape(group * (o // group), n, *out).swapaxes(0, 1)
+    return np.ascontiguousarray(y + bias.reshape(1, o, *[1] * nd), dtype=np.float32)
 
 
 def _levels(bits, scale_table):
@@ -113,13 +107,25 @@ def _scatter(parts, order, n):
 _registered = False
 
 
+def _extensions():
+    """onnxruntime-extensions, imported on first use (it is optional, and it imports
+    torch where torch is installed); None when it is missing."""
+    try:
+        import onnxruntime_extensions
+    except ImportError:  # the runtime falls back to the function bodies
+        return None
+    return onnxruntime_extensions
+
+
 def register() -> bool:
     """Declare the kernels to onnxruntime-extensions (once); False when it is missing."""
     global _registered
-    if not AVAILABLE:
-        return False
     if _registered:
         return True
+    ext = _extensions()
+    if ext is None:
+        return False
+    PyCustomOpDef, onnx_op = ext.PyCustomOpDef, ext.onnx_op
     f, i8, i64, s = PyCustomOpDef.dt_float, PyCustomOpDef.dt_int8, PyCustomOpDef.dt_int64, PyCustomOpDef.dt_string
     onnx_op(op_type="BitSelect", inputs=[f] * 6, outputs=[i64, f])(bit_select)
     onnx_op(op_type="DynQuant", inputs=[f] * 4, outputs=[f], attrs={"signed": i64})(dyn_quant)
@@ -136,7 +142,7 @@ def register() -> bool:
 
 
 def library_path() -> str:
-    return get_library_path()
+    return _extensions().get_library_path()
 
 
 # ------------------------------------------------------------ model rewrite

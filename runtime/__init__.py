@@ -1,6 +1,8 @@
-"""Run any model the toolchain writes: sessions with the custom ops, batched inference, latency."""
+"""Run any model the toolchain writes: sessions with the custom ops, batched inference, latency.
 
-import datafree.toolchain  # noqa: F401  (OpenMP spin cap, before torch loads)
+Imports only onnx, onnxruntime and numpy (onnxruntime-extensions when it is there and
+a model asks for its kernels): a device installs these, not the compressor.
+"""
 
 from .session import InferenceSession
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from datafree.toolchain.errors import UserError
+from datafree.ops.errors import UserError
 
 from .session import InferenceSession
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from datafree.ops import domain
-from datafree.toolchain.errors import UserError, format_dims
+from datafree.ops.errors import UserError, format_dims
 
 from .session import InferenceSession
 
@@ -108,7 +108,11 @@ def load_images(path: str | os.PathLike, size: tuple[int, int] | None = None) ->
 
 
 def _load_folder(path: Path, size: tuple[int, int] | None) -> ImageSet:
-    from PIL import Image
+    try:
+        from PIL import Image
+    except ImportError:
+        raise UserError(f"{path}: reading a folder of images needs Pillow (pip install pillow); "
+                        "an .npz needs nothing more") from None
 
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:

@@ -24,7 +24,8 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from datafree.ops import domain
-from datafree.toolchain.errors import UserError
+from datafree.ops.errors import UserError
+from datafree.ops.selector import Selector, calibrate_price
 
 from .infer import _check_fits, load_images
 from .session import _load
@@ -60,8 +61,6 @@ def selector_features(model: onnx.ModelProto, images: np.ndarray, batch: int = 2
 def retarget(source, images: np.ndarray, target_bits: float) -> tuple[onnx.ModelProto, dict]:
     """A copy of the dynamic model ``source`` whose selector is priced so that ``images``
     cost at most ``target_bits`` on average, and what changed (bits before and after)."""
-    from datafree.toolchain.passes.dynamic import Selector, calibrate_price
-
     model = onnx.ModelProto()
     model.CopyFrom(_load(source))
     node = _selector_node(model)

@@ -36,6 +36,7 @@ step (seen on 1 image in 100).
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -44,10 +45,10 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from datafree.ops import domain, kernels
+from datafree.ops.errors import UserError
 
+from .model_file import is_selection_weight, load_proto
 from .specialise import GroupedRunner
-from datafree.toolchain.errors import UserError
-from datafree.toolchain.graph import is_selection_weight
 
 Source = str | os.PathLike | bytes | onnx.ModelProto
 
@@ -59,15 +60,9 @@ def _load(source) -> onnx.ModelProto:
         proto = onnx.ModelProto()
         proto.ParseFromString(bytes(source))
         return proto
-    try:
-        import onnx_ir as ir
-
-        if isinstance(source, ir.Model):
-            return ir.serde.serialize_model(source)
-    except ImportError:  # pragma: no cover - onnx_ir is a dependency
-        pass
-    from datafree.toolchain.ingest import load_proto
-
+    ir = sys.modules.get("onnx_ir")       # an onnx_ir.Model means onnx_ir is loaded: the runtime never imports it
+    if ir is not None and isinstance(source, ir.Model):
+        return ir.serde.serialize_model(source)
     return load_proto(Path(source))
 
 

@@ -178,7 +178,7 @@ def test_three_ways_to_run_agree_and_cli_reports_bits(fitted, tmp_path):
 
 @pytest.mark.parametrize("target", [4.3, 5.0, 6.5, 7.8])
 def test_price_per_bit_meets_the_target_from_above_and_below(target):
-    from datafree.toolchain.passes.dynamic import Selector, calibrate_price
+    from datafree.ops.selector import Selector, calibrate_price
 
     rng = np.random.default_rng(1)
     sel = Selector(rng.normal(size=(16, 8)).astype(np.float32), np.zeros(8, np.float32),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -19,6 +20,7 @@ from datafree.toolchain.ingest import load
 from datafree.toolchain.recipe import METADATA_KEY, Recipe
 
 ATOL = 1e-4
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _ops(path):
@@ -237,3 +239,35 @@ def test_int4_storage_is_explained(int4, tmp_path):
     notes = compress(load(src), Recipe(wbits=4, abits=8, synthetic=0, int4=int4)).summary.notes
     assert sum("INT4" in n and "--no-int4" in n for n in notes) == (1 if int4 else 0)
     assert not any("INT4" in n for n in compress(load(src), Recipe(wbits=8, synthetic=0)).summary.notes)
+
+
+def test_written_models_leave_the_exporters_provenance_out(tmp_path):
+    """torch's dynamo export records on every node and value where it came from (a stack
+    trace with this machine's file paths, module names, FX nodes): no file ``save`` writes
+    carries it, neither a plain copy nor a compressed model; the model's own metadata
+    stays, and the model in memory keeps its records."""
+    zoo.require_compress()
+    import onnx_ir as ir
+
+    from datafree.exporters.writer import save
+    from datafree.toolchain.compress import compress
+
+    src = zoo.dynamo(zoo.conv_bn_relu_conv(), tmp_path)
+    raw = ir.load(src)
+    assert all("pkg.torch.onnx.stack_trace" in n.metadata_props for n in raw.graph)
+    before = {n.name: dict(n.metadata_props) for n in raw.graph}
+    result = compress(load(src), Recipe(wbits=8, abits=8, synthetic=0))
+    assert any(n.metadata_props for n in result.model.graph)       # carried through compression
+    paths = [save(raw, tmp_path / "copy.onnx", metadata={"note": "kept"}),
+             save(result.model, tmp_path / "q.onnx")]
+    assert {n.name: dict(n.metadata_props) for n in raw.graph} == before
+    for path in paths:
+        proto, data = onnx.load(str(path)), path.read_bytes()
+        g = proto.graph
+        assert not any(n.metadata_props for n in g.node)
+        assert not any(v.metadata_props for v in (*g.input, *g.output, *g.value_info, *g.initializer))
+        assert b"stack_trace" not in data and str(ROOT).encode() not in data
+    assert {p.key: p.value for p in onnx.load(str(paths[0])).metadata_props}["note"] == "kept"
+    assert METADATA_KEY in {p.key for p in onnx.load(str(paths[1])).metadata_props}
+    x = zoo.images(3, zoo.IMAGE[1:])
+    np.testing.assert_array_equal(zoo.run(paths[0], x), zoo.run(src, x))

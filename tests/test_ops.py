@@ -77,7 +77,8 @@ def _weights(o, i, k):
 
 
 @pytest.mark.parametrize("attrs", [dict(strides=[1, 1], pads=[1, 1, 1, 1], dilations=[1, 1], group=1),
-                                   dict(strides=[2, 2], pads=[0, 1, 1, 0], dilations=[1, 1], group=2)])
+                                   dict(strides=[2, 2], pads=[0, 1, 1, 0], dilations=[1, 1], group=2),
+                                   dict(strides=[1, 2], pads=[2, 1, 2, 1], dilations=[2, 1], group=4)])
 def test_dynqconv_function_equals_kernel(attrs):
     w_int, w_scale, table, bias = _weights(8, 4 // attrs["group"], 3)
     x = rng.normal(size=(7, 4, 9, 9)).astype(np.float32)

@@ -1,27 +1,13 @@
-"""The one exception type that means "the user gave us something we cannot use".
+"""The compressor's errors: ``UserError`` (defined in :mod:`datafree.ops.errors`, which
+the runtime shares) and the two ways a model can be beyond compression.
 
-The CLI turns it into a single line on stderr and exit code 2; the library lets it
-propagate so pipelines can catch it.  Anything else escaping is a bug.
+The CLI turns a ``UserError`` into a single line on stderr and exit code 2; the
+library lets it propagate so pipelines can catch it.  Anything else escaping is a bug.
 """
 
+from datafree.ops.errors import UserError, format_dims
 
-from numbers import Integral
-
-
-def format_dims(dims) -> str:
-    """Tensor dims for a message, ``[batch, 3, 32, 32]``: a symbolic dim by its name
-    where it has one (onnx_ir's SymbolicDim, onnxruntime's str), else ``?``."""
-    def one(d) -> str:
-        if isinstance(d, Integral):
-            return str(int(d))
-        name = getattr(d, "value", d)
-        return name if isinstance(name, str) and name else "?"
-
-    return "[" + ", ".join(one(d) for d in dims) + "]"
-
-
-class UserError(Exception):
-    """Bad input: the message names the problem in one line."""
+__all__ = ["CannotSynthesise", "NotCompressible", "UserError", "format_dims"]
 
 
 class NotCompressible(UserError):

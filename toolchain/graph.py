@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from datafree.runtime.model_file import is_selection_weight
+
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # elementwise, one input, channelwise: channels stay apart
 UNARY_ACTS = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu",
@@ -280,14 +282,6 @@ def _kind(node: ir.Node, weight: ir.Value) -> str:
     if w.shape[1] == 1 and w.shape[0] == g:
         return "depthwise"
     return "grouped"
-
-
-def is_selection_weight(w: np.ndarray | None) -> bool:
-    """A 1x1 conv weight that is a 0/1 matrix with at most one 1 per row and column."""
-    if w is None or w.ndim < 3 or any(d != 1 for d in w.shape[2:]):
-        return False
-    m = w.reshape(w.shape[0], w.shape[1])
-    return bool(np.all((m == 0) | (m == 1)) and np.all(m.sum(0) <= 1) and np.all(m.sum(1) <= 1))
 
 
 def selects_channels(node: ir.Node, w: np.ndarray | None) -> bool:

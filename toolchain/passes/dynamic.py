@@ -94,6 +94,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from datafree.ops import domain, functions, reference, schemas
+from datafree.ops.selector import Selector, calibrate_price
 
 from ..errors import NotCompressible, UserError
 from ..graph import Layer, UniqueNames, analyse
@@ -456,24 +457,6 @@ def correct_biases(plan: Plan, config, images: np.ndarray) -> dict[str, np.ndarr
     return plan.biases[key]
 
 
-@dataclass
-class Selector:
-    w1: np.ndarray
-    b1: np.ndarray
-    w2: np.ndarray
-    b2: np.ndarray
-
-    @property
-    def params(self) -> int:
-        return int(self.w1.size + self.b1.size + self.w2.size + self.b2.size)
-
-    def logits(self, pooled: np.ndarray) -> np.ndarray:
-        return np.maximum(pooled @ self.w1 + self.b1, 0) @ self.w2 + self.b2
-
-    def choose(self, pooled: np.ndarray) -> np.ndarray:
-        return np.argmax(self.logits(pooled), axis=1)
-
-
 def build_dynamic(plan: Plan, selector: Selector) -> onnx.ModelProto:
     """The dynamic model: stem, BitSelect, and every other layer at its group's bits."""
     schemas.register()
@@ -784,48 +767,6 @@ def train_selector(pooled: np.ndarray, losses: np.ndarray, cfg_bits: np.ndarray,
     return Selector(w1=w1_f.astype(np.float32), b1=b1_f.astype(np.float32),
                     w2=net[2].weight.detach().numpy().T.astype(np.float32),
                     b2=net[2].bias.detach().numpy().astype(np.float32))
-
-
-def calibrate_price(selector: Selector, pooled: np.ndarray, cfg_bits: np.ndarray, target: float) -> float:
-    """The price per bit μ with the largest mean chosen bits ≤ target; folds it into b2.
-
-    Each image's chosen bit-width never rises as μ grows, so the mean is monotone
-    in μ and bisection finds it.  μ < 0 (a bonus per bit) lifts a selector that
-    spends less than the target up to it.
-    """
-    hidden = np.maximum(pooled @ selector.w1 + selector.b1, 0) @ selector.w2
-
-    def choices(mu: float) -> np.ndarray:   # exactly as the folded float32 bias will choose
-        return np.argmax(hidden + (selector.b2 - mu * cfg_bits).astype(np.float32), axis=1)
-
-    def mean_bits(mu: float) -> float:
-        return float(cfg_bits[choices(mu)].mean())
-
-    hi = 1.0
-    while mean_bits(hi) > target and hi < 1e6:
-        hi *= 2
-    lo = -1.0
-    while mean_bits(lo) <= target and lo > -1e6:
-        lo *= 2
-    if mean_bits(lo) <= target:          # even the most precise choice for every image is within the target
-        mu = lo
-    else:
-        for _ in range(60):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if mean_bits(mid) > target else (lo, mid)
-        # hi sits on a tie of some image; move to the middle of the interval of μ with
-        # the same choices, so float noise at run time cannot flip that image back
-        same = choices(hi)
-        up = hi + max(1.0, abs(hi))
-        while np.array_equal(choices(up), same) and up < 1e6:
-            up += max(1.0, abs(up))
-        a, b = hi, up
-        for _ in range(60):
-            mid = (a + b) / 2
-            a, b = (mid, b) if np.array_equal(choices(mid), same) else (a, mid)
-        mu = (hi + a) / 2
-    selector.b2 = (selector.b2 - mu * cfg_bits).astype(np.float32)
-    return mu
 
 
 @dataclass
