@@ -130,3 +130,16 @@ def test_given_shape_overrides_and_is_checked(tmp_path):
 
     with pytest.raises(UserError, match="does not match"):
         inputs.infer_shape(load(path), (1, 4, 96, 128))
+
+
+def test_macs_of_a_symbolic_export_are_counted_at_the_assumed_size(tmp_path):
+    from datafree.toolchain.compress import compress
+    from datafree.toolchain.recipe import Recipe
+
+    module = zoo.mobilenet_like()
+    sym = zoo.export_model(module, tmp_path, "sym", (1, 3, 64, 64), fold_bn=True, dynamic_spatial=True)
+    static = zoo.export_model(module, tmp_path, "static", (1, 3, 64, 64), fold_bn=True)
+    recipe = Recipe(prune=0.3, wbits=8, synthetic=0)
+    a = compress(sym, recipe, input_shape=(1, 3, 64, 64)).summary.totals
+    b = compress(static, recipe).summary.totals
+    assert a["macs_before"] == b["macs_before"] > 0 and a["macs_after"] == b["macs_after"] < a["macs_before"]

@@ -169,7 +169,8 @@ def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = sil
     timings["load"] = time.perf_counter() - t_start
     progress("load", 1, 1)
 
-    before = {l.name: (l.out_channels, l.macs(), l.params(), l.op, l.kind) for l in analysis.layers}
+    positions = _positions(model, spec, analysis)
+    before = {l.name: (l.out_channels, _macs(l, positions), l.params(), l.op, l.kind) for l in analysis.layers}
     macs_before = sum(m for _, m, *_ in before.values() if m is not None)
     bytes_before = weight_bytes(model)
     moments = {l.name: l.preact_moments() for l in analysis.layers}
@@ -259,7 +260,8 @@ def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = sil
     weights, acts = {}, {}
     if recipe.dynamic is not None:
         return _finish_dynamic(model, reference, analysis, synthetic, fit_images, recipe, plans, before,
-                               macs_before, bytes_before, summary, timings, t_start, progress, joint_steps)
+                               macs_before, bytes_before, summary, timings, t_start, progress, joint_steps,
+                               positions)
     if synthetic is not None:
         from .passes.fit import fit_sequential
 
@@ -296,7 +298,7 @@ def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = sil
         summary.rows.append(LayerRow(
             name=layer.name, op=op, kind=kind, channels_before=ch0, channels_after=layer.out_channels,
             wbits=wq.bits if wq else None, abits=aq.bits if aq else None,
-            macs_before=m0, macs_after=_macs_after(layer, m0, before), params_before=p0,
+            macs_before=m0, macs_after=_macs_after(layer, m0, before, positions), params_before=p0,
             params_after=_params_after(layer, wq), note="skipped by recipe" if eff.skip else ""))
     raised = [l for l in analysis.layers if weights.get(l.name) is not None and recipe.wbits is not None
               and l.kind == "depthwise" and weights[l.name].bits > recipe.wbits]
@@ -325,7 +327,8 @@ def _finish(model: ir.Model, recipe: Recipe, summary: Summary, macs_before, byte
 
 
 def _finish_dynamic(model, reference, analysis, synthetic, fit_images, recipe: Recipe, plans, before, macs_before,
-                    bytes_before, summary: Summary, timings, t_start, progress, joint_steps: int) -> CompressResult:
+                    bytes_before, summary: Summary, timings, t_start, progress, joint_steps: int,
+                    positions: dict[str, int]) -> CompressResult:
     """Dynamic precision: refit what pruning changed (in float), then the selector pass."""
     from .passes.dynamic import apply_dynamic
 
@@ -340,7 +343,8 @@ def _finish_dynamic(model, reference, analysis, synthetic, fit_images, recipe: R
         summary.rows.append(LayerRow(
             name=layer.name, op=before[layer.name][3], kind=before[layer.name][4],
             channels_before=before[layer.name][0], channels_after=layer.out_channels, wbits=None, abits=None,
-            macs_before=before[layer.name][1], macs_after=_macs_after(layer, before[layer.name][1], before),
+            macs_before=before[layer.name][1],
+            macs_after=_macs_after(layer, before[layer.name][1], before, positions),
             params_before=before[layer.name][2], params_after=layer.params(), note="dynamic"))
     model, summary.dynamic = apply_dynamic(model, recipe.dynamic, synthetic=synthetic, progress=progress,
                                            seed=recipe.seed, augment=recipe.augment)
@@ -365,8 +369,33 @@ def _layer_input_name(layer: G.Layer) -> str | None:
     return x.name
 
 
-def _macs_after(layer: G.Layer, macs_before: int | None, before) -> int | None:
+def _positions(model: ir.Model, spec, analysis: G.Analysis) -> dict[str, int]:
+    """Output positions per sample of the layers whose shapes are symbolic, at the input size
+    assumed (a copy with that size fixed, shapes inferred): MACs are counted at it."""
+    if spec is None or all(l.spatial_out() is not None for l in analysis.layers):
+        return {}
+    proto = ir.serde.serialize_model(model)
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    for d, n in zip(list(dims)[1:], spec.shape):
+        d.Clear()
+        d.dim_value = int(n)
+    try:
+        static = ingest.normalize(ir.serde.deserialize_model(proto))
+    except Exception:    # counting MACs is never worth failing over: they stay unknown
+        return {}
+    return {l.name: s for l in G.analyse(static).layers if (s := l.spatial_out()) is not None}
+
+
+def _macs(layer: G.Layer, positions: dict[str, int]) -> int | None:
+    """Multiply-accumulates per sample; at the assumed input size where shapes are symbolic."""
     m = layer.macs()
+    if m is None and layer.name in positions:
+        m = int(positions[layer.name] * layer.w_oc().size)
+    return m
+
+
+def _macs_after(layer: G.Layer, macs_before: int | None, before, positions: dict[str, int]) -> int | None:
+    m = _macs(layer, positions)
     if m is not None:
         return m
     if macs_before is None:
