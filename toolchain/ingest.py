@@ -27,7 +27,7 @@ QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMa
                  "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear", "MatMulNBits"}
 # integer types quantized weights are stored in: a Cast of such a constant is a quantized
 # weight (``Cast → Mul(scale)`` or ``Cast → DequantizeLinear``), never folded either
-_STORED_INTEGERS = {ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT4, ir.DataType.UINT4}
+STORED_INTEGERS = {ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT4, ir.DataType.UINT4}
 
 
 def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
@@ -110,7 +110,7 @@ def _should_fold(node: ir.Node) -> bool | None:
 def _casts_stored_integers(node: ir.Node) -> bool:
     """A Cast of a constant held in a quantized weight's integer type."""
     x = node.inputs[0] if node.op_type == "Cast" and node.domain in ("", "ai.onnx") and node.inputs else None
-    return x is not None and x.const_value is not None and x.const_value.dtype in _STORED_INTEGERS
+    return x is not None and x.const_value is not None and x.const_value.dtype in STORED_INTEGERS
 
 
 class RemoveInferenceNoOpsPass(ir.passes.InPlacePass):

@@ -1,22 +1,25 @@
 """Write quantization into the graph as QuantizeLinear / DequantizeLinear (QDQ).
 
-* weights: integer initializer (INT8, or INT4 at <= 4 bits on opset 21), in the form
-  onnxruntime runs fastest in a plain session with default options:
+* weights: integer initializer (INT8, or INT4 at <= 4 bits on opset 21), written in
+  the form a plain onnxruntime session with default options runs fastest
+  (:func:`weight_form`):
 
-  - a layer onnxruntime fuses into an integer kernel (:func:`runs_on_integer_kernel`):
-    ``DequantizeLinear(axis=output channels)`` → layer, with ``Cast(to=INT8)`` in front
-    of the DequantizeLinear for INT4 weights.  onnxruntime has no INT4 convolution:
-    it folds the Cast at load, sees an INT8 weight and fuses the layer (QLinearConv,
-    QGemm, QLinearMatMul) while the file keeps 4-bit storage;
-  - any other layer (weight-only, input at 4 bits, ConvTranspose):
+  - a layer onnxruntime fuses into an integer kernel: ``DequantizeLinear(axis=output
+    channels)`` → layer, with ``Cast(to=INT8)`` in front of the DequantizeLinear for
+    INT4 weights.  onnxruntime has no INT4 convolution: it folds the Cast at load,
+    sees an INT8 weight and fuses the layer (QLinearConv, QGemm, QLinearMatMul) while
+    the file keeps 4-bit storage;
+  - a layer between quantized activations that no integer kernel runs (4-bit
+    activations, ConvTranspose): ``DequantizeLinear`` → layer;
+  - any other layer (weight-only, a conv whose output is not requantized):
     ``Cast(to=FLOAT) → Mul(scale)``, the same float32 values as DequantizeLinear but
-    ordinary constants, which onnxruntime folds into a float weight at load
-    (it never folds a DequantizeLinear unless the session disables QDQ fusion);
+    ordinary constants, which onnxruntime folds into a float weight at load (it
+    never folds a DequantizeLinear unless the session disables QDQ handling);
 * activations: ``QuantizeLinear → DequantizeLinear`` on a tensor, once, feeding all
   its consumers (uint8/uint4 when non-negative, int8/int4 otherwise);
 * biases of layers whose input is quantized: INT32 with scale ``s_x·s_w``, the form
-  onnxruntime needs to fuse ``DQ → Conv → Q`` into an integer ``QLinearConv`` (float,
-  as before, for INT4 weights of layers that run in float).
+  onnxruntime needs to fuse ``DQ → Conv → Q`` into an integer ``QLinearConv`` (float
+  for INT4 weights of layers no integer kernel runs).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
+from ..ingest import STORED_INTEGERS
 from ..recipe import Recipe
 from ..graph import Layer, UniqueNames, add_initializer, attr, const_array
 from .quantize import WeightQuant
@@ -192,9 +196,6 @@ def _zero_point_dtype(node: ir.Node) -> ir.DataType | None:
     if z is None or node.domain not in ("", "ai.onnx"):
         return None
     return z.dtype if z.dtype is not None else (z.const_value.dtype if z.const_value is not None else None)
-
-
-STORED_INTEGERS = (ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT4, ir.DataType.UINT4)
 
 
 def stores_quantized_weights(graph: ir.Graph) -> bool:
