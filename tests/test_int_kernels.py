@@ -154,3 +154,15 @@ def test_report_reads_both_weight_forms(abits, tmp_path):
     assert {r.abits for r in rows} == ({8} if abits else {32})
     model.metadata_props.update(meta)
     assert {(r.wbits, r.bits_from) for r in cost.layer_costs(model)} == {(4, "metadata")}
+
+
+def test_a_weight_only_model_counts_as_quantized(tmp_path):
+    """Its Cast of stored integers is neither folded on loading nor compressed again."""
+    from datafree.toolchain.errors import UserError
+    from datafree.toolchain.ingest import is_quantized, load
+
+    proto = _model("conv_bn_relu_conv", tmp_path, wbits=4)
+    model = load(proto)
+    assert is_quantized(model) and sum(n.op_type == "Cast" for n in model.graph) == 3
+    with pytest.raises(UserError, match="already quantized"):
+        compress(proto, Recipe(synthetic=0))
