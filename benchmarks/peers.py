@@ -73,10 +73,11 @@ def noise(n: int, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
 def session(model) -> ort.InferenceSession:
     """A quiet stock onnxruntime CPU session for a path or an in-memory ``onnx_ir.Model``.
 
-    Every method's model gets the one config entry ``datafree.runtime`` sets (and the
-    README tells plain-onnxruntime users to set): ``session.disable_quant_qdq=1`` where
-    no layer can run as an integer kernel (weight-only and INT4 models), so their weights
-    are folded at load rather than dequantized on every run.
+    Every method's model gets the one config entry ``datafree.runtime`` sets:
+    ``session.disable_quant_qdq=1`` where weights are dequantized on every run and no
+    layer can run as an integer kernel (weight-only models written with
+    DequantizeLinear, activations below 8 bits), so their weights are folded at load.
+    datafree's own W8A8, W4A8 and weight-only models never need it.
     """
     import onnx
     import onnx_ir as ir
@@ -351,8 +352,8 @@ def main() -> None:
              f"Latency: onnxruntime {ort.__version__} CPU, median, random inputs, "
              f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), 1-min load "
              f"{load_before:.1f} at start and {os.getloadavg()[0]:.1f} at end (other work on the cores slows "
-             f"every latency alike); models no layer of which runs as an integer kernel (weight-only) "
-             f"run with `session.disable_quant_qdq=1`, whichever method made them, as `datafree.runtime` "
+             f"every latency alike); models no layer of which runs as an integer kernel and whose weights "
+             f"are dequantized on every run run with `session.disable_quant_qdq=1`, whichever method made them, as `datafree.runtime` "
              f"runs them. "
              f"Logit error: |z - z_FP32|^2 / |z_FP32|^2 over the scored images (steadier than the share of "
              f"equal predictions, which moves by 0.13 pt per image). "

@@ -18,15 +18,15 @@ batches of 100, 2 cores: an upfront model 0.39 s grouped, 0.52 s function bodies
 function bodies, 2.5 s kernels (function bodies are the default: the first pass is
 standard ops already, and only the rerun rows run every candidate bit-width).
 
-Quantized models no layer of which can run as an onnxruntime integer kernel
-(weight-only, or 4-bit weights: its CPU has no 4-bit convolution) run with
-``session.disable_quant_qdq=1``: onnxruntime then folds the dequantized weights into
-float constants at load and runs its fast blocked float convolutions.  By default it
-keeps the DequantizeLinear for an integer fusion these models never get,
-dequantizes every weight on every run and falls back to slower convolutions
-(ResNet-20 at batch 64: W4 23.7 → 12.4 ms, W4A8 26.5 → 17.4 ms; float 13.7 ms).
-Same outputs; a stock onnxruntime session gets the same speed with that one config
-entry (``weights_folded`` says whether it was set).
+Static models need nothing from this session: the compressor writes W8A8 and W4A8
+layers in the form onnxruntime fuses into integer kernels and weight-only layers in
+a form it folds into float weights at load, so a plain ``onnxruntime.InferenceSession``
+with default options runs them as fast.  The one exception is a model with
+activations quantized below 8 bits and no layer onnxruntime can run as an integer
+kernel: its weights stay behind a DequantizeLinear (a float weight would be
+requantized by onnxruntime to 8 bits per tensor, changing the values), and this
+session sets ``session.disable_quant_qdq=1`` so onnxruntime folds them at load
+(``weights_folded`` says whether it did).
 
 All three give the same predictions; logits agree to float rounding, except that
 a rounding difference inside a conv can move an activation across a quantization
@@ -67,27 +67,46 @@ def _load(source) -> onnx.ModelProto:
 
 
 def folds_weights(proto: onnx.ModelProto) -> bool:
-    """Whether onnxruntime runs ``proto`` faster with ``session.disable_quant_qdq=1``: it
-    has dequantized weights and no layer that could run as an integer kernel.
+    """Whether onnxruntime runs ``proto`` faster with ``session.disable_quant_qdq=1``: some
+    layer's weight is dequantized from an integer initializer on every run, and no layer
+    could run as an integer kernel.
 
-    A layer fuses into QLinearConv / QLinearMatMul when both its input and its weight
-    come from DequantizeLinear and the weight is stored in 8 bits (onnxruntime's CPU has
-    no 4-bit integer convolution).  Shortcut selection convs do not count: they copy
-    channels as fast either way.
+    A layer fuses into QLinearConv / QGemm / QLinearMatMul when both its input and its
+    weight come from 8-bit DequantizeLinear nodes (INT4 weights cast to INT8
+    in front of their DequantizeLinear count as 8-bit).  Shortcut selection convs do not
+    count: they copy channels as fast either way.
     """
     inits = {i.name: i for i in proto.graph.initializer}
     producer = {o: n for n in proto.graph.node for o in n.output}
-    dq_weights = {n.output[0]: inits[n.input[0]] for n in proto.graph.node
-                  if n.op_type == "DequantizeLinear" and n.domain in ("", "ai.onnx") and n.input[0] in inits}
     eight = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+    dequantized = False
     for n in proto.graph.node:
-        w = dq_weights.get(n.input[1]) if len(n.input) > 1 else None
-        if n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose") and w is not None and \
-                w.data_type in eight and not _selection(w):
-            p = producer.get(n.input[0])
-            if p is not None and p.op_type == "DequantizeLinear":
-                return False
-    return bool(dq_weights)
+        if n.op_type not in ("Conv", "Gemm", "MatMul", "ConvTranspose") or len(n.input) < 2:
+            continue
+        w = _dequantized_weight(n.input[1], inits, producer)
+        if w is None:
+            continue
+        dequantized = True
+        stored, dtype = w
+        p = producer.get(n.input[0])
+        if dtype in eight and not _selection(stored) and p is not None and p.op_type == "DequantizeLinear" and \
+                len(p.input) > 2 and p.input[2] in inits and inits[p.input[2]].data_type in eight:
+            return False
+    return dequantized
+
+
+def _dequantized_weight(name: str, inits: dict, producer: dict) -> tuple[onnx.TensorProto, int] | None:
+    """(stored integers, the type the DequantizeLinear reads) of a weight computed by a
+    DequantizeLinear from an initializer, through a Cast; None otherwise."""
+    dq = producer.get(name)
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.domain not in ("", "ai.onnx"):
+        return None
+    if dq.input[0] in inits:
+        return inits[dq.input[0]], inits[dq.input[0]].data_type
+    cast = producer.get(dq.input[0])
+    if cast is not None and cast.op_type == "Cast" and cast.input[0] in inits:
+        return inits[cast.input[0]], next(a.i for a in cast.attribute if a.name == "to")
+    return None
 
 
 def _selection(weight: onnx.TensorProto) -> bool:

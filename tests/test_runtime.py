@@ -96,8 +96,9 @@ def test_measure_reports_median_and_p90():
     assert all(0 < r["median_ms"] <= r["p90_ms"] for r in rows)
 
 
-@pytest.mark.parametrize("wbits, abits, int4, folded", [(4, None, True, True), (4, 8, True, True),
-                                                        (8, 8, True, False), (4, 8, False, False)])
+@pytest.mark.parametrize("wbits, abits, int4, folded", [(4, None, True, False), (4, 8, True, False),
+                                                        (8, 8, True, False), (4, 8, False, False),
+                                                        (4, 4, True, True)])
 def test_models_without_integer_kernels_run_with_their_weights_folded(wbits, abits, int4, folded):
     import onnx_ir as ir
     import onnxruntime as ort
@@ -125,8 +126,8 @@ def test_models_without_integer_kernels_run_with_their_weights_folded(wbits, abi
     assert rel(ours) <= max(rel(stock()), 1e-5)
 
 
-@pytest.mark.parametrize("wbits, abits, int4, says", [(4, 8, True, "INT4"), (8, None, True, "weight-only"),
-                                                       (8, 8, True, None)])
+@pytest.mark.parametrize("wbits, abits, int4, says", [(4, 8, True, None), (8, None, True, None),
+                                                       (8, 8, True, None), (4, 4, True, "below 8 bits")])
 def test_the_summary_names_the_session_entry_where_it_helps(wbits, abits, int4, says):
     from datafree.toolchain.compress import compress
     from datafree.toolchain.recipe import Recipe

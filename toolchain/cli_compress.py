@@ -83,8 +83,8 @@ def compress_options(f):
                      help="Also fit on mirrored and shifted copies of the synthetic images."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--int4/--no-int4", default=True, show_default=True,
-                     help="Store <= 4-bit weights packed as INT4 (opset 21): half the size; --no-int4 stores "
-                          "the same values as INT8, which onnxruntime's CPU runs as integer kernels."),
+                     help="Store <= 4-bit weights packed as INT4 (opset 21): half the size, the same "
+                          "integer kernels in onnxruntime; --no-int4 stores the same values as INT8 (opset 13+)."),
         click.option("--dynamic", is_flag=True, help="Insert a bit selector: precision chosen per input."),
         click.option("--bits", "dyn_bits", type=str, default=None, help="Candidate bits for --dynamic, e.g. 4,6,8."),
         click.option("--target-bits", type=float, default=None, help="Average bits the selector aims at."),

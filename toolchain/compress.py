@@ -277,15 +277,11 @@ def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = sil
     qdq.emit(model, analysis.layers, weights, acts, int4=recipe.int4)
     ShortcutAsConvPass()(model)
     _refresh_shapes(model)
-    if recipe.int4 and any(w.bits <= 4 for w in weights.values()):
-        summary.notes.append("<= 4-bit weights stored as INT4: half the size of INT8 storage, but onnxruntime's CPU "
-                             "has no INT4 convolution and runs those layers in float (fastest with the session "
-                             "config entry session.disable_quant_qdq=1, which datafree.runtime sets: it folds the "
-                             "weights at load); --no-int4 keeps the same values in INT8 for its integer kernels")
-    elif any(w is not None for w in weights.values()) and not any(a is not None for a in acts.values()):
-        summary.notes.append("weight-only quantization: onnxruntime runs it at float speed with the session config "
-                             "entry session.disable_quant_qdq=1 (datafree.runtime sets it), which folds the weights "
-                             "at load; without it every run dequantizes them and the convolutions are slower")
+    if any(a is not None and a.bits < 8 for a in acts.values()):
+        summary.notes.append("activations below 8 bits: onnxruntime's CPU has no integer kernel for them and "
+                             "dequantizes those layers' weights on every run unless the session config entry "
+                             "session.disable_quant_qdq=1 folds them at load (datafree.runtime sets it when no "
+                             "layer runs on integer kernels)")
     per_layer = {}
     for layer in analysis.layers:
         eff = recipe.for_layer(layer.name, layer.kind)

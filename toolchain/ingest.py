@@ -25,6 +25,9 @@ _NEVER_FOLD = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
                "Multinomial", "Bernoulli"}
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul",
                  "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear", "MatMulNBits"}
+# integer types quantized weights are stored in: a Cast of such a constant is a quantized
+# weight (``Cast → Mul(scale)`` or ``Cast → DequantizeLinear``), never folded either
+STORED_INTEGERS = {ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT4, ir.DataType.UINT4}
 
 
 def opset_of(model: ir.Model) -> int:
@@ -63,9 +66,15 @@ def to_ir(source: str | os.PathLike | onnx.ModelProto | ir.Model) -> ir.Model:
 
 
 def _should_fold(node: ir.Node) -> bool | None:
-    if node.op_type in _NEVER_FOLD or node.domain not in ("", "ai.onnx"):
+    if node.op_type in _NEVER_FOLD or node.domain not in ("", "ai.onnx") or _casts_stored_integers(node):
         return False
     return True
+
+
+def _casts_stored_integers(node: ir.Node) -> bool:
+    """A Cast of a constant held in a quantized weight's integer type."""
+    x = node.inputs[0] if node.op_type == "Cast" and node.domain in ("", "ai.onnx") and node.inputs else None
+    return x is not None and x.const_value is not None and x.const_value.dtype in STORED_INTEGERS
 
 
 class RemoveInferenceNoOpsPass(ir.passes.InPlacePass):
@@ -162,4 +171,4 @@ def load(source: str | os.PathLike | onnx.ModelProto | ir.Model) -> ir.Model:
 
 
 def is_quantized(model: ir.Model) -> bool:
-    return any(n.op_type in QUANTIZED_OPS for n in model.graph)
+    return any(n.op_type in QUANTIZED_OPS or _casts_stored_integers(n) for n in model.graph)

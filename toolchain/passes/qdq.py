@@ -1,11 +1,25 @@
 """Write quantization into the graph as QuantizeLinear / DequantizeLinear (QDQ).
 
-* weights: integer initializer (INT8, or INT4 at <= 4 bits on opset 21) →
-  ``DequantizeLinear(axis=output channels)`` → layer;
+* weights: integer initializer (INT8, or INT4 at <= 4 bits on opset 21), written in
+  the form a plain onnxruntime session with default options runs fastest
+  (:func:`weight_form`):
+
+  - a layer onnxruntime fuses into an integer kernel: ``DequantizeLinear(axis=output
+    channels)`` → layer, with ``Cast(to=INT8)`` in front of the DequantizeLinear for
+    INT4 weights.  onnxruntime has no INT4 convolution: it folds the Cast at load,
+    sees an INT8 weight and fuses the layer (QLinearConv, QGemm, QLinearMatMul) while
+    the file keeps 4-bit storage;
+  - a layer between quantized activations that no integer kernel runs (4-bit
+    activations, ConvTranspose): ``DequantizeLinear`` → layer;
+  - any other layer (weight-only, a conv whose output is not requantized):
+    ``Cast(to=FLOAT) → Mul(scale)``, the same float32 values as DequantizeLinear but
+    ordinary constants, which onnxruntime folds into a float weight at load (it
+    never folds a DequantizeLinear unless the session disables QDQ handling);
 * activations: ``QuantizeLinear → DequantizeLinear`` on a tensor, once, feeding all
   its consumers (uint8/uint4 when non-negative, int8/int4 otherwise);
 * biases of layers whose input is quantized: INT32 with scale ``s_x·s_w``, the form
-  onnxruntime needs to fuse ``DQ → Conv → Q`` into an integer ``QLinearConv``.
+  onnxruntime needs to fuse ``DQ → Conv → Q`` into an integer ``QLinearConv`` (float
+  for INT4 weights of layers no integer kernel runs).
 """
 
 from __future__ import annotations
@@ -16,6 +30,7 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
+from ..ingest import STORED_INTEGERS
 from ..recipe import Recipe
 from ..graph import Layer, UniqueNames, add_initializer, attr, const_array
 from .quantize import WeightQuant
@@ -110,15 +125,88 @@ def emit(model: ir.Model, layers: list[Layer], weights: dict[str, WeightQuant],
         wq = weights.get(layer.name)
         if wq is None:
             continue
-        _weight_dq(graph, names, layer, wq, int4)
+        form = weight_form(layer)
+        if form == "integer":
+            _weight_dq(graph, names, layer, wq, int4, cast=True)
+        elif form == "dequantized":
+            _weight_dq(graph, names, layer, wq, int4, cast=False)
+        else:
+            _weight_folded(graph, names, layer, wq, int4)
         x = layer.node.inputs[0]
         p = x.producer()
         if layer.bias is not None and p is not None and p.op_type == "DequantizeLinear" and \
-                layer.op in ("Conv", "Gemm") and wq.bits <= 8 and not (wq.bits <= 4 and int4):
+                layer.op in ("Conv", "Gemm") and wq.bits <= 8 and (form == "integer" or not (wq.bits <= 4 and int4)):
             s_x = float(const_array(p.inputs[1]))
             _bias_dq(graph, names, layer, wq.scale.astype(np.float64) * s_x)
     remove_unused(model)
     ir.passes.common.TopologicalSortPass()(model)
+
+
+def weight_form(layer: Layer) -> str:
+    """How the layer's quantized weight is written, its activations already QDQ:
+
+    * ``"integer"``: onnxruntime's CPU fuses the layer into an integer kernel (QLinearConv,
+      QGemm, QLinearMatMul, MatMulIntegerToFloat) once its weight comes from an 8-bit
+      DequantizeLinear: the input comes from an 8-bit DequantizeLinear and, for a Conv,
+      the output reaches an 8-bit QuantizeLinear (QLinearConv has no float output);
+    * ``"dequantized"``: no integer kernel, but onnxruntime would requantize a float
+      weight (per tensor, to 8 bits: other values) because the input is dequantized and
+      the output quantized: the weight stays behind its DequantizeLinear, exact;
+    * ``"folded"``: everything else (weight-only, ConvTranspose, a Conv whose output is
+      not requantized): ``Cast → Mul``, folded into a float weight at load.
+    """
+    q = _path_to_quantize(layer.node)
+    if layer.op in ("Gemm", "MatMul") or layer.op == "Conv" and q is not None and _zero_point_dtype(q) in _EIGHT_BIT:
+        if _dequantized_8bit(layer.node.inputs[0]):
+            return "integer"
+    p = layer.node.inputs[0].producer()
+    if layer.op in ("Conv", "ConvTranspose", "Gemm") and p is not None and p.op_type == "DequantizeLinear" \
+            and q is not None:
+        return "dequantized"
+    return "folded"
+
+
+def _path_to_quantize(node: ir.Node) -> ir.Node | None:
+    """The QuantizeLinear the node's output reaches without branching, through Relu / Clip."""
+    out = node.outputs[0]
+    while not out.is_graph_output():
+        uses = list(out.uses())
+        if len(uses) != 1 or uses[0].idx != 0:
+            return None
+        nxt = uses[0].node
+        if nxt.op_type == "QuantizeLinear" and nxt.domain in ("", "ai.onnx"):
+            return nxt
+        if nxt.op_type not in ("Relu", "Clip") or nxt.domain not in ("", "ai.onnx"):
+            return None
+        out = nxt.outputs[0]
+    return None
+
+
+_EIGHT_BIT = (ir.DataType.INT8, ir.DataType.UINT8)
+
+
+def _dequantized_8bit(value: ir.Value) -> bool:
+    p = value.producer()
+    return p is not None and p.op_type == "DequantizeLinear" and _zero_point_dtype(p) in _EIGHT_BIT
+
+
+def _zero_point_dtype(node: ir.Node) -> ir.DataType | None:
+    """The integer type of a QuantizeLinear / DequantizeLinear (its zero point's)."""
+    z = node.inputs[2] if len(node.inputs) > 2 else None
+    if z is None or node.domain not in ("", "ai.onnx"):
+        return None
+    return z.dtype if z.dtype is not None else (z.const_value.dtype if z.const_value is not None else None)
+
+
+def stores_quantized_weights(graph: ir.Graph) -> bool:
+    """Whether the graph keeps weights as integers: an integer initializer read by a
+    DequantizeLinear or a Cast (the forms :func:`emit` writes)."""
+    for node in graph:
+        x = node.inputs[0] if node.inputs else None
+        if node.op_type in ("DequantizeLinear", "Cast") and node.domain in ("", "ai.onnx") and x is not None and \
+                x.is_initializer() and x.const_value is not None and x.const_value.dtype in STORED_INTEGERS:
+            return True
+    return False
 
 
 def remove_unused(model: ir.Model) -> None:
@@ -130,14 +218,46 @@ def remove_unused(model: ir.Model) -> None:
             del graph.initializers[name]
 
 
-def _weight_dq(graph, names, layer: Layer, wq: WeightQuant, int4: bool) -> None:
+def _weight_dq(graph, names, layer: Layer, wq: WeightQuant, int4: bool, *, cast: bool) -> None:
+    """The weight through DequantizeLinear; ``cast``: INT4 storage cast to INT8 in front of it."""
     np_dt, ir_dt = _int_dtype(wq.bits, True, int4)
     q, axis = _weight_layout(layer, wq.q)
     base = layer.weight.name
     q_val = add_initializer(graph, f"{base}_quantized", q.astype(np_dt), ir_dt, names=names)
     s_val = add_initializer(graph, f"{base}_scale", wq.scale.astype(np.float32), names=names)
+    if cast and ir_dt != ir.DataType.INT8:
+        q_val = _cast(graph, names, layer, q_val, ir.DataType.INT8, f"{base}_int8")
+        np_dt, ir_dt = np.int8, ir.DataType.INT8
     z_val = add_initializer(graph, f"{base}_zero_point", np.zeros(len(wq.scale), dtype=np_dt), ir_dt, names=names)
     _dequantized_input(graph, names, layer, 1, (q_val, s_val, z_val), axis, "weight")
+
+
+def _weight_folded(graph, names, layer: Layer, wq: WeightQuant, int4: bool) -> None:
+    """The weight as ``Cast(to=FLOAT) → Mul(scale)``: DequantizeLinear's values, folded at load."""
+    np_dt, ir_dt = _int_dtype(wq.bits, True, int4)
+    q, axis = _weight_layout(layer, wq.q)
+    base = layer.weight.name
+    q_val = add_initializer(graph, f"{base}_quantized", q.astype(np_dt), ir_dt, names=names)
+    shape = [1] * q.ndim
+    shape[axis] = len(wq.scale)
+    s_val = add_initializer(graph, f"{base}_scale", wq.scale.astype(np.float32).reshape(shape), names=names)
+    w_int = _cast(graph, names, layer, q_val, ir.DataType.FLOAT, f"{base}_float")
+    old = layer.node.inputs[1]
+    out = ir.Value(name=names(f"{old.name}_dequantized"))
+    mul = ir.Node("", "Mul", [w_int, s_val], outputs=[out], name=names(f"{layer.name}_weight_Mul"))
+    graph.insert_before(layer.node, mul)
+    layer.node.replace_input_with(1, out)
+    if not list(old.uses()) and old.name in graph.initializers:
+        del graph.initializers[old.name]
+
+
+def _cast(graph, names, layer: Layer, value: ir.Value, to: ir.DataType, name: str) -> ir.Value:
+    """``Cast(value, to)`` inserted before the layer."""
+    out = ir.Value(name=names(name))
+    cast = ir.Node("", "Cast", [value], attributes=[ir.AttrInt64("to", int(to))], outputs=[out],
+                   name=names(f"{layer.name}_weight_Cast"))
+    graph.insert_before(layer.node, cast)
+    return out
 
 
 def _bias_dq(graph, names, layer: Layer, scale: np.ndarray) -> None:

@@ -20,7 +20,8 @@ that copies the integers exactly, and the Add after it as a ``QLinearAdd`` inste
 of a float Add of a dequantized, padded tensor (W8A8 ResNet-20 ~7 % faster; the
 same values in ONNX semantics, though onnxruntime's integer Add rounds a little
 differently from its float one).  4-bit residuals keep their Pad.  In a model whose
-weights are stored quantized (weight-only) the selection weight is INT8 too.
+weights are stored quantized (weight-only) the selection weight is INT8 too, cast to
+float like those weights (folded at load).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..graph import UniqueNames, add_initializer, attr, const_array
-from .qdq import ActQuant, insert_act_qdq, remove_unused
+from .qdq import ActQuant, insert_act_qdq, remove_unused, stores_quantized_weights
 
 INT64_MAX = np.iinfo(np.int64).max
 
@@ -39,8 +40,7 @@ class ShortcutAsConvPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph, names, modified = model.graph, None, False
-        quantized = any(n.op_type == "DequantizeLinear" and n.inputs[0] is not None and n.inputs[0].is_initializer()
-                        for n in graph)
+        quantized = stores_quantized_weights(graph)
         for pad in [n for n in graph if n.op_type == "Pad" and n.domain in ("", "ai.onnx")]:
             match = _match(pad)
             if match is None:
@@ -51,7 +51,7 @@ class ShortcutAsConvPass(ir.passes.InPlacePass):
             cin = x.shape[1]
             w = np.zeros((before + cin + after, cin) + (1,) * len(strides), np.float32)
             w[before + np.arange(cin), np.arange(cin)] = 1.0
-            weight = _selection_weight(graph, names, f"{base}_select", w, quantized or grid is not None, pad)
+            weight = _selection_weight(graph, names, f"{base}_select", w, quantized, grid is not None, pad)
             out = pad.outputs[0]
             conv = ir.node("Conv", [x, weight], attributes={"kernel_shape": [1] * len(strides),
                                                              "strides": list(strides)},
@@ -79,13 +79,20 @@ class ShortcutAsConvPass(ir.passes.InPlacePass):
 
 
 def _selection_weight(graph: ir.Graph, names: UniqueNames, base: str, w: np.ndarray, quantized: bool,
-                      before: ir.Node) -> ir.Value:
-    """The 0/1 weight: float32, or in a model whose weights are stored quantized, INT8
-    through ``DequantizeLinear(scale 1)`` (exact; a quarter of the bytes, and folded at
-    load like the model's other weights)."""
-    if not quantized:
+                      integer: bool, before: ir.Node) -> ir.Value:
+    """The 0/1 weight: float32; on a quantized residual (``integer``), INT8 through
+    ``DequantizeLinear(scale 1)`` for an integer kernel; in a model whose weights are
+    stored quantized, INT8 through ``Cast(to=FLOAT)`` (exact; a quarter of the bytes, and
+    folded at load like the model's other weights)."""
+    if not quantized and not integer:
         return add_initializer(graph, base, w, names=names)
     q = add_initializer(graph, f"{base}_quantized", w.astype(np.int8), ir.DataType.INT8, names=names)
+    if not integer:
+        cast = ir.node("Cast", [q], attributes={"to": int(ir.DataType.FLOAT)}, name=names(f"{base}_Cast"),
+                       num_outputs=1)
+        cast.outputs[0].name = names(f"{base}_float")
+        graph.insert_before(before, cast)
+        return cast.outputs[0]
     scale = add_initializer(graph, f"{base}_scale", np.array(1.0, np.float32), names=names)
     zero = add_initializer(graph, f"{base}_zero_point", np.array(0, np.int8), ir.DataType.INT8, names=names)
     dq = ir.node("DequantizeLinear", [q, scale, zero], name=names(f"{base}_DequantizeLinear"), num_outputs=1)

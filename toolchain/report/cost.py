@@ -3,7 +3,8 @@
 ``BOPs = MACs x b_w x b_a`` (HAWQ-V3 convention; a float layer counts 32 x 32).
 Every number the report prints comes from one function here, which the tests call
 too.  Besides the float layers ``graph.analyse`` finds, this module reads layers
-of QDQ models (weight from ``DequantizeLinear``).  Their bit-widths come, in this
+of QDQ models (weight from ``DequantizeLinear``, or from ``Cast → Mul(scale)`` of
+stored integers, through a Cast in either case).  Their bit-widths come, in this
 order, from the compressor's ``metadata_props["datafree.layers"]``, from the recipe
 in ``metadata_props["datafree.recipe"]``, and last from the integers themselves:
 the container dtype (int8/uint8 -> 8, int4/uint4 -> 4) narrowed by the largest
@@ -121,17 +122,44 @@ def compute_layers(model: ir.Model) -> list[graph.Layer]:
     return out
 
 
-def _dq_source(value: ir.Value | None) -> ir.Node | None:
-    p = value.producer() if value is not None else None
-    if p is not None and p.op_type == "DequantizeLinear" and p.inputs[0] is not None \
+def _stored_integers(value: ir.Value | None) -> ir.Value | None:
+    """The constant ``value`` is, or the constant a Cast turns into ``value``."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value
+    p = value.producer()
+    if p is not None and p.op_type == "Cast" and p.inputs and p.inputs[0] is not None \
             and p.inputs[0].const_value is not None:
-        return p
+        return p.inputs[0]
     return None
 
 
+def _dq_source(value: ir.Value | None) -> ir.Node | None:
+    """The node that dequantizes stored integers into ``value``: a DequantizeLinear, or a
+    ``Mul(Cast(integers), scale)`` (the form weights onnxruntime folds at load take)."""
+    p = value.producer() if value is not None else None
+    if p is None:
+        return None
+    if p.op_type == "DequantizeLinear" and p.inputs[0] is not None and _stored_integers(p.inputs[0]) is not None:
+        return p
+    if p.op_type == "Mul" and len(p.inputs) == 2 and p.inputs[0] is not None and p.inputs[0].const_value is None \
+            and p.inputs[1] is not None and p.inputs[1].const_value is not None:
+        q = _stored_integers(p.inputs[0])
+        if q is not None and q.const_value.dtype in _INT_BITS:
+            return p
+    return None
+
+
+def _integers(dq: ir.Node) -> ir.Value:
+    return _stored_integers(dq.inputs[0])
+
+
 def _dequantize(dq: ir.Node) -> np.ndarray:
-    q = graph.const_array(dq.inputs[0]).astype(np.float64)
+    q = graph.const_array(_integers(dq)).astype(np.float64)
     scale = graph.const_array(dq.inputs[1]).astype(np.float64)
+    if dq.op_type == "Mul":
+        return (q * scale).astype(np.float32)
     zp = graph.const_array(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2] is not None else None
     zp = np.zeros_like(scale) if zp is None else zp.astype(np.float64)
     if scale.ndim == 1 and scale.size > 1 and q.ndim > 1:
@@ -180,7 +208,10 @@ def _metadata(model: ir.Model) -> tuple[dict, Recipe | None]:
 
 
 def _dtype_bits(value: ir.Value | None, *, weight: bool) -> int:
-    dq = _dq_source(value) if weight else (value.producer() if value is not None else None)
+    if weight:
+        dq = _dq_source(value)
+        return FLOAT_BITS if dq is None else _INT_BITS.get(_integers(dq).const_value.dtype, FLOAT_BITS)
+    dq = value.producer() if value is not None else None
     if dq is None or dq.op_type != "DequantizeLinear":
         return FLOAT_BITS
     dtype = dq.inputs[0].dtype
@@ -191,8 +222,9 @@ def _dtype_bits(value: ir.Value | None, *, weight: bool) -> int:
 
 def _range_bits(dq: ir.Node, container: int) -> int:
     """Narrowest symmetric grid holding the stored integers (max |q| <= 2^(b-1)-1)."""
-    q = graph.const_array(dq.inputs[0])
-    zp = graph.const_array(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2] is not None else None
+    q = graph.const_array(_integers(dq))
+    zp = graph.const_array(dq.inputs[2]) if dq.op_type == "DequantizeLinear" and len(dq.inputs) > 2 and \
+        dq.inputs[2] is not None else None
     if zp is not None and np.any(zp != 0):
         return container
     m = int(np.abs(q.astype(np.int64)).max()) if q.size else 0

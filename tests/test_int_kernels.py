@@ -1,0 +1,168 @@
+"""Quantized models in a plain onnxruntime session with default options: W4A8 layers fuse
+into integer kernels while the file keeps INT4 weights, weight-only layers are folded
+into float weights at load, and the values are the ones the model's ONNX graph defines."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+import zoo
+from datafree.runtime import InferenceSession
+from datafree.toolchain.compress import compress
+from datafree.toolchain.recipe import Recipe
+from datafree.toolchain.report import cost
+
+INTEGER_KERNELS = {"QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat"}
+
+
+def _model(name: str, tmp_path, **recipe) -> onnx.ModelProto:
+    _, path = zoo.build(name, tmp_path)
+    return ir.serde.serialize_model(compress(path, Recipe(synthetic=0, **recipe)).model)
+
+
+def _plain(proto: onnx.ModelProto, tmp_path, tag: str, **config) -> tuple[ort.InferenceSession, onnx.ModelProto]:
+    """A default-options session and the optimized graph onnxruntime made at load."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.optimized_model_filepath = str(tmp_path / f"{tag}_optimized.onnx")
+    for key, value in config.items():
+        options.add_session_config_entry(key, value)
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session, onnx.load(options.optimized_model_filepath)
+
+
+def _unoptimized(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    """The outputs the ONNX graph defines: onnxruntime with every optimisation off."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def _run(session: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def _stored_weight_types(proto: onnx.ModelProto) -> set[int]:
+    """Types of the stored integer weights (INT32 biases left out)."""
+    return {t.data_type for t in proto.graph.initializer
+            if t.name.endswith("_quantized") and t.data_type != onnx.TensorProto.INT32}
+
+
+def _dequantized_constants(optimized: onnx.ModelProto) -> list[str]:
+    """DequantizeLinear nodes of the optimized graph that read an initializer (a weight)."""
+    inits = {t.name for t in optimized.graph.initializer}
+    return [n.name for n in optimized.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+
+
+# name, layers onnxruntime fuses (op type -> count), depthwise at 4 bits too
+W4A8_CASES = [
+    ("conv_bn_relu_conv", {"QLinearConv": 2, "QGemm": 1}),
+    ("mobilenet_like", {"QLinearConv": 5, "QGemm": 1}),        # the depthwise conv among them
+    ("token_mlp", {"QLinearMatMul": 2}),
+    ("vgg_like", {"QLinearConv": 5, "QGemm": 2}),
+]
+
+
+@pytest.mark.parametrize("name, fused", W4A8_CASES, ids=[c[0] for c in W4A8_CASES])
+def test_w4a8_runs_on_integer_kernels_from_int4_storage(name, fused, tmp_path):
+    recipe = dict(wbits=4, abits=8, depthwise_wbits=None)
+    int4 = _model(name, tmp_path, **recipe)
+    int8 = _model(name, tmp_path, int4=False, **recipe)
+    assert _stored_weight_types(int4) == {onnx.TensorProto.INT4}
+    assert _stored_weight_types(int8) == {onnx.TensorProto.INT8}
+
+    session, optimized = _plain(int4, tmp_path, "int4")
+    ops = Counter(n.op_type for n in optimized.graph.node)
+    assert {op: ops[op] for op in fused} == fused
+    assert not {"Conv", "Gemm", "MatMul"} & set(ops)          # every layer on an integer kernel
+    assert not _dequantized_constants(optimized)
+    int8_session, int8_optimized = _plain(int8, tmp_path, "int8")
+    assert Counter(n.op_type for n in int8_optimized.graph.node) == ops
+
+    x = zoo.images(8, zoo.INPUT_SHAPES[name][1:])
+    np.testing.assert_array_equal(_run(session, x), _run(int8_session, x))
+    np.testing.assert_array_equal(_unoptimized(int4, x), _unoptimized(int8, x))
+
+
+@pytest.mark.parametrize("name", ["conv_bn_relu_conv", "mobilenet_like", "tconv_net", "token_mlp", "mlp"])
+@pytest.mark.parametrize("wbits", [4, 8])
+def test_weight_only_weights_are_folded_at_load(name, wbits, tmp_path):
+    proto = _model(name, tmp_path, wbits=wbits, depthwise_wbits=None)
+    assert _stored_weight_types(proto) == {onnx.TensorProto.INT4 if wbits == 4 else onnx.TensorProto.INT8}
+    session, optimized = _plain(proto, tmp_path, "plain")
+    assert not [n for n in optimized.graph.node if n.op_type in ("DequantizeLinear", "Cast", "MatMulNBits")]
+    # folded at load: what the session with QDQ handling disabled computes, and the graph's own values
+    folded, _ = _plain(proto, tmp_path, "folded", **{"session.disable_quant_qdq": "1"})
+    x = zoo.images(8, zoo.INPUT_SHAPES[name][1:])
+    y = _run(session, x)
+    np.testing.assert_array_equal(y, _run(folded, x))
+    np.testing.assert_allclose(y, _unoptimized(proto, x), rtol=0, atol=1e-5 * np.abs(y).max())
+
+
+def test_weight_only_shortcut_selection_is_int8_and_folded(resnet20_bn, tmp_path):
+    """The zero-padded shortcuts of a weight-only ResNet: 1x1 selection convs stored in INT8."""
+    proto = ir.serde.serialize_model(compress(resnet20_bn, Recipe(wbits=4, synthetic=0)).model)
+    select = [t for t in proto.graph.initializer if "_select" in t.name]
+    assert select and {t.data_type for t in select} == {onnx.TensorProto.INT8}
+    _, optimized = _plain(proto, tmp_path, "plain")
+    assert not [n for n in optimized.graph.node if n.op_type in ("DequantizeLinear", "Cast")]
+
+
+def test_low_bit_activations_keep_exact_weights(tmp_path):
+    """Below 8 bits no integer kernel runs the layer, and a float weight there would be
+    requantized by onnxruntime (8 bits per tensor): the weights stay dequantized, and
+    datafree.runtime has onnxruntime fold them at load."""
+    proto = _model("conv_bn_relu_conv", tmp_path, wbits=4, abits=4)
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    inits = {t.name: t for t in proto.graph.initializer}
+    for conv in (n for n in proto.graph.node if n.op_type == "Conv"):
+        dq = producers[conv.input[1]]
+        assert dq.op_type == "DequantizeLinear" and inits[dq.input[0]].data_type == onnx.TensorProto.INT4
+    session = InferenceSession(proto)
+    assert session.weights_folded
+    x = zoo.images(8)
+    y = session.run(None, {"input": x})[0]
+    np.testing.assert_allclose(y, _unoptimized(proto, x), rtol=0, atol=1e-5 * np.abs(y).max())
+
+
+@pytest.mark.parametrize("abits", [8, None])
+def test_datafree_session_adds_nothing_for_w4(abits, tmp_path):
+    proto = _model("conv_bn_relu_conv", tmp_path, wbits=4, abits=abits)
+    session = InferenceSession(proto)
+    assert not session.weights_folded
+    x = zoo.images(8)
+    plain, _ = _plain(proto, tmp_path, "plain")
+    np.testing.assert_array_equal(session.run(None, {"input": x})[0], _run(plain, x))
+
+
+@pytest.mark.parametrize("abits", [8, None])
+def test_report_reads_both_weight_forms(abits, tmp_path):
+    """The report finds every layer with its 4-bit weights and INT4 storage in either form."""
+    proto = _model("mobilenet_like", tmp_path, wbits=4, abits=abits, depthwise_wbits=None)
+    model = ir.serde.deserialize_model(proto)
+    meta = dict(model.metadata_props)
+    model.metadata_props.clear()           # bits from the stored integers, not from the metadata
+    rows = cost.layer_costs(model)
+    assert len(rows) == 6 and {(r.wbits, r.wstore) for r in rows} == {(4, 4)}
+    assert {r.abits for r in rows} == ({8} if abits else {32})
+    model.metadata_props.update(meta)
+    assert {(r.wbits, r.bits_from) for r in cost.layer_costs(model)} == {(4, "metadata")}
+
+
+def test_a_weight_only_model_counts_as_quantized(tmp_path):
+    """Its Cast of stored integers is neither folded on loading nor compressed again."""
+    from datafree.toolchain.errors import UserError
+    from datafree.toolchain.ingest import is_quantized, load
+
+    proto = _model("conv_bn_relu_conv", tmp_path, wbits=4)
+    model = load(proto)
+    assert is_quantized(model) and sum(n.op_type == "Cast" for n in model.graph) == 3
+    with pytest.raises(UserError, match="already quantized"):
+        compress(proto, Recipe(synthetic=0))
