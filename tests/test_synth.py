@@ -84,10 +84,11 @@ def test_bn_statistics_loss_decreases(bn_model):
     assert after["ce"] < before["ce"]
 
 
-def test_folded_model_uses_output_only(folded_model):
-    gen = synth._Generator(folded_model, synth.sample_shape(folded_model))
+def test_folded_model_gets_photographs_and_output_only_on_request(folded_model):
+    assert synth.generate(folded_model, 4, steps=1, cache=False).source == "natural"
+    gen = synth._Generator(folded_model, synth.sample_shape(folded_model), route="output-only")
     assert gen.preacts  # the scale prior watches the convolutions
-    s = synth.generate(folded_model, 8, steps=15, batch_size=8, cache=False)
+    s = synth.generate(folded_model, 8, steps=15, batch_size=8, cache=False, route="output-only")
     assert s.source == "output-only" and s.images.shape == (8, 3, 32, 32)
     assert np.isfinite(s.images).all()
     noise = np.random.default_rng(0).standard_normal(s.images.shape).astype(np.float32)

@@ -79,8 +79,7 @@ class CompressResult:
 ROUTES = {
     "bn-statistics": "optimised to match the model's BatchNormalization statistics and its classes",
     "output-only": "optimised toward the model's classes under image priors (no BatchNormalization statistics)",
-    "natural": "procedural photographs in the input's range (no BatchNormalization statistics, "
-               "outputs are not class scores)",
+    "natural": "procedural photographs in the input's range (no BatchNormalization statistics to match)",
 }
 
 

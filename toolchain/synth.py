@@ -21,7 +21,11 @@ spread over similar classes (hard).  Between steps the batch is randomly shifted
 a few pixels and flipped horizontally, so the images do not overfit one alignment.
 
 Models without BatchNormalization (BN folded into the convolutions) have no
-statistics to match: ``source = "output-only"``.  The start is smoother (1/8 size)
+statistics to match.  Their images are procedural photographs (``source =
+"natural"``, :mod:`.natural`) in the input's value range (:mod:`.inputs`): they need
+nothing from the model, and classifiers fit on them better than on images optimised
+toward their classes.  That optimisation stays available (``route="output-only"``,
+and for classifiers of inputs that are not images).  The start is smoother (1/8 size)
 and the learning rate five times smaller: with nothing anchoring the internal
 statistics, large steps reach the target class through adversarial high-frequency
 patterns.  The loss is the soft-target CE with much stronger TV and l2 priors,
@@ -77,14 +81,13 @@ CE_WEIGHT = 1.0
 INIT_DOWNSCALE = 4           # start from noise this many times smaller than the input, upsampled
 OUTPUT_ONLY_INIT_DOWNSCALE = 8
 JITTER_FRACTION = 1 / 16     # of the spatial size, at least one pixel
-ROUTE_WITHOUT_BN = "output-only"   # classifiers without BN: "output-only" (optimised) or "natural" (procedural)
 
 
 @dataclass
 class SyntheticSet:
     images: np.ndarray      # float32, N x C x H x W, in the model's input space (already normalised)
     targets: np.ndarray     # float32, N x K soft labels used for generation
-    source: str             # "bn-statistics" or "output-only" (no BN in the model)
+    source: str             # "bn-statistics", "natural" or "output-only" (how they were made), or "caller"
     seed: int
 
 
@@ -104,6 +107,8 @@ def generate(model: ir.Model, n: int, *, steps: int = DEFAULT_STEPS, seed: int =
         raise UserError("steps must be >= 0 and batch_size > 0")
     _check_image_input(model)
     shape = sample_shape(model, input_shape)
+    if convention is None:
+        convention = _convention(model, shape, seed)
     path = None
     if cache:
         extra = {"convention": convention.name} if convention is not None and not convention.standardised else {}
@@ -180,6 +185,13 @@ def sample_shape(model: ir.Model, input_shape: tuple[int, ...] | None = None) ->
         raise CannotSynthesise(f"input size {format_dims(dims) if dims is not None else '?'} is symbolic: "
                                "pass input_shape (--input-shape)")
     return tuple(int(d) for d in dims[1:])
+
+
+def _convention(model: ir.Model, shape: tuple[int, ...], seed: int) -> Convention | None:
+    """The input's value range as :mod:`.inputs` infers it (None for inputs that are not images)."""
+    from . import inputs
+
+    return inputs.infer_range(model, shape, seed)[0] if inputs.is_image(model, shape) else None
 
 
 def cache_key(model: ir.Model, **args) -> str:
@@ -412,8 +424,10 @@ class RouteRefused(UserError):
 
 
 def _route(asked: str, has_bn: bool, classifier: bool, image: bool) -> str:
-    """How images are made: BN statistics where the model keeps them; else, for a classifier,
-    ``ROUTE_WITHOUT_BN``; else procedural photographs (an image input is needed)."""
+    """How images are made: BN statistics where the model keeps them; else procedural
+    photographs for an image input (a classifier with BN folded gets more from them than
+    from images optimised toward its classes: benchmarks/synth_routes.py); else, for a
+    classifier of other inputs, images optimised toward its classes."""
     possible = {"bn-statistics": (has_bn, "the model has no BatchNormalization statistics"),
                 "output-only": (classifier, "the model's output is not one score per class"),
                 "natural": (image, "the input is not an image")}
@@ -424,7 +438,7 @@ def _route(asked: str, has_bn: bool, classifier: bool, image: bool) -> str:
         if not ok:
             raise RouteRefused(f"synthetic route {asked!r} cannot be used: {why}")
         return asked
-    for route in ("bn-statistics", ROUTE_WITHOUT_BN, "natural"):
+    for route in ("bn-statistics", "natural", "output-only"):
         if possible[route][0]:
             return route
     raise CannotSynthesise("cannot make synthetic inputs: the model has no BatchNormalization statistics, its "
