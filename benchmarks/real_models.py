@@ -559,9 +559,10 @@ HEADERS = ["model", "method", "SQNR dB", "text-map IoU", "same arg-max", "wall s
 
 def cells(r: Row) -> list[str]:
     if r.error:
-        return [r.model, r.method, "failed: " + r.error.splitlines()[0][:160]] + [""] * (len(HEADERS) - 3)
+        return [r.model, r.method, "failed: " + r.error.splitlines()[-1][:160]] + [""] * (len(HEADERS) - 3)
     summary = "" if r.macs_summary_before is None else f"{mmacs(r.macs_summary_before)}→{mmacs(r.macs_summary_after)}"
-    return [r.model, r.method, fmt(r.sqnr_db, ".1f"), fmt(r.map_iou, ".3f"),
+    reference = r.method == METHODS[0][1]
+    return [r.model, r.method, "ref" if reference else fmt(r.sqnr_db, ".1f"), fmt(r.map_iou, ".3f"),
             fmt(None if r.agree is None else 100 * r.agree, ".1f", "–") + ("%" if r.agree is not None else ""),
             fmt(r.wall_s, ".1f"), summary, mmacs(r.macs_counted), fmt(None if r.size_bytes is None else r.size_bytes / 1024, ",.0f")]
 
@@ -599,11 +600,23 @@ def markdown(rows: list[Row], specs: list[Spec], meta: dict) -> str:
     lines += ["", "## Models", ""]
     lines += [f"- **{s.key}** — {s.family}; `{s.pip}`, file `{s.file}`; licence {s.licence}; scored at "
               f"{s.size[0]}×{s.size[1]}." for s in specs]
+    counted = {r.model: r.macs_counted for r in rows if r.method == METHODS[0][1] and r.macs_counted}
+    off = [r for r in rows if r.macs_summary_before is not None and r.model in counted
+           and abs(r.macs_summary_before - counted[r.model]) > 0.01 * counted[r.model]]
+    if off:
+        lines += ["", "## Summary MACs that differ from the count at the scored size", ""]
+        lines += [f"- {r.model}, {r.method}: summary {mmacs(r.macs_summary_before)} M before, "
+                  f"{mmacs(r.macs_summary_after)} M after; counted {mmacs(counted[r.model])} M (float), "
+                  f"{mmacs(r.macs_counted)} M (this model)" for r in off]
     failed = [r for r in rows if r.error and r.command]
     if failed:
         lines += ["", "## datafree failures", ""]
         for r in failed:
             lines += [f"{r.model}: `{r.command}`", "", "```", r.error, "```", ""]
+    other = [r for r in rows if not r.command and r.notes]
+    if other:
+        lines += ["", "## Notes on the other methods", ""]
+        lines += [f"- {r.model}, {r.method}: " + "; ".join(r.notes) for r in other]
     said = {}
     for r in rows:
         if r.command and r.notes:
@@ -625,6 +638,15 @@ def pick(patterns: str | None, keys: list[str], what: str) -> list[str]:
     return picked
 
 
+def render(out: Path) -> None:
+    """The markdown made again from a run's JSON (after a change of layout)."""
+    data = json.loads(out.with_suffix(".json").read_text())
+    rows = [Row(**r) for r in data["rows"]]
+    specs = [s for s in MODELS if s.key in data["meta"]["models"]]
+    out.write_text(markdown(rows, specs, data["meta"]))
+    print(f"wrote {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", help=f"comma-separated keys or patterns ({', '.join(s.key for s in MODELS)})")
@@ -636,7 +658,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--timeout", type=float, default=3600, help="seconds one datafree command may take")
     p.add_argument("--images", type=Path, default=peers.SHARED_IMAGES)
     p.add_argument("--out", type=Path, default=RESULTS, help="markdown to write (.json beside it)")
+    p.add_argument("--render", action="store_true", help="only write the markdown again from the .json beside it")
     args = p.parse_args(argv)
+    if args.render:
+        render(args.out)
+        return
 
     import onnxruntime as ort
 
