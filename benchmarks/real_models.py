@@ -58,6 +58,7 @@ Writes ``benchmarks/results/real_models.md`` and ``.json`` beside it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import fnmatch
 import importlib.util
@@ -526,10 +527,11 @@ def bench_model(spec: Spec, methods: list[str], images: np.ndarray, args, work: 
                 row.macs_summary_before, row.macs_summary_after = totals.get("macs_before"), totals.get("macs_after")
                 row.notes += made.summary.get("notes", [])[:4]
             else:
-                if key.startswith("ort-"):
-                    row.notes += ort_preprocessed(path, ctx)
-                    t = time.perf_counter()
-                maker(key)(path, out, ctx)
+                with contextlib.chdir(work):   # onnxruntime's quantization leaves temporary files in the cwd
+                    if key.startswith("ort-"):
+                        row.notes += ort_preprocessed(path, ctx)
+                        t = time.perf_counter()
+                    maker(key)(path, out, ctx)
                 row.wall_s = time.perf_counter() - t
             ys = score(row, spec, out, x, refs, batch)
             if key == "float":
@@ -677,7 +679,7 @@ def main(argv: list[str] | None = None) -> None:
     code = compress_bench.code_state()
 
     def log(row: Row) -> None:
-        done = "failed: " + row.error.splitlines()[0][:150] if row.error else \
+        done = "failed: " + row.error.splitlines()[-1][:150] if row.error else \
             f"SQNR {fmt(row.sqnr_db, '.1f')} dB" + (f", IoU {row.map_iou:.3f}" if row.map_iou is not None else "") + \
             (f", same arg-max {100 * row.agree:.1f}%" if row.agree is not None else "") + f", {row.wall_s:.1f} s"
         print(f"{row.model:>18} | {row.method:<46} | {done}", flush=True)
