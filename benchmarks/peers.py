@@ -119,21 +119,23 @@ def ort_dynamic(model: Path, out: Path, ctx: dict) -> None:
 
 
 class _Reader:
-    """onnxruntime's CalibrationDataReader over an array, in batches of 32."""
+    """onnxruntime's CalibrationDataReader over an array, in batches of ``batch`` (32 by default)."""
 
-    def __init__(self, name: str, x: np.ndarray) -> None:
-        self._batches = iter([{name: x[i:i + 32]} for i in range(0, len(x), 32)])
+    def __init__(self, name: str, x: np.ndarray, batch: int = 32) -> None:
+        self._batches = iter([{name: x[i:i + batch]} for i in range(0, len(x), batch)])
 
     def get_next(self):
         return next(self._batches, None)
 
 
 def ort_static(calibration: str) -> Callable[[Path, Path, dict], None]:
+    """quantize_static calibrated on ``ctx["noise"]`` or ``ctx["calibration"]``, in batches of
+    ``ctx.get("batch", 32)`` (1 for a model whose batch is fixed at 1)."""
     def make(model: Path, out: Path, ctx: dict) -> None:
         from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
         x = ctx["noise"] if calibration == "noise" else ctx["calibration"]
-        quantize_static(str(_preprocessed(model, ctx)), str(out), _Reader(ctx["input"], x),
+        quantize_static(str(_preprocessed(model, ctx)), str(out), _Reader(ctx["input"], x, ctx.get("batch", 32)),
                         quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     return make
