@@ -1,7 +1,8 @@
 """datafree on the edge test models (tests/edge_zoo.py), exported as users export them:
 BN folded, opset 17, symbolic batch, height and width.
 
-    python benchmarks/edge_models.py [--quick] [--models mbv3_like,db_like,yolo_like] [--photos 64] [--jobs 1]
+    python benchmarks/edge_models.py [--quick] [--bn-kept] [--models mbv3_like,db_like,yolo_like]
+                                     [--photos 64] [--jobs 1]
 
 Per model, output SQNR (``edge_zoo.sqnr_db``) against the float model on held-out photos
 (``edge_zoo.photos``: the bundled dev images at the model's usual size, with text drawn on
@@ -12,12 +13,13 @@ them or another photo pasted), and the text-map IoU (``edge_zoo.map_iou``) for d
 * ``datafree compress`` as a user runs it: ``--wbits 8 --synthetic 0``, ``--wbits 8 --abits 8``,
   the same with ``--input-shape 1,3,H,W``, ``--wbits 4 --abits 8 --input-shape ...`` and
   ``--prune 0.3 --wbits 8 --input-shape ...``;
+* with ``--bn-kept``, also those with the input shape on the export with BN kept;
 
 with the compression wall time, MACs per image at the usual size (relative to the float
 model), what the summary says about synthetic images, and any traceback (a bug).
 ``--quick``: 16 photos and four rows per model (plain W8 rounding, W8A8 with and without
 the input shape, the prune row).  Writes ``benchmarks/results/edge_models.md``
-(``edge_models_quick.md`` with ``--quick``).
+(``edge_models_quick.md`` with ``--quick``, ``edge_models_bn_kept.md`` with ``--bn-kept``).
 """
 
 from __future__ import annotations
@@ -58,9 +60,10 @@ class Row:
     macs: float | None = None
     route: str = ""
     error: str = ""
+    bn_kept: bool = False   # compress the export with BN kept instead of the folded one
 
 
-def configs(name: str, quick: bool) -> list[Row]:
+def configs(name: str, quick: bool, bn_kept: bool = False) -> list[Row]:
     shape = "1," + ",".join(map(str, edge_zoo.INFO[name]["size"]))
     rows = [Row("plain W8 rounding"), Row("plain W4 rounding"),
             Row("W8 --synthetic 0", ["--wbits", "8", "--synthetic", "0"]),
@@ -71,6 +74,9 @@ def configs(name: str, quick: bool) -> list[Row]:
     if quick:
         rows = [r for r in rows if r.label in ("plain W8 rounding", "W8A8", "W8A8 --input-shape",
                                                "prune 0.3 + W8 --input-shape")]
+    if bn_kept:
+        rows += [Row("BN kept: " + r.label, r.args, bn_kept=True) for r in rows
+                 if r.label in ("W8A8 --input-shape", "W4A8 --input-shape", "prune 0.3 + W8 --input-shape")]
     return rows
 
 
@@ -181,20 +187,24 @@ def image_route(output: str) -> str:
     """The summary's line(s) on synthetic images or the closed form, shortened."""
     keys = ("synthetic", "closed form")
     lines = [" ".join(line.split()) for line in output.splitlines() if any(k in line.lower() for k in keys)]
-    return " / ".join(lines[:2])[:240]
+    notes = [line for line in lines if line.startswith("note:")]   # not the progress lines
+    return (notes or lines or [""])[0][:240]
 
 
 # ------------------------------------------------------------------------ a model
 def measure(name: str, rows: list[Row], n_photos: int, work: Path) -> list[Row]:
-    """Fill ``rows`` for model ``name``: its float export against each compressed or rounded one."""
+    """Fill ``rows`` for model ``name``: its float export (BN folded, or kept for ``bn_kept`` rows)
+    against each compressed or rounded one."""
     work = work / name
     work.mkdir()
-    src = edge_zoo.export(name, work, opset=17, fold_bn=True, dynamic_hw=True)
+    sources = {fold: edge_zoo.export(name, work, opset=17, fold_bn=fold, dynamic_hw=True)
+               for fold in {not r.bn_kept for r in rows}}
     x = edge_zoo.photos(name, n_photos)
-    ref = run_all(src, x)
-    float_macs = macs(src, x)
-    for row in rows:
-        dst = work / f"{name}_{len(row.label)}_{abs(hash(row.label)) % 10 ** 6}.onnx"
+    refs = {fold: run_all(src, x) for fold, src in sources.items()}
+    float_macs = macs(sources[True], x) if True in sources else None
+    for i, row in enumerate(rows):
+        src, ref = sources[not row.bn_kept], refs[not row.bn_kept]
+        dst = work / f"{name}_{i}.onnx"
         if row.args:
             row.wall, out, row.error = compress(src, dst, row.args)
             row.route = image_route(out)
@@ -212,8 +222,8 @@ def measure(name: str, rows: list[Row], n_photos: int, work: Path) -> list[Row]:
                 row.macs = m / float_macs if m is not None and float_macs else None
             except Exception as e:   # noqa: BLE001  (a model that does not run is a result too)
                 row.error = f"does not run: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
-        print(f"{name:10s} {row.label:30s} {_f(row.sqnr)} dB  IoU {_f(row.iou, 3)}  {_f(row.wall, 0)} s  "
-            f"MACs {_f(row.macs, 2)}  {row.error}  | {row.route}", flush=True)
+        print(f"{name:10s} {row.label:36s} {_f(row.sqnr)} dB  IoU {_f(row.iou, 3)}  {_f(row.wall, 0)} s  "
+              f"MACs {_f(row.macs, 2)}  {row.error}  | {row.route}", flush=True)
     return rows
 
 
@@ -221,14 +231,15 @@ def _f(v, digits: int = 1) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
-def markdown(results: dict[str, list[Row]], n_photos: int, quick: bool) -> str:
+def markdown(results: dict[str, list[Row]], n_photos: int, quick: bool, bn_kept: bool = False) -> str:
     lines = [f"# datafree on the edge test models{' (quick)' if quick else ''}", "",
              f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()}, "
              f"{os.cpu_count()} cores (shared).  Models: `tests/edge_zoo.py`, exported with BN folded, "
              f"opset 17, symbolic batch/height/width.  Scored on {n_photos} held-out photos "
              "(`edge_zoo.photos`) at each model's usual size; SQNR over all outputs (`edge_zoo.sqnr_db`) "
              "against the float model; MACs at the usual size relative to the float model.  "
-             "Made by `python benchmarks/edge_models.py" + (" --quick" if quick else "") + "`.", ""]
+             "Made by `python benchmarks/edge_models.py" + (" --quick" if quick else "")
+             + (" --bn-kept" if bn_kept else "") + "`.", ""]
     for name, rows in results.items():
         info = edge_zoo.INFO[name]
         lines += [f"## {name} (input {info['size']}, range [{info['range'][0]:.2f}, {info['range'][1]:.2f}])", "",
@@ -248,21 +259,24 @@ def main() -> None:
     ap.add_argument("--models", default="mbv3_like,db_like,yolo_like", help="in this order (cheapest first)")
     ap.add_argument("--photos", type=int, default=None, help="held-out photos per model (default 64, quick 16)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--bn-kept", action="store_true",
+                    help="also compress the export with BN kept (the rows with the input shape)")
     ap.add_argument("--jobs", type=int, default=1, help="models measured side by side (processes)")
     args = ap.parse_args()
     n_photos = args.photos or (16 if args.quick else 64)
     results = {}
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"edge_models{'_quick' if args.quick else ''}.md"
+    suffix = ("_quick" if args.quick else "") + ("_bn_kept" if args.bn_kept else "")
+    out = RESULTS / f"edge_models{suffix}.md"
     names = args.models.split(",")
     with tempfile.TemporaryDirectory() as tmp, \
             ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(measure, name, configs(name, args.quick), n_photos, Path(tmp)): name
+        futures = {pool.submit(measure, name, configs(name, args.quick, args.bn_kept), n_photos, Path(tmp)): name
                    for name in names}
         for future in as_completed(futures):
             results[futures[future]] = future.result()
             done = {n: results[n] for n in names if n in results}
-            out.write_text(markdown(done, n_photos, args.quick))   # each model's table as soon as it is done
+            out.write_text(markdown(done, n_photos, args.quick, args.bn_kept))   # each model's table as soon as it is done
     print(f"wrote {out}")
 
 
