@@ -41,10 +41,10 @@ def _torch(module, x):
 
 
 def _other_size(name):
-    """A size other than the usual one, still a multiple of the model's stride."""
+    """A size other than the usual one (smaller, so the tests stay fast), a multiple of the stride."""
     _, h, w = edge_zoo.INFO[name]["size"]
     s = edge_zoo.INFO[name]["stride"]
-    return h + s, w + 2 * s
+    return (h + s, w + 2 * s) if h < 4 * s else (3 * s, 4 * s)
 
 
 def _ops(path):
@@ -61,7 +61,7 @@ def _dims(value_info):
 def test_folded_export_matches_torch_at_two_sizes(name, opset, modules, exports):
     path = exports(name, opset)
     assert onnx.load(str(path)).opset_import[0].version == opset
-    for n, size in ((2, None), (1, _other_size(name))):
+    for n, size in ((1, None), (2, _other_size(name))):
         x = edge_zoo.photos(name, n, size)
         np.testing.assert_allclose(zoo.run(path, x), _torch(modules[name], x), atol=ATOL, rtol=RTOL)
 
@@ -78,7 +78,7 @@ def test_bn_kept_export_keeps_every_bn_and_matches(name, modules, exports):
     path = exports(name, 17, fold_bn=False)
     bns = [m for m in modules[name].modules() if isinstance(m, nn.BatchNorm2d)]
     assert _ops(path).count("BatchNormalization") == len(bns)
-    x = edge_zoo.photos(name, 2)
+    x = edge_zoo.photos(name, 1)
     np.testing.assert_allclose(zoo.run(path, x), _torch(modules[name], x), atol=ATOL, rtol=RTOL)
 
 
@@ -99,13 +99,13 @@ def test_fixed_size_export_has_fixed_height_width(exports):
 
 
 def test_outputs_have_the_documented_layout(modules):
-    x = {name: edge_zoo.photos(name, 2) for name in edge_zoo.NAMES}
+    x = {name: edge_zoo.photos(name, 2, (96, 128) if name != "mbv3_like" else None) for name in edge_zoo.NAMES}
     det = _torch(modules["yolo_like"], x["yolo_like"])
-    anchors = sum((256 // s) ** 2 for s in (8, 16, 32))
+    anchors = sum((96 // s) * (128 // s) for s in (8, 16, 32))
     assert det.shape == (2, 4 + edge_zoo.NUM_CLASSES, anchors)
     assert det[:, 4:].min() >= 0 and det[:, 4:].max() <= 1 and det[:, 2:4].min() >= 0
     text = _torch(modules["db_like"], x["db_like"])
-    assert text.shape == (2, 1, 256, 256) and text.min() >= 0 and text.max() <= 1
+    assert text.shape == (2, 1, 96, 128) and text.min() >= 0 and text.max() <= 1
     cls = _torch(modules["mbv3_like"], x["mbv3_like"])
     np.testing.assert_allclose(cls.sum(1), 1, atol=1e-5)
 
