@@ -10,15 +10,14 @@ them or another photo pasted), and the text-map IoU (``edge_zoo.map_iou``) for d
 
 * plain per-channel symmetric weight rounding to 8 and 4 bits (no activation quantization),
   done here, as the floor to compare with;
-* ``datafree compress`` as a user runs it: ``--wbits 8 --synthetic 0``, ``--wbits 8 --abits 8``,
-  the same with ``--input-shape 1,3,H,W``, ``--wbits 4 --abits 8 --input-shape ...`` and
-  ``--prune 0.3 --wbits 8 --input-shape ...``;
-* with ``--bn-kept``, also those with the input shape on the export with BN kept;
+* ``datafree compress`` as a user runs it, no other option: ``--wbits 8 --abits 8``,
+  ``--wbits 4 --abits 8`` and ``--prune 0.3 --wbits 8``; and W8A8 with ``--input-shape 1,3,H,W``
+  (the model's usual size instead of the one the compressor picks);
+* with ``--bn-kept``, also the three user commands on the export with BN kept;
 
 with the compression wall time, MACs per image at the usual size (relative to the float
 model), what the summary says about synthetic images, and any traceback (a bug).
-``--quick``: 16 photos and four rows per model (plain W8 rounding, W8A8 with and without
-the input shape, the prune row).  Writes ``benchmarks/results/edge_models.md``
+``--quick``: 16 photos, and the rows without ``--input-shape``.  Writes ``benchmarks/results/edge_models.md``
 (``edge_models_quick.md`` with ``--quick``, ``edge_models_bn_kept.md`` with ``--bn-kept``).
 """
 
@@ -66,17 +65,16 @@ class Row:
 def configs(name: str, quick: bool, bn_kept: bool = False) -> list[Row]:
     shape = "1," + ",".join(map(str, edge_zoo.INFO[name]["size"]))
     rows = [Row("plain W8 rounding"), Row("plain W4 rounding"),
-            Row("W8 --synthetic 0", ["--wbits", "8", "--synthetic", "0"]),
             Row("W8A8", ["--wbits", "8", "--abits", "8"]),
             Row("W8A8 --input-shape", ["--wbits", "8", "--abits", "8", "--input-shape", shape]),
-            Row("W4A8 --input-shape", ["--wbits", "4", "--abits", "8", "--input-shape", shape]),
-            Row("prune 0.3 + W8 --input-shape", ["--prune", "0.3", "--wbits", "8", "--input-shape", shape])]
+            Row("W4A8", ["--wbits", "4", "--abits", "8"]),
+            Row("prune 0.3 + W8", ["--prune", "0.3", "--wbits", "8"])]
     if quick:
-        rows = [r for r in rows if r.label in ("plain W8 rounding", "W8A8", "W8A8 --input-shape",
-                                               "prune 0.3 + W8 --input-shape")]
+        rows = [r for r in rows if r.label in ("plain W8 rounding", "plain W4 rounding", "W8A8", "W4A8",
+                                               "prune 0.3 + W8")]
     if bn_kept:
         rows += [Row("BN kept: " + r.label, r.args, bn_kept=True) for r in rows
-                 if r.label in ("W8A8 --input-shape", "W4A8 --input-shape", "prune 0.3 + W8 --input-shape")]
+                 if r.label in ("W8A8", "W4A8", "prune 0.3 + W8")]
     return rows
 
 

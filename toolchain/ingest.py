@@ -138,9 +138,23 @@ class FoldConstantsPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, bool(result.modified))
 
 
+class SymbolicNegativeDimsPass(ir.passes.InPlacePass):
+    """A graph input or output dim written as -1 (paddle2onnx does, for "any") becomes a
+    symbolic dim, which is what it means: nothing downstream takes it for a size."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        for value in (*model.graph.inputs, *model.graph.outputs):
+            if value.shape is not None and any(isinstance(d, int) and d < 0 for d in value.shape):
+                value.shape = ir.Shape([None if isinstance(d, int) and d < 0 else d for d in value.shape])
+                modified = True
+        return ir.passes.PassResult(model, modified)
+
+
 def normalize(model: ir.Model) -> ir.Model:
     """Bring ``model`` (in place) to the normal form; returns it."""
     passes = ir.passes.PassManager([
+        SymbolicNegativeDimsPass(),
         common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
         common.RemoveInitializersFromInputsPass(),
         FoldConstantsPass(),

@@ -127,9 +127,14 @@ def infer_shape(model: ir.Model, given: tuple[int, ...] | None = None) -> tuple[
     return (c, h, w), reason
 
 
-def _runnable(model: ir.Model, shape: tuple[int, ...], reason: str, tries: int = 4) -> tuple[tuple[int, ...], str]:
-    """``shape``, or the first larger multiple (of the network's stride) the model runs at:
-    a stride read from the graph can miss a constraint (a Reshape to a fixed grid)."""
+# sizes tried, in order, when the first choice does not run (a graph that fixes its size)
+FALLBACK_SIZES = ((48, 192), (32, 128), (64, 256), (48, 320), (256, 256), (320, 320), (416, 416), (640, 640))
+
+
+def _runnable(model: ir.Model, shape: tuple[int, ...], reason: str, tries: int = 3) -> tuple[tuple[int, ...], str]:
+    """``shape``, or the first of a few larger multiples of the network's stride, then of the
+    common sizes (text lines, detector squares), that the model runs at: a graph can fix its
+    size where the stride read from it does not say so (a Reshape to a fixed grid)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -140,15 +145,17 @@ def _runnable(model: ir.Model, shape: tuple[int, ...], reason: str, tries: int =
     except Exception:   # a model onnxruntime cannot load is reported where it is run
         return shape, reason
     step = network_stride(model)
-    for k in range(tries):
-        trial = (shape[0], *(d + k * step for d in shape[1:]))
+    fixed = {i: d for i, d in enumerate(model.graph.inputs[0].shape[2:]) if isinstance(d, int)}
+    trials = [tuple(d + k * step for d in shape[1:]) for k in range(tries)]
+    trials += [hw for hw in FALLBACK_SIZES if all(hw[i] == d for i, d in fixed.items())]
+    for k, hw in enumerate(trials):
         try:
-            sess.run(None, {sess.get_inputs()[0].name: np.zeros((fixed_batch(model) or 1, *trial), np.float32)})
+            sess.run(None, {sess.get_inputs()[0].name: np.zeros((fixed_batch(model) or 1, shape[0], *hw), np.float32)})
         except Exception:
             continue
-        return trial, reason if k == 0 else f"{reason}; the model runs first at {trial[1]} x {trial[2]}"
-    raise UserError(f"the model does not run at {format_dims([1, *shape])} nor at the next sizes its stride "
-                    f"{step} allows: give its input size (input_shape, --input-shape)")
+        return (shape[0], *hw), reason if k == 0 else f"{reason}, but the model runs first at {hw[0]} x {hw[1]}"
+    raise UserError(f"the model does not run at {format_dims([1, *shape])} nor at the other sizes tried: "
+                    "give its input size (input_shape, --input-shape)")
 
 
 def _round_up(n: int, k: int) -> int:
