@@ -179,10 +179,12 @@ def test_input_shape_lets_symbolic_onnx_models_get_synthetic_images(tmp_path):
             "--synthetic", "8", "--synthetic-steps", "2", "--joint-steps", "5"]
     res = _run(*args)
     assert res.exit_code == 0, res.output
-    assert any("is symbolic" in n for n in json.loads(res.output)["notes"])
+    out = json.loads(res.output)
+    assert out["headline"][0].startswith("input assumed: [1, 3, 224, 224] (symbolic height and width")
+    assert out["inputs"]["shape"] == [3, 224, 224] and out["recipe"]["input_shape"] == [3, 224, 224]
     res = _run(*args, "--input-shape", "1,3,32,32")
     assert res.exit_code == 0, res.output
-    assert any("8 synthetic images" in n for n in json.loads(res.output)["notes"])
+    assert any("8 synthetic images" in n for n in json.loads(res.output)["headline"])
 
 
 @pytest.mark.parametrize("user_value, expected", [(None, "1000"), ("5", "5")])

@@ -72,9 +72,16 @@ def _should_fold(node: ir.Node) -> bool | None:
 
 
 def _casts_stored_integers(node: ir.Node) -> bool:
-    """A Cast of a constant held in a quantized weight's integer type."""
+    """A Cast of a constant held in a quantized weight's integer type, into that weight's
+    dequantization (a DequantizeLinear, or a Mul by its scale): the forms the writer uses.
+    Other arithmetic on such integers (a dynamic model's weights derived from them) folds."""
     x = node.inputs[0] if node.op_type == "Cast" and node.domain in ("", "ai.onnx") and node.inputs else None
-    return x is not None and x.const_value is not None and x.const_value.dtype in STORED_INTEGERS
+    if x is None or x.const_value is None or x.const_value.dtype not in STORED_INTEGERS:
+        return False
+    return any(u.node.op_type == "DequantizeLinear" or
+               (u.node.op_type == "Mul" and all(v is not None and (v.const_value is not None or v is node.outputs[0])
+                                               for v in u.node.inputs))
+               for u in node.outputs[0].uses())
 
 
 class RemoveInferenceNoOpsPass(ir.passes.InPlacePass):
