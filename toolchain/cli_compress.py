@@ -160,7 +160,7 @@ def run_compress(ctx: click.Context, params: dict, source) -> None:
     if not params["dry_run"]:
         save(result.model, params["output"], external_data=params["external_data"])
     if params["as_json"]:
-        out = result.summary.to_dict() | {"recipe": recipe.to_dict(), "output": str(params["output"] or "")}
+        out = result.summary.to_dict() | {"recipe": result.recipe.to_dict(), "output": str(params["output"] or "")}
         click.echo(json.dumps(out, indent=2, default=_jsonable))
     else:
         print_summary(result.summary, params["output"], dry_run=params["dry_run"], dynamic=extra,
