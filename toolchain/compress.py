@@ -21,7 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from . import graph as G
-from . import ingest
+from . import ingest, inputs
 from .errors import CannotSynthesise, NotCompressible, UserError
 from .passes import fold, prune, qdq, quantize
 from .passes.shortcut import ShortcutAsConvPass
@@ -86,8 +86,6 @@ ROUTES = {
 def _input_spec(model: ir.Model, input_shape, recipe: Recipe):
     """The input size and range assumed (:mod:`.inputs`); None for inputs that are not one
     float tensor of known rank (token ids, several inputs: they are probed as before)."""
-    from . import inputs
-
     single = len(model.graph.inputs) == 1 and model.graph.inputs[0].dtype in (None, ir.DataType.FLOAT)
     if not single:
         if input_shape is not None:    # still checked: a shape that cannot fit is an error
@@ -101,12 +99,6 @@ def _input_spec(model: ir.Model, input_shape, recipe: Recipe):
         if input_shape is not None or recipe.input_range is not None:
             raise
         return None
-
-
-def describe_inputs(spec) -> dict:
-    from . import inputs
-
-    return inputs.describe(spec)
 
 
 def _needs_opset21(recipe: Recipe, layers: list[G.Layer]) -> bool:
@@ -176,7 +168,7 @@ def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = sil
     summary = Summary(skipped={g.name: g.reason for g in analysis.groups if g.reason} | analysis.skipped)
     if spec is not None:
         summary.headline.append(spec.summary_line())
-        summary.inputs = describe_inputs(spec)
+        summary.inputs = inputs.describe(spec)
     summary.notes.extend(_uncompressed_constants(model, analysis, bytes_before))
     summary.notes.extend(f"recipe layer pattern {pat!r} matches no layer (the names are in the table)"
                          for pat in recipe.unmatched_patterns([l.name for l in analysis.layers]))
