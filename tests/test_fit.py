@@ -177,3 +177,23 @@ def test_fitting_work_scales_with_the_model_cost(macs, recipe, expected):
     assert (note is None) == ((n, steps) == (recipe.synthetic, recipe.joint_steps))
     if note:
         assert f"{n} synthetic images with {steps} joint steps" in note and "--fit-budget full" in note
+
+
+def test_fitting_layer_by_layer_from_kept_values_equals_refitting_from_the_input(tmp_path, monkeypatch):
+    """The fit keeps the compressed network's values between layers instead of running it
+    from the input for each layer: same weights and ranges either way (pruned + W4A8 on a
+    model with a Split/Concat neck, an upsample, two outputs and symbolic height/width)."""
+    import edge_zoo
+
+    path = edge_zoo.export("yolo_like", tmp_path, opset=17, fold_bn=True)
+    recipe = Recipe(prune=0.3, wbits=4, abits=8, synthetic=8, joint_steps=5, augment=False)
+    kept = compress(path, recipe, input_shape=(3, 64, 64))
+    monkeypatch.setattr(fit, "FRONTIER_BYTES", 0)          # every value from the input again
+    monkeypatch.setattr(fit, "REF_CACHE_BYTES", 0)
+    again = compress(path, recipe, input_shape=(3, 64, 64))
+    a = {v.name: v.const_value.numpy() for v in kept.model.graph.initializers.values() if v.const_value is not None}
+    b = {v.name: v.const_value.numpy() for v in again.model.graph.initializers.values() if v.const_value is not None}
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_allclose(a[name].astype(np.float64), b[name].astype(np.float64), rtol=1e-4, atol=1e-5,
+                                   err_msg=name)
