@@ -21,7 +21,7 @@ _FIELDS = {
     "compensation": "compensation", "bias_correction": "bias_correction",
     "scale_compensation": "scale_compensation", "synthetic": "synthetic",
     "synthetic_steps": "synthetic_steps", "seed": "seed", "int4": "int4", "input_range": "input_range",
-    "synthetic_route": "synthetic_route",
+    "synthetic_route": "synthetic_route", "max_activation_loss": "max_activation_loss",
 }
 
 
@@ -34,6 +34,18 @@ def _bits(ctx, param, value):
         return int(value)
     except ValueError:
         raise click.BadParameter(f"expected 2..8 or 'float', got {value!r}") from None
+
+
+def _loss_db(ctx, param, value):
+    if value is None or str(value).lower() in ("off", "none"):
+        return None
+    try:
+        db = float(value)
+    except ValueError:
+        raise click.BadParameter(f"expected a number of dB or 'off', got {value!r}") from None
+    if not db >= 0:
+        raise click.BadParameter(f"expected a non-negative number of dB or 'off', got {value!r}")
+    return db
 
 
 def compress_options(f):
@@ -81,6 +93,11 @@ def compress_options(f):
                           "not hours; full: --synthetic and --joint-steps as given."),
         click.option("--augment/--no-augment", default=Recipe.augment, show_default=True,
                      help="Also fit on mirrored and shifted copies of the synthetic images."),
+        click.option("--max-activation-loss", callback=_loss_db, default=str(Recipe.max_activation_loss),
+                     show_default=True,
+                     help="dB of output SQNR (measured on held-out synthetic inputs) quantized activations may "
+                          "cost beyond the weights' own loss, unless the result stays at 30 dB or better; the "
+                          "tensors that cost most stay float. 'off': every activation quantized as asked."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--int4/--no-int4", default=True, show_default=True,
                      help="Store <= 4-bit weights packed as INT4 (opset 21): half the size, the same "

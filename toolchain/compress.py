@@ -221,7 +221,7 @@ def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = sil
     # -------------------------------------------------------------------- prune
     t = time.perf_counter()
     reference = None
-    if synthetic is not None:
+    if synthetic is not None or (recipe.abits is not None and recipe.max_activation_loss is not None):
         reference = ingest.to_ir(model)           # the float model, before any change
     output_stats = None
     if synthetic is not None and recipe.criterion in ("auto", "output") and \
@@ -263,6 +263,9 @@ def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = sil
         weights = quantize_closed_form(analysis.layers, recipe, moments, progress, analysis.prunable)
         acts = activation_ranges_closed_form(model, analysis.layers, recipe, moments, _probe_images(spec, recipe))
     timings["quantize"] = time.perf_counter() - t
+    t = time.perf_counter()
+    acts = _activation_floor(model, reference, analysis.layers, acts, spec, synthetic, recipe, summary, progress)
+    timings["activation floor"] = time.perf_counter() - t
 
     # -------------------------------------------------------------------- write
     qdq.emit(model, analysis.layers, weights, acts, int4=recipe.int4)
@@ -608,6 +611,32 @@ def quantize_closed_form(layers: list[G.Layer], recipe: Recipe, moments: dict, p
                 prune.set_consumer_in_weight(c, w * s_tilde.reshape((1, -1) + (1,) * (w.ndim - 2)))
     progress("quantize", len(layers), len(layers))
     return weights
+
+
+def _activation_floor(model: ir.Model, reference, layers: list[G.Layer], acts: dict, spec, synthetic,
+                      recipe: Recipe, summary: Summary, progress: ProgressFn) -> dict:
+    """:func:`passes.floor.activation_floor` on held-out procedural photographs (images the
+    fit never saw; the synthetic images themselves for inputs that are not images)."""
+    if not acts or recipe.max_activation_loss is None or reference is None:
+        return acts
+    images = _probe_images(spec, recipe.replace(seed=recipe.seed + 1), n=16)
+    if images is None and synthetic is not None and synthetic.images.ndim >= 2:
+        images = synthetic.images[:16]
+    if images is None:
+        return acts
+    from .passes.floor import activation_floor
+
+    try:
+        res = activation_floor(model, reference, layers, acts, images, loss_db=recipe.max_activation_loss,
+                               progress=progress)
+    except UserError:          # the model cannot be run in torch here: ranges kept as they are
+        return acts
+    if res.note():
+        summary.headline.append(res.note())
+    summary.inputs["activation_sqnr_db"] = {"weights_only": round(res.weights_db, 2),
+                                            "all_quantized": round(res.before_db, 2),
+                                            "kept": round(res.after_db, 2), "target": round(res.target_db, 2)}
+    return res.acts
 
 
 def _probe_images(spec, recipe: Recipe, n: int = 32) -> np.ndarray | None:

@@ -79,6 +79,9 @@ class Recipe:
     input_range: str | None = None        # the input's value convention (inputs.CONVENTIONS); None: inferred
     synthetic_route: str = "auto"         # how synthetic images are made (synth.ROUTES): auto, bn-statistics,
                                           # output-only or natural
+    max_activation_loss: float | None = 3.0  # dB of output SQNR (held-out synthetic inputs) quantizing
+                                          # activations may cost beyond the weights' own loss, unless the result
+                                          # stays >= 30 dB; the most damaging tensors stay float. None: all as asked
     layers: dict[str, LayerOverride] = field(default_factory=dict)
     dynamic: DynamicConfig | None = None
 
@@ -122,6 +125,11 @@ class Recipe:
                 raise UserError(f"input_range must be one of {', '.join(CONVENTIONS)}, got {self.input_range!r}")
         if self.synthetic_route not in SYNTHETIC_ROUTES:
             raise UserError(f"synthetic_route must be one of {', '.join(SYNTHETIC_ROUTES)}, got {self.synthetic_route!r}")
+        if self.max_activation_loss is not None and (isinstance(self.max_activation_loss, bool) or
+                                                     not isinstance(self.max_activation_loss, (int, float)) or
+                                                     not self.max_activation_loss >= 0):
+            raise UserError("max_activation_loss must be a non-negative number of dB or none, "
+                            f"got {self.max_activation_loss!r}")
         if not isinstance(self.joint_steps, int) or self.joint_steps < 0:
             raise UserError(f"joint_steps must be a non-negative number of steps, got {self.joint_steps!r}")
         for name, o in self.layers.items():

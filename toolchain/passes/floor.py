@@ -1,0 +1,159 @@
+"""A floor under activation quantization: what costs too much stays float.
+
+Contract: given the compressed model before its Q/DQ are written (weights already
+replaced by their dequantized values), the float model, the activation quantizers
+chosen and held-out synthetic inputs, return the quantizers to keep such that
+quantizing activations costs at most ``loss_db`` of output SQNR on those inputs
+beyond what the weights alone cost, unless the whole result stays at ``enough_db``
+or better.  The rest stay float, and the result says which and why.
+
+Why: activation ranges come from synthetic inputs.  Where they miss (a head whose
+values real inputs take far outside what synthetic ones reach, a tensor whose few
+large values decide the output), an 8-bit activation grid can wreck a model whose
+8-bit weights alone lose next to nothing.  Keeping such a tensor float costs that
+one layer its integer kernel and keeps the output where the weights put it.
+
+How: the output SQNR (each output's error energy over its own energy, averaged over
+the outputs, in dB: detectors' box and score outputs count alike) with weights only,
+then with every activation quantized.  Below target, each tensor's damage alone is
+measured (only that tensor quantized), and tensors are kept float most damaging
+first until the sum of the rest's damage is within target; the whole is measured
+again and more are kept float while it is not.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from ..graph import Layer
+from .qdq import ActQuant
+
+CHUNK = 16
+
+
+@dataclass
+class FloorResult:
+    acts: dict[str, ActQuant]
+    kept_float: list[str] = field(default_factory=list)   # layer inputs left float, most damaging first
+    weights_db: float = math.inf      # output SQNR with the weights quantized, activations float
+    before_db: float = math.inf       # ... and every activation quantized as fitted
+    after_db: float = math.inf        # ... and only the activations kept
+    target_db: float = math.inf
+
+    def note(self) -> str | None:
+        if not self.kept_float:
+            return None
+        shown = ", ".join(repr(n) for n in self.kept_float[:4]) + (", ..." if len(self.kept_float) > 4 else "")
+        return (f"{len(self.kept_float)} activation tensors stay float ({shown}): on held-out synthetic inputs "
+                f"quantizing them took the output SQNR from {self.weights_db:.1f} dB (weights only) to "
+                f"{self.before_db:.1f} dB; without them {self.after_db:.1f} dB (target {self.target_db:.1f}; "
+                "--max-activation-loss to change it)")
+
+
+def _units(model: ir.Model, layers: list[Layer], acts: dict[str, ActQuant]) -> dict[str, list[str]]:
+    """Per quantized layer input: that tensor and the outputs of the layers reading it that
+    are quantized only so the layer runs as an integer kernel (useless once its input is float)."""
+    inputs = {l.node.inputs[0].name for l in layers}
+    units: dict[str, list[str]] = {}
+    for layer in layers:
+        v = layer.node.inputs[0].name
+        if v not in acts:
+            continue
+        unit = units.setdefault(v, [v])
+        out = layer.output.name
+        if out in acts and out not in inputs and out not in unit:
+            unit.append(out)
+    return units
+
+
+def _sqnr(ref: list[torch.Tensor], out: list[torch.Tensor]) -> float:
+    ratios = []
+    for r, o in zip(ref, out):
+        r64, o64 = r.double(), o.double()
+        energy = float((r64 ** 2).sum())
+        if energy <= 0:
+            continue
+        ratios.append(float(((r64 - o64) ** 2).sum()) / energy)
+    e = float(np.mean(ratios)) if ratios else 0.0
+    return math.inf if e <= 0 else -10.0 * math.log10(e)
+
+
+class _Evaluator:
+    def __init__(self, model: ir.Model, reference: ir.Model, images: np.ndarray):
+        from ..torchgraph import TorchGraph
+
+        self.graph = TorchGraph(model).eval()
+        ref_graph = TorchGraph(reference).eval()
+        self.x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+        self.ref = self._outputs(ref_graph, {})
+
+    def _outputs(self, graph, hooks) -> list[torch.Tensor]:
+        with torch.no_grad():
+            parts = [graph.run(self.x[s:s + CHUNK], hooks=hooks) for s in range(0, len(self.x), CHUNK)]
+        names = [n for n in graph.output_names if parts[0][n].is_floating_point()]
+        return [torch.cat([p[n] for p in parts]) for n in names]
+
+    def sqnr(self, acts: dict[str, ActQuant]) -> float:
+        from .fit import _fake_quant_hook
+
+        hooks = {n: _fake_quant_hook(a.scale, a.zero_point, a.bits, a.signed) for n, a in acts.items()}
+        return _sqnr(self.ref, self._outputs(self.graph, hooks))
+
+
+def activation_floor(model: ir.Model, reference: ir.Model, layers: list[Layer], acts: dict[str, ActQuant],
+                     images: np.ndarray, *, loss_db: float = 3.0, enough_db: float = 30.0,
+                     progress=None) -> FloorResult:
+    """The activation quantizers to keep (module docstring)."""
+    if not acts:
+        return FloorResult(acts=acts)
+    ev = _Evaluator(model, reference, images)
+    res = FloorResult(acts=dict(acts))
+    res.weights_db = ev.sqnr({})
+    res.before_db = res.after_db = ev.sqnr(acts)
+    res.target_db = min(enough_db, res.weights_db - loss_db)
+    if res.before_db >= res.target_db:
+        return res
+    units = _units(model, layers, acts)
+    e_w = 10 ** (-res.weights_db / 10) if math.isfinite(res.weights_db) else 0.0
+    damage = {}
+    for i, (v, names) in enumerate(units.items()):
+        if progress is not None:
+            progress("activation floor", i, len(units))
+        alone = ev.sqnr({n: acts[n] for n in names})
+        damage[v] = max(0.0, (10 ** (-alone / 10) if math.isfinite(alone) else 0.0) - e_w)
+    order = sorted(damage, key=lambda v: -damage[v])
+    budget = 10 ** (-res.target_db / 10) - e_w
+    left = sum(damage.values())
+    dropped: list[str] = []
+    for v in order:                      # predicted: damages add up as error energies
+        if left <= budget:
+            break
+        dropped.append(v)
+        left -= damage[v]
+    kept = dict(acts)
+
+    def without(vs):
+        out = dict(acts)
+        for v in vs:
+            for n in units[v]:
+                out.pop(n, None)
+        return out
+
+    kept = without(dropped)
+    res.after_db = ev.sqnr(kept)
+    rest = [v for v in order if v not in dropped]
+    while res.after_db < res.target_db and rest:   # measured: drop more, a few at a time
+        step = max(1, len(rest) // 8)
+        dropped += rest[:step]
+        rest = rest[step:]
+        kept = without(dropped)
+        res.after_db = ev.sqnr(kept)
+    if progress is not None:
+        progress("activation floor", len(units), len(units))
+    res.acts, res.kept_float = kept, dropped
+    return res
