@@ -526,6 +526,11 @@ def bench_model(spec: Spec, methods: list[str], images: np.ndarray, args, work: 
                 totals = made.summary.get("totals", {})
                 row.macs_summary_before, row.macs_summary_after = totals.get("macs_before"), totals.get("macs_after")
                 row.notes += made.summary.get("notes", [])[:4]
+                floor = made.summary.get("inputs", {}).get("activation_sqnr_db")
+                if floor:
+                    row.notes.append("on held-out procedural photographs: weights only {weights_only} dB, all "
+                                     "activations quantized {all_quantized}, kept {kept} (target {target})".format(**floor))
+                row.notes += [h for h in made.summary.get("headline", []) if "stay float" in h]
             else:
                 with contextlib.chdir(work):   # onnxruntime's quantization leaves temporary files in the cwd
                     if key.startswith("ort-"):

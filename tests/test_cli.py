@@ -221,3 +221,19 @@ def test_bad_option_is_one_line_with_where_to_look(tmp_path, resnet20_bn, args, 
     assert res.exit_code == 2
     assert res.output.strip().splitlines() == [f"Error: {res.output.split('Error: ')[1].strip()}"]
     assert message in res.output and "(see 'main compress --help')" in res.output and not out.exists()
+
+
+@pytest.mark.parametrize("value, kept", [("off", None), ("1.5", 1.5)])
+def test_max_activation_loss_is_written_into_the_recipe(tmp_path, resnet20_folded, value, kept):
+    out = tmp_path / "m.onnx"
+    res = _run("compress", resnet20_folded, "-o", out, "--abits", "8", "--max-activation-loss", value, *FAST)
+    assert res.exit_code == 0, res.output
+    recipe = json.loads(next(p.value for p in onnx.load(str(out)).metadata_props if p.key == "datafree.recipe"))
+    assert recipe["max_activation_loss"] == kept
+
+
+@pytest.mark.parametrize("value", ["-1", "lots"])
+def test_max_activation_loss_bad_values(tmp_path, resnet20_folded, value):
+    res = _run("compress", resnet20_folded, "-o", tmp_path / "m.onnx", "--max-activation-loss", value, *FAST)
+    assert res.exit_code == 2 and "max-activation-loss" in res.output, res.output
+    assert not (tmp_path / "m.onnx").exists()

@@ -143,7 +143,7 @@ def synthetic_small():
 
 
 def test_folded_model_gets_activation_ranges_from_synthetic_images(resnet20_folded, synthetic_small):
-    result = compress(resnet20_folded, Recipe(wbits=8, abits=8, **synthetic_small))
+    result = compress(resnet20_folded, Recipe(wbits=8, abits=8, max_activation_loss=None, **synthetic_small))
     layers = json.loads(result.model.metadata_props["datafree.layers"])
     assert all(v["abits"] == 8 for v in layers.values())
     n_q = sum(1 for n in result.model.graph if n.op_type == "QuantizeLinear")
@@ -197,3 +197,44 @@ def test_fitting_layer_by_layer_from_kept_values_equals_refitting_from_the_input
     for name in a:
         np.testing.assert_allclose(a[name].astype(np.float64), b[name].astype(np.float64), rtol=1e-4, atol=1e-5,
                                    err_msg=name)
+
+
+def test_activation_floor_keeps_float_the_tensor_whose_range_wrecks_the_output(tmp_path):
+    """A range that clips most of one tensor costs far more than the 3 dB allowed beyond the
+    weights: that tensor (and only it) stays float, the result is back within target, the
+    note names it; with every range sound nothing changes."""
+    import onnx_ir as ir
+
+    from datafree.toolchain import ingest
+    from datafree.toolchain.passes import floor
+    from datafree.toolchain.passes.qdq import ActQuant
+    from datafree.toolchain.quant import act_qparams
+
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                 torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
+                                 torch.nn.Conv2d(8, 4, 1))
+    zoo.randomize(module, seed=3)
+    model = load(zoo.export_model(module, tmp_path, "three", input_shape=(1, 3, 16, 16)))
+    reference = ingest.to_ir(model)
+    layers = G.analyse(model).layers
+    x = np.random.default_rng(0).standard_normal((16, 3, 16, 16)).astype(np.float32)
+    ins = [l.node.inputs[0].name for l in layers]
+    with torch.no_grad():
+        from datafree.toolchain.torchgraph import TorchGraph
+
+        got = TorchGraph(model).run(torch.from_numpy(x), capture=ins)
+
+    def quant(name, shrink=1.0):
+        v = got[name]
+        return ActQuant(8, *act_qparams(float(v.min()) * shrink, float(v.max()) * shrink, 8))
+
+    sound = {n: quant(n) for n in ins}
+    res = floor.activation_floor(model, reference, layers, sound, x)
+    assert res.kept_float == [] and res.acts.keys() == sound.keys() and res.note() is None
+    broken = dict(sound)
+    broken[ins[1]] = quant(ins[1], shrink=0.02)           # clips 98 % of the range away
+    res = floor.activation_floor(model, reference, layers, broken, x)
+    assert res.kept_float == [ins[1]]
+    assert set(res.acts) == {ins[0], ins[2]}
+    assert res.before_db < res.target_db <= res.after_db
+    assert ins[1] in res.note()
