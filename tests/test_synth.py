@@ -146,8 +146,10 @@ def test_compress_falls_back_to_the_closed_form_when_no_images_can_be_made(tmp_p
     _, tokens = zoo.build("token_mlp", tmp_path)                 # no BN, output is not class scores
     with pytest.raises(synth.CannotSynthesise, match="no BatchNormalization statistics"):
         synth.generate(load(tokens), 2, steps=1, cache=False)
-    headline = compress(tokens, Recipe(wbits=8, **small)).summary.headline
+    headline = compress(tokens, Recipe(wbits=4, **small)).summary.headline
     assert any("closed form used" in n for n in headline), headline
+    headline = compress(tokens, Recipe(wbits=8, **small)).summary.headline     # nothing to fit: none asked for
+    assert any("no synthetic images needed" in n for n in headline), headline
     with pytest.raises(UserError, match="dynamic precision needs synthetic images"):
         compress(tokens, Recipe(dynamic=DynamicConfig(steps=2), **small))
 

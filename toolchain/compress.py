@@ -101,6 +101,22 @@ def _input_spec(model: ir.Model, input_shape, recipe: Recipe):
         return None
 
 
+def _needs_images(recipe: Recipe, layers: list[G.Layer]) -> bool:
+    """Whether anything is fitted on synthetic images: pruning, activation ranges, dynamic
+    precision or weights below ``fit.ROUND_BITS`` (8-bit weights alone are rounded to nearest)."""
+    from .passes.fit import ROUND_BITS
+
+    if recipe.dynamic is not None:
+        return True
+    for layer in layers:
+        eff = recipe.for_layer(layer.name, layer.kind)
+        if eff.skip:
+            continue
+        if eff.prune or eff.abits is not None or (eff.wbits is not None and eff.wbits < ROUND_BITS):
+            return True
+    return False
+
+
 def _needs_opset21(recipe: Recipe, layers: list[G.Layer]) -> bool:
     for layer in layers:
         eff = recipe.for_layer(layer.name, layer.kind)
@@ -177,9 +193,10 @@ def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = sil
     t = time.perf_counter()
     synthetic = fit_images = None
     n_synthetic, joint_steps, budget_note = fitting_work(recipe, macs_before)
-    wants_fit = n_synthetic > 0 and (recipe.prune > 0 or recipe.wbits is not None or recipe.abits is not None
-                                          or recipe.dynamic is not None
-                                          or recipe.layers)
+    wants_fit = n_synthetic > 0 and _needs_images(recipe, analysis.layers)
+    if n_synthetic > 0 and not wants_fit and images is None:
+        summary.headline.append("weights of 8 bits and more only: rounded to nearest, no synthetic images needed "
+                                "(fitting them on synthetic images lost more on real photos than rounding does)")
     if wants_fit and images is not None:
         from .synth import SyntheticSet
 

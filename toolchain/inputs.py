@@ -227,7 +227,7 @@ def infer_range(model: ir.Model, shape: tuple[int, ...], seed: int = 0) -> tuple
     from . import natural
 
     session, bn = _probe_session(model)
-    u = natural.images(PROBE_IMAGES, shape, seed, text_share=0.0)
+    u = natural.images(PROBE_IMAGES, shape, seed, text_share=0.0, soft_share=0.0)
     scores = {}
     batch = fixed_batch(model) or len(u)
     for name, conv in CONVENTIONS.items():

@@ -10,7 +10,10 @@ its power spectrum falls as ``1/f²``.  Each shape is filled with a colour (chan
 correlated as in photographs: a luminance plus a smaller chroma) shaded by a smooth
 gradient and a ``1/f`` texture, so regions are not flat.  A share of the images carry
 rows of dark or light glyphs (random characters drawn with a font), the strokes text
-detectors and recognisers react to.  Finally a slight blur, as a lens gives.
+detectors and recognisers react to.  Finally a blur: slight (a lens) for half the images,
+for the other half as wide as 1-4 pixels, as thumbnails, digital zoom and low-resolution
+cameras shown at the model's size give; activations on soft inputs are smaller, and ranges
+set on sharp images alone were too coarse for them.
 
 Values are in [0, 1] (RGB order, H x W); :mod:`.inputs` maps them to the model's own
 input convention.  Everything is seeded: the same ``(n, shape, seed)`` gives the same
@@ -24,10 +27,13 @@ import numpy as np
 TEXT_SHARE = 0.25            # of the images carry text rows (text-line shaped inputs: all of them)
 MIN_RADIUS = 0.015          # of the image's shorter side (at least 1.5 pixels)
 TEXTURE_STRENGTH = 0.08
+SOFT_SHARE = 0.5             # of the images are soft, as photos shown larger than they were taken
 
 
-def images(n: int, shape: tuple[int, ...], seed: int = 0, *, text_share: float | None = None) -> np.ndarray:
-    """``n`` images, float32 N x C x H x W in [0, 1]; ``shape`` is (C, H, W)."""
+def images(n: int, shape: tuple[int, ...], seed: int = 0, *, text_share: float | None = None,
+           soft_share: float = SOFT_SHARE) -> np.ndarray:
+    """``n`` images, float32 N x C x H x W in [0, 1]; ``shape`` is (C, H, W); ``soft_share``
+    of them soft (0: all sharp, what the input-range inference scores conventions on)."""
     c, h, w = shape
     share = text_share if text_share is not None else (1.0 if w >= 3 * h else TEXT_SHARE)
     out = np.empty((n, c, h, w), np.float32)
@@ -36,7 +42,8 @@ def images(n: int, shape: tuple[int, ...], seed: int = 0, *, text_share: float |
         img = _dead_leaves(h, w, rng)
         if rng.random() < share:
             img = _text_rows(img, rng)
-        img = _blur(img, rng.uniform(0.3, 0.9))
+        soft = soft_share > 0 and rng.random() < soft_share
+        img = _blur(img, 0.5 * np.exp(rng.uniform(np.log(2), np.log(8))) if soft else rng.uniform(0.3, 0.9))
         out[i] = _channels(img, c)
     return out
 

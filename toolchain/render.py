@@ -6,7 +6,8 @@ import contextlib
 import re
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from rich.table import Table
 
 console = Console(stderr=True)
@@ -23,7 +24,8 @@ def progress_bar(quiet: bool = False):
         yield _log_lines()
         return
     with Progress(TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, transient=True) as bar:
+                  TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(), console=console,
+                  transient=True) as bar:
         tasks: dict[str, int] = {}
 
         def update(stage: str, done: int, total: int) -> None:
@@ -52,7 +54,9 @@ def _log_lines(every: float = 10.0):
             console.print(f"{stage}: done in {now - started[stage]:.1f} s", highlight=False, soft_wrap=True)
         elif now - last[stage] >= every and done < total:
             last[stage] = now
-            console.print(f"{stage}: {done}/{total} ({now - started[stage]:.0f} s)", highlight=False, soft_wrap=True)
+            spent = now - started[stage]
+            left = f", about {spent * (total - done) / done:.0f} s left" if done else ""
+            console.print(f"{stage}: {done}/{total} ({spent:.0f} s{left})", highlight=False, soft_wrap=True)
 
     return update
 
