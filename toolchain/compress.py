@@ -636,7 +636,9 @@ def _activation_floor(model: ir.Model, reference, layers: list[G.Layer], acts: d
     fit never saw; the synthetic images themselves for inputs that are not images)."""
     if not acts or recipe.max_activation_loss is None or reference is None:
         return acts
-    images = _probe_images(spec, recipe.replace(seed=recipe.seed + 1), n=16)
+    from . import natural
+
+    images = _probe_images(spec, recipe.replace(seed=recipe.seed + 1), n=16, soft_share=natural.SOFT_SHARE)
     if images is None and synthetic is not None and synthetic.images.ndim >= 2:
         images = synthetic.images[:16]
     if images is None:
@@ -656,13 +658,14 @@ def _activation_floor(model: ir.Model, reference, layers: list[G.Layer], acts: d
     return res.acts
 
 
-def _probe_images(spec, recipe: Recipe, n: int = 32) -> np.ndarray | None:
-    """Procedural photographs in the input's range, for image inputs (None otherwise)."""
+def _probe_images(spec, recipe: Recipe, n: int = 32, soft_share: float = 0.0) -> np.ndarray | None:
+    """Procedural photographs in the input's range, for image inputs (None otherwise);
+    ``soft_share`` of them soft (:mod:`.natural`)."""
     if spec is None or spec.convention is None:
         return None
     from . import natural
 
-    return spec.convention.apply(natural.images(n, spec.shape, recipe.seed))
+    return spec.convention.apply(natural.images(n, spec.shape, recipe.seed, soft_share=soft_share))
 
 
 def activation_ranges_closed_form(model: ir.Model, layers: list[G.Layer], recipe: Recipe, moments: dict,

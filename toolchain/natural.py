@@ -11,9 +11,10 @@ correlated as in photographs: a luminance plus a smaller chroma) shaded by a smo
 gradient and a ``1/f`` texture, so regions are not flat.  A share of the images carry
 rows of dark or light glyphs (random characters drawn with a font), the strokes text
 detectors and recognisers react to.  Finally a blur: slight (a lens) for half the images,
-for the other half as wide as 1-4 pixels, as thumbnails, digital zoom and low-resolution
-cameras shown at the model's size give; activations on soft inputs are smaller, and ranges
-set on sharp images alone were too coarse for them.
+for the other half (``soft_share``) as wide as 1-4 pixels, as thumbnails, digital zoom and
+low-resolution cameras shown at the model's size give.  Soft ones are where what 8-bit
+activations cost shows (the activation floor measures on the mix); fitting uses sharp
+ones (ranges set on the mix were not better on real photos).
 
 Values are in [0, 1] (RGB order, H x W); :mod:`.inputs` maps them to the model's own
 input convention.  Everything is seeded: the same ``(n, shape, seed)`` gives the same
@@ -27,7 +28,7 @@ import numpy as np
 TEXT_SHARE = 0.25            # of the images carry text rows (text-line shaped inputs: all of them)
 MIN_RADIUS = 0.015          # of the image's shorter side (at least 1.5 pixels)
 TEXTURE_STRENGTH = 0.08
-SOFT_SHARE = 0.5             # of the images are soft, as photos shown larger than they were taken
+SOFT_SHARE = 0.5             # of the images are soft (by default), as photos shown larger than they were taken
 
 
 def images(n: int, shape: tuple[int, ...], seed: int = 0, *, text_share: float | None = None,

@@ -68,7 +68,7 @@ from .torchgraph import TorchGraph
 
 STAGE = "synthetic images"
 # Bump when the generated images change for the same arguments: old cache entries die.
-GENERATOR_VERSION = 5
+GENERATOR_VERSION = 6
 
 DEFAULT_STEPS = 80           # 256 CIFAR-size images on ResNet-20: about a minute on 2 cores
 LR = 0.25
@@ -394,7 +394,7 @@ class _Generator:
         progress(STAGE, 0, n)
         for start in range(0, n, batch_size):
             count = min(batch_size, n - start)
-            u = natural.images(count, self.shape, seed=_chunk_seed(seed, start // batch_size))
+            u = natural.images(count, self.shape, seed=_chunk_seed(seed, start // batch_size), soft_share=0.0)
             images[start:start + count] = self.convention.apply(u)
             progress(STAGE, start + count, n)
         return SyntheticSet(images=images, targets=np.zeros((n, 0), np.float32), source=self.source, seed=seed)
