@@ -23,11 +23,12 @@ import onnx_ir as ir
 from . import graph as G
 from . import ingest, inputs
 from .errors import CannotSynthesise, NotCompressible, UserError
-from .passes import fold, prune, qdq, quantize
+from .passes import fold, qdq
+from .passes.closed_form import activation_ranges_closed_form, quantize_closed_form
+from .passes.planning import _alignment_note, _kept_channels, _regions, plan_pruning, prune_group  # noqa: F401
 from .passes.shortcut import ShortcutAsConvPass
 from .progress import ProgressFn, silent
 from .recipe import LAYERS_KEY, METADATA_KEY, Recipe
-from .stats import mse_range, output_mean, output_samples
 
 VERSION_KEY = "datafree.version"
 
@@ -473,103 +474,6 @@ def fitting_work(recipe: Recipe, macs: int | None) -> tuple[int, int, str | None
 
 
 # ------------------------------------------------------------------ pruning
-def plan_pruning(analysis: G.Analysis, recipe: Recipe,
-                 output_stats: dict | None = None) -> list[prune.PrunePlan]:
-    """Which channels of which group go: ratio per layer (or global rank), then the criterion."""
-    groups = [g for g in analysis.prunable if not recipe.for_layer(g.name).skip]
-    ratios = {g.name: recipe.for_layer(g.name).prune for g in groups}
-    groups = [g for g in groups if ratios[g.name] and ratios[g.name] > 0]
-    if not groups:
-        return []
-    crit = "l1" if recipe.criterion in ("auto", "output") else recipe.criterion
-    scores = {g.name: prune.channel_scores(g.producer, crit) for g in groups}
-    orders: dict[str, np.ndarray] = {}
-    scope = recipe.prune_scope
-    if scope == "auto":
-        scope = "global" if output_stats else "layer"
-    if scope == "global":
-        overridden = {g.name for g in groups if recipe.for_layer(g.name).prune != recipe.prune}
-        ranked = [g for g in groups if g.name not in overridden]
-        curves = {}
-        for g in ranked:
-            if output_stats and g.name in output_stats:
-                st = output_stats[g.name]
-                orders[g.name], curves[g.name] = prune.removal_order(
-                    st.consumers, g.channels, int(0.9 * g.channels), energy=st.energy)
-            else:
-                curves[g.name] = prune.score_curve(scores[g.name])
-        keep_n = prune.global_allocation(ranked, curves, recipe.prune, recipe.channel_multiple)
-        for g in groups:
-            if g.name in overridden:
-                keep_n[g.name] = prune.n_keep(g.channels, ratios[g.name], recipe.channel_multiple)
-    else:
-        keep_n = {g.name: prune.n_keep(g.channels, ratios[g.name], recipe.channel_multiple) for g in groups}
-    plans = []
-    for g in groups:
-        n_remove = g.channels - keep_n[g.name]
-        if n_remove <= 0:
-            continue
-        if output_stats and g.name in output_stats:
-            order = orders.get(g.name)
-            if order is None:
-                order = prune.removal_order(output_stats[g.name].consumers, g.channels, n_remove)[0]
-            pruned = np.sort(order[:n_remove])
-            keep = np.setdiff1d(np.arange(g.channels), pruned)
-        else:
-            keep, pruned = prune.choose(scores[g.name], keep_n[g.name])
-        plans.append(prune.PrunePlan(group=g, keep=keep, pruned=pruned))
-    return plans
-
-
-def prune_group(plan: prune.PrunePlan, recipe: Recipe, moments: dict, summary: Summary) -> None:
-    g = plan.group
-    producer = g.producer
-    mom = moments.get(producer.name)
-    direct = all(c.layer.node.inputs[0] is producer.output for c in g.consumers)
-    # the Gaussian model knows the layer's own activation; anything else in between voids it
-    mean_before = output_mean(producer, mom) if mom is not None and direct and not g.depthwise else None
-    w_before = {c.layer.name: prune.consumer_in_weight(c) for c in g.consumers}
-    if recipe.compensation and not g.depthwise:
-        S = prune.closed_form_coefficients(producer, plan.keep, plan.pruned)
-        prune.compensate_consumers(g, plan.keep, plan.pruned, S)
-    elif g.depthwise:
-        summary.notes.append(f"{g.name}: depthwise layers in between, no closed-form compensation")
-    if recipe.bias_correction and mean_before is not None:
-        # expected input of each consumer before and after: add the difference back to its bias
-        for c in g.consumers:
-            w0 = w_before[c.layer.name]
-            w1 = prune.consumer_in_weight(c)[:, plan.keep]
-            e0 = _expected_out(w0, mean_before)
-            e1 = _expected_out(w1, mean_before[plan.keep])
-            if c.layer.op != "MatMul":
-                c.layer.set_bias(c.layer.bias_array() + (e0 - e1).astype(np.float32))
-    prune.apply(plan)
-    if mom is not None:
-        moments[producer.name] = (mom[0][plan.keep], mom[1][plan.keep])
-
-
-def _alignment_note(plans: list[prune.PrunePlan], block: int = 16) -> list[str]:
-    """A note when pruning left channel counts off the blocks CPU convolution kernels use.
-
-    onnxruntime's x86 kernels (AVX-512) work on 16 channels at a time: on ResNet-20 a
-    conv pruned from 16 to 8-9 output channels ran slower than the unpruned one, float
-    and 8-bit alike.
-    """
-    odd = sorted({len(p.keep) for p in plans if len(p.pruned) and len(p.keep) % block})
-    if not odd:
-        return []
-    shown = ", ".join(str(c) for c in odd[:4]) + (", ..." if len(odd) > 4 else "")
-    return [f"pruned channel counts ({shown}) are not multiples of {block}: CPU convolution kernels work in "
-            f"blocks of channels (16 in onnxruntime on AVX-512, 8 on AVX2) and may run such layers no faster "
-            f"than unpruned ones; --channel-multiple {block} keeps counts aligned"]
-
-
-def _kept_channels(plans: list[prune.PrunePlan]) -> dict[str, np.ndarray]:
-    kept = {}
-    for p in plans:
-        for layer in [p.group.producer] + p.group.depthwise:
-            kept[layer.name] = p.keep
-    return kept
 
 
 def _augmentable(images: np.ndarray, recipe: Recipe) -> bool:
@@ -586,48 +490,7 @@ def _fitting_set(images: np.ndarray, recipe: Recipe) -> np.ndarray:
     return synth.augmented(images, recipe.seed)
 
 
-def _regions(plans: list[prune.PrunePlan]) -> dict[str, tuple[list[str], list[str]]]:
-    """Per pruned producer: the depthwise layers carried with it and its consumers."""
-    return {p.group.producer.name: ([d.name for d in p.group.depthwise], [c.layer.name for c in p.group.consumers])
-            for p in plans if len(p.pruned)}
-
-
-def _expected_out(w: np.ndarray, mean: np.ndarray) -> np.ndarray:
-    """(out, C, ...) weights applied to a per-channel constant input (interior positions)."""
-    return w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2) @ mean
-
-
 # --------------------------------------------------- closed-form quantization
-def _input_producers(layers: list[G.Layer]) -> dict[int, G.Layer]:
-    return {id(l.output): l for l in layers}
-
-
-def quantize_closed_form(layers: list[G.Layer], recipe: Recipe, moments: dict, progress: ProgressFn,
-                         groups: list[G.PruneGroup] = ()):
-    """Round to nearest; bias correction and (if asked) UDFC's s̃ folded into the next layers."""
-    producers = _input_producers(layers)
-    by_producer = {g.name: g for g in groups if not g.depthwise}
-    weights = {}
-    for i, layer in enumerate(layers):
-        progress("quantize", i, len(layers))
-        eff = recipe.for_layer(layer.name, layer.kind)
-        if eff.skip or eff.wbits is None:
-            continue
-        w0 = layer.w_oc()
-        weights[layer.name] = quantize.quantize_layer(layer, eff.wbits, recipe.clip)
-        src = producers.get(id(layer.node.inputs[0]))
-        if recipe.bias_correction and src is not None and moments.get(src.name) is not None:
-            mean = output_mean(src, moments[src.name])
-            if mean is not None and len(mean) == layer.in_channels:
-                quantize.bias_correction(layer, w0, mean)
-        group = by_producer.get(layer.name)
-        if recipe.scale_compensation and group is not None:
-            s_tilde = quantize.scale_compensation(w0, layer.w_oc(), layer.bias_array().astype(np.float64))
-            for c in group.consumers:   # consumers come later in the order: scaled before they are quantized
-                w = prune.consumer_in_weight(c)
-                prune.set_consumer_in_weight(c, w * s_tilde.reshape((1, -1) + (1,) * (w.ndim - 2)))
-    progress("quantize", len(layers), len(layers))
-    return weights
 
 
 def _activation_floor(model: ir.Model, reference, layers: list[G.Layer], acts: dict, spec, synthetic,
@@ -668,81 +531,3 @@ def _probe_images(spec, recipe: Recipe, n: int = 32, soft_share: float = 0.0) ->
     return spec.convention.apply(natural.images(n, spec.shape, recipe.seed, soft_share=soft_share))
 
 
-def activation_ranges_closed_form(model: ir.Model, layers: list[G.Layer], recipe: Recipe, moments: dict,
-                                  probe_images: np.ndarray | None = None):
-    """Ranges of quantized layers' inputs: BN Gaussians where known, probe inputs elsewhere
-    (``probe_images`` for an image input, seeded random values otherwise)."""
-    wanted = qdq.activation_plan(layers, recipe)
-    if not wanted:
-        return {}
-    ranges: dict[str, tuple[float, float]] = {}
-    unknown = []
-    by_name = {l.output.name: l for l in layers}
-    for name, bits in wanted.items():
-        src = by_name.get(name)
-        if src is not None and moments.get(src.name) is not None:
-            samples = output_samples(src, moments[src.name])
-            if samples is not None:
-                ranges[name] = mse_range(samples, bits)
-                continue
-        unknown.append(name)
-    if unknown:
-        captured = probe_activations(model, unknown, n=32, images=probe_images)
-        for name in unknown:
-            ranges[name] = mse_range(captured[name], wanted[name])
-    out = {}
-    from .quant import act_qparams
-
-    for name, (lo, hi) in ranges.items():
-        scale, zp, signed = act_qparams(lo, hi, wanted[name])
-        out[name] = qdq.ActQuant(bits=wanted[name], scale=scale, zero_point=zp, signed=signed)
-    return out
-
-
-def probe_activations(model: ir.Model, names: list[str], n: int = 32, seed: int = 0,
-                      images: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Values of ``names`` on ``images`` (for the first input), else on seeded standard-normal
-    probe inputs (onnxruntime)."""
-    import onnxruntime as ort
-
-    proto = ir.serde.serialize_model(model)
-    existing = {o.name for o in proto.graph.output}
-    import onnx
-
-    for name in names:
-        if name not in existing:
-            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    inputs = sess.get_inputs()
-    fixed = {d[0] for d in (i.shape for i in inputs) if d and isinstance(d[0], int)}
-    batch = min(fixed) if fixed else n            # a fixed batch axis: as many runs as it takes
-    rng = np.random.default_rng(seed)
-    if images is not None:
-        runs = [sess.run(names, {inputs[0].name: images[k:k + batch]}) for k in range(0, len(images), batch)
-                if len(images[k:k + batch]) == batch or not fixed]
-    else:
-        runs = [sess.run(names, {i.name: _probe(i, batch, n, model, rng) for i in inputs})
-                for _ in range(max(1, -(-n // batch)))]
-    return {name: np.concatenate([r[k] for r in runs]) if runs[0][k].ndim else runs[0][k]
-            for k, name in enumerate(names)}
-
-
-def _probe(inp, batch: int, size: int, model: ir.Model, rng: np.random.Generator) -> np.ndarray:
-    """Seeded probe values for one input (``batch`` of them, ``size`` on symbolic axes):
-    standard normal for floats; for integers (token ids), ids valid for the table the
-    input indexes (``Gather``), else zeros."""
-    shape = [batch, *(d if isinstance(d, int) else size for d in inp.shape[1:])] if inp.shape else []
-    kind = inp.type[len("tensor("):-1]
-    if kind in ("float", "double"):
-        return rng.standard_normal(shape).astype(np.float32 if kind == "float" else np.float64)
-    value = next((v for v in model.graph.inputs if v.name == inp.name), None)
-    high = 1
-    for use in (value.uses() if value is not None else ()):
-        if use.node.op_type == "Gather" and use.idx == 1:
-            table = G.const_array(use.node.inputs[0])
-            if table is not None:
-                high = max(high, int(table.shape[int(G.attr(use.node, "axis", 0))]))
-    dtype = {"int64": np.int64, "int32": np.int32, "bool": np.bool_}.get(kind, np.int64)
-    return rng.integers(0, high, size=shape).astype(dtype)
