@@ -13,7 +13,6 @@ quantize weights (+ corrections) → activation ranges → QDQ → metadata.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 
@@ -22,13 +21,10 @@ import onnx_ir as ir
 
 from . import graph as G
 from . import ingest, inputs
-from .errors import CannotSynthesise, NotCompressible, UserError
-from .passes import fold, qdq
-from .passes.closed_form import activation_ranges_closed_form, quantize_closed_form
+from .errors import UserError
 from .passes.planning import _alignment_note, _kept_channels, _regions, plan_pruning, prune_group  # noqa: F401
-from .passes.shortcut import ShortcutAsConvPass
 from .progress import ProgressFn, silent
-from .recipe import LAYERS_KEY, METADATA_KEY, Recipe
+from .recipe import METADATA_KEY, Recipe
 
 VERSION_KEY = "datafree.version"
 
@@ -139,7 +135,34 @@ def weight_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
-# --------------------------------------------------------------------- main
+# ------------------------------------------------------------------ pipeline
+@dataclass
+class Context:
+    """What the passes share: the recipe and the model as it is changed, what was learnt
+    about it, the images made for it, and the summary being written."""
+
+    recipe: Recipe
+    progress: ProgressFn
+    caller_images: np.ndarray | None
+    input_shape: tuple[int, ...] | None
+    model: ir.Model | None = None
+    spec: object = None                      # inputs.InputSpec: the input size and range assumed
+    analysis: G.Analysis | None = None
+    summary: Summary = field(default_factory=Summary)
+    before: dict = field(default_factory=dict)      # layer -> (channels, MACs, params, op, kind) as loaded
+    positions: dict = field(default_factory=dict)   # layer -> output positions at the assumed size
+    moments: dict = field(default_factory=dict)     # layer -> BN pre-activation moments
+    macs_before: int = 0
+    bytes_before: int = 0
+    synthetic: object = None                 # synth.SyntheticSet
+    fit_images: np.ndarray | None = None
+    joint_steps: int = 0
+    reference: ir.Model | None = None        # the float model, BN folded, for fitting and the floor
+    plans: list = field(default_factory=list)
+    weights: dict = field(default_factory=dict)
+    acts: dict = field(default_factory=dict)
+
+
 def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = silent,
              images: np.ndarray | None = None, input_shape: tuple[int, ...] | None = None) -> CompressResult:
     """Compress ``source`` (path, ModelProto or ir.Model; never modified) as ``recipe`` says.
@@ -151,213 +174,36 @@ def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = sil
     Where no synthetic images can be made (symbolic size and no ``input_shape``, no BN
     statistics and no class output), the closed form is used and the summary says why.
     """
+    from . import stages
+
     recipe = recipe or Recipe()
+    ctx = Context(recipe=recipe, progress=progress, caller_images=images,
+                  input_shape=input_shape if input_shape is not None else
+                  (tuple(recipe.input_shape) if recipe.input_shape is not None else None))
     t_start = time.perf_counter()
-    timings: dict[str, float] = {}
-    progress("load", 0, 1)
-    model = ingest.load(source)
-    if ingest.is_quantized(model):
-        raise UserError("model is already quantized (it has QuantizeLinear/DequantizeLinear or integer ops): "
-                        "compress its float export instead")
-    half = [v.name for v in [*model.graph.inputs, *model.graph.outputs]
-            if v.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)]
-    if half:
-        raise UserError(f"model computes in 16-bit floats (input/output {half[0]!r}): compress its float32 export")
-    if input_shape is None and recipe.input_shape is not None:
-        input_shape = tuple(recipe.input_shape)
-    spec = _input_spec(model, input_shape, recipe)
-    if spec is not None:   # the choice is part of the recipe: the recipe in the metadata reproduces it
-        recipe = recipe.replace(input_shape=list(spec.shape),
-                                input_range=spec.convention.name if spec.convention is not None else None)
-    analysis = G.analyse(model)
-    if not analysis.layers:
-        raise NotCompressible("nothing to compress: no Conv/ConvTranspose/Gemm/MatMul with constant weights"
-                              + (f" ({'; '.join(f'{k}: {v}' for k, v in analysis.skipped.items())})"
-                                 if analysis.skipped else ""))
-    timings["load"] = time.perf_counter() - t_start
-    progress("load", 1, 1)
-
-    positions = _positions(model, spec, analysis)
-    before = {l.name: (l.out_channels, _macs(l, positions), l.params(), l.op, l.kind) for l in analysis.layers}
-    macs_before = sum(m for _, m, *_ in before.values() if m is not None)
-    bytes_before = weight_bytes(model)
-    moments = {l.name: l.preact_moments() for l in analysis.layers}
-    summary = Summary(skipped={g.name: g.reason for g in analysis.groups if g.reason} | analysis.skipped)
-    if spec is not None:
-        summary.headline.append(spec.summary_line())
-        summary.inputs = inputs.describe(spec)
-    summary.notes.extend(_uncompressed_constants(model, analysis, bytes_before))
-    summary.notes.extend(f"recipe layer pattern {pat!r} matches no layer (the names are in the table)"
-                         for pat in recipe.unmatched_patterns([l.name for l in analysis.layers]))
-
-    # ---------------------------------------------------------- synthetic images
-    t = time.perf_counter()
-    synthetic = fit_images = None
-    n_synthetic, joint_steps, budget_note = fitting_work(recipe, macs_before)
-    wants_fit = n_synthetic > 0 and _needs_images(recipe, analysis.layers)
-    if n_synthetic > 0 and not wants_fit and images is None:
-        summary.headline.append("weights of 8 bits and more only: rounded to nearest, no synthetic images needed "
-                                "(fitting them on synthetic images lost more on real photos than rounding does)")
-    if wants_fit and images is not None:
-        from .synth import SyntheticSet
-
-        synthetic = SyntheticSet(images=np.ascontiguousarray(images, dtype=np.float32),
-                                 targets=np.zeros((len(images), 0), np.float32), source="caller",
-                                 seed=recipe.seed)
-    elif wants_fit:
-        from .synth import generate
-
-        try:
-            synthetic = generate(model, n_synthetic, steps=recipe.synthetic_steps, seed=recipe.seed,
-                                 input_shape=spec.shape if spec is not None else input_shape,
-                                 convention=spec.convention if spec is not None else None,
-                                 route=recipe.synthetic_route, progress=progress)
-        except CannotSynthesise as exc:
-            if recipe.dynamic is not None:
-                raise UserError(f"dynamic precision needs synthetic images: {exc}") from None
-            summary.headline.append(f"no synthetic images ({exc}): closed form used")
-    if synthetic is not None:
-        summary.headline.append((f"{len(synthetic.images)} images given by the caller" if synthetic.source == "caller"
-                                 else f"{n_synthetic} synthetic images: {ROUTES.get(synthetic.source, synthetic.source)}")
-                                + (", fitted with mirrored and shifted copies" if _augmentable(synthetic.images, recipe) else ""))
-        fit_images = _fitting_set(synthetic.images, recipe)
-        from .passes.fit import fitting_budget
-
-        fitted = fitting_budget(model, analysis.layers, fit_images)
-        if len(fitted) < len(fit_images):
-            summary.notes.append(f"fitting on {len(fitted)} of {len(fit_images)} images: the largest layer "
-                                 "input over all of them would not fit in memory")
-            fit_images = fitted
-        if budget_note and synthetic.source != "caller":
-            summary.notes.append(budget_note)
-    timings["synthetic"] = time.perf_counter() - t
-    # INT4 tensors need opset 21 (after generation, so its cache key is the user's model)
-    if _needs_opset21(recipe, analysis.layers) and ingest.opset_of(model) < 21:
-        model = _upgrade(model, 21)
-        analysis = G.analyse(model)
-
-    # -------------------------------------------------------------------- prune
-    t = time.perf_counter()
-    reference = None
-    if synthetic is not None or (recipe.abits is not None and recipe.max_activation_loss is not None):
-        reference = ingest.to_ir(model)           # the float model, before any change
-    output_stats = None
-    if synthetic is not None and recipe.criterion in ("auto", "output") and \
-            any(recipe.for_layer(g.name).prune for g in analysis.prunable):
-        from .passes.fit import consumer_statistics
-
-        output_stats = consumer_statistics(model, analysis.prunable, fit_images, analysis.layers)
-    elif recipe.criterion == "output":
-        summary.notes.append("criterion 'output' needs synthetic images: l1 used instead")
-    plans = plan_pruning(analysis, recipe, output_stats)
-    for i, plan in enumerate(plans):
-        progress("prune", i, len(plans))
-        prune_group(plan, recipe, moments, summary)
-    progress("prune", len(plans), len(plans))
-    summary.notes.extend(_alignment_note(plans))
-    timings["prune"] = time.perf_counter() - t
-
-    # ------------------------------------------------ fold BN, quantize, ranges
-    t = time.perf_counter()
-    for layer in analysis.layers:
-        fold.fold_batchnorm(layer)
-    _refresh_shapes(model)
-    if reference is not None:
-        ref_analysis = G.analyse(reference)
-        for layer in ref_analysis.layers:
-            fold.fold_batchnorm(layer)
-    weights, acts = {}, {}
-    if recipe.dynamic is not None:
-        return _finish_dynamic(model, reference, analysis, synthetic, fit_images, recipe, plans, before,
-                               macs_before, bytes_before, summary, timings, t_start, progress, joint_steps,
-                               positions)
-    if synthetic is not None:
-        from .passes.fit import fit_sequential
-
-        weights, acts = fit_sequential(model, reference, analysis.layers, fit_images, recipe,
-                                       progress=progress, kept=_kept_channels(plans), regions=_regions(plans),
-                                       joint_steps=joint_steps, notes=summary.notes)
-    else:
-        weights = quantize_closed_form(analysis.layers, recipe, moments, progress, analysis.prunable)
-        acts = activation_ranges_closed_form(model, analysis.layers, recipe, moments, _probe_images(spec, recipe))
-    timings["quantize"] = time.perf_counter() - t
-    t = time.perf_counter()
-    acts = _activation_floor(model, reference, analysis.layers, acts, spec, synthetic, recipe, summary, progress)
-    timings["activation floor"] = time.perf_counter() - t
-
-    # -------------------------------------------------------------------- write
-    qdq.emit(model, analysis.layers, weights, acts, int4=recipe.int4)
-    ShortcutAsConvPass()(model)
-    _refresh_shapes(model)
-    if any(a is not None and a.bits < 8 for a in acts.values()):
-        summary.notes.append("activations below 8 bits: onnxruntime's CPU has no integer kernel for them and "
-                             "dequantizes those layers' weights on every run unless the session config entry "
-                             "session.disable_quant_qdq=1 folds them at load (datafree.runtime sets it when no "
-                             "layer runs on integer kernels)")
-    per_layer = {}
-    for layer in analysis.layers:
-        eff = recipe.for_layer(layer.name, layer.kind)
-        wq = weights.get(layer.name)
-        in_name = _layer_input_name(layer)
-        aq = acts.get(in_name) if in_name else None
-        per_layer[layer.name] = {"wbits": wq.bits if wq else None, "abits": aq.bits if aq else None,
-                                 "channels": layer.out_channels}
-        ch0, m0, p0, op, kind = before[layer.name]
-        summary.rows.append(LayerRow(
-            name=layer.name, op=op, kind=kind, channels_before=ch0, channels_after=layer.out_channels,
-            wbits=wq.bits if wq else None, abits=aq.bits if aq else None,
-            macs_before=m0, macs_after=_macs_after(layer, m0, before, positions), params_before=p0,
-            params_after=_params_after(layer, wq), note="skipped by recipe" if eff.skip else ""))
-    raised = [l for l in analysis.layers if weights.get(l.name) is not None and recipe.wbits is not None
-              and l.kind == "depthwise" and weights[l.name].bits > recipe.wbits]
-    if raised:
-        summary.notes.append(f"{len(raised)} depthwise layers keep {recipe.depthwise_wbits}-bit weights: their "
-                             "small filters lose the most at fewer bits and hold few of the model's weights "
-                             "(depthwise_wbits in a recipe, --depthwise-wbits, to change it)")
-    model.metadata_props[LAYERS_KEY] = json.dumps(per_layer, sort_keys=True)
-    return _finish(model, recipe, summary, macs_before, bytes_before, timings, t_start)
+    stages.load(ctx, source)
+    ctx.summary.timings["load"] = time.perf_counter() - t_start
+    for name, run in (stages.DYNAMIC if ctx.recipe.dynamic is not None else stages.STATIC):
+        t = time.perf_counter()
+        run(ctx)
+        ctx.summary.timings[name] = ctx.summary.timings.get(name, 0.0) + time.perf_counter() - t
+    return _finish(ctx, t_start)
 
 
-def _finish(model: ir.Model, recipe: Recipe, summary: Summary, macs_before, bytes_before, timings,
-            t_start: float) -> CompressResult:
+def _finish(ctx: Context, t_start: float) -> CompressResult:
     """Totals from the summary rows, the recipe and version in the metadata, timings."""
+    summary, model = ctx.summary, ctx.model
     summary.totals = {
         "params_before": sum(r.params_before for r in summary.rows),
         "params_after": sum(r.params_after for r in summary.rows),
-        "macs_before": macs_before, "macs_after": sum(r.macs_after or 0 for r in summary.rows),
-        "weight_bytes_before": bytes_before, "weight_bytes_after": weight_bytes(model),
+        "macs_before": ctx.macs_before, "macs_after": sum(r.macs_after or 0 for r in summary.rows),
+        "weight_bytes_before": ctx.bytes_before, "weight_bytes_after": weight_bytes(model),
     }
-    model.metadata_props[METADATA_KEY] = recipe.to_json()
+    model.metadata_props[METADATA_KEY] = ctx.recipe.to_json()
     model.metadata_props[VERSION_KEY] = _version()
-    timings["total"] = time.perf_counter() - t_start
-    summary.timings = {k: round(v, 3) for k, v in timings.items()}
-    return CompressResult(model=model, summary=summary, recipe=recipe)
-
-
-def _finish_dynamic(model, reference, analysis, synthetic, fit_images, recipe: Recipe, plans, before, macs_before,
-                    bytes_before, summary: Summary, timings, t_start, progress, joint_steps: int,
-                    positions: dict[str, int]) -> CompressResult:
-    """Dynamic precision: refit what pruning changed (in float), then the selector pass."""
-    from .passes.dynamic import apply_dynamic
-
-    t = time.perf_counter()
-    if synthetic is not None and plans:
-        from .passes.fit import fit_sequential
-
-        fit_sequential(model, reference, analysis.layers, fit_images,
-                       recipe.replace(wbits=None, abits=None, layers={}), progress=progress,
-                       kept=_kept_channels(plans), regions=_regions(plans), joint_steps=joint_steps)
-    for layer in analysis.layers:
-        summary.rows.append(LayerRow(
-            name=layer.name, op=before[layer.name][3], kind=before[layer.name][4],
-            channels_before=before[layer.name][0], channels_after=layer.out_channels, wbits=None, abits=None,
-            macs_before=before[layer.name][1],
-            macs_after=_macs_after(layer, before[layer.name][1], before, positions),
-            params_before=before[layer.name][2], params_after=layer.params(), note="dynamic"))
-    model, summary.dynamic = apply_dynamic(model, recipe.dynamic, synthetic=synthetic, progress=progress,
-                                           seed=recipe.seed, augment=recipe.augment)
-    timings["dynamic"] = time.perf_counter() - t
-    return _finish(model, recipe, summary, macs_before, bytes_before, timings, t_start)
+    summary.timings["total"] = time.perf_counter() - t_start
+    summary.timings = {k: round(v, 3) for k, v in summary.timings.items()}
+    return CompressResult(model=model, summary=summary, recipe=ctx.recipe)
 
 
 def _version() -> str:

@@ -69,7 +69,7 @@ def activation_ranges_closed_form(model: ir.Model, layers: list[G.Layer], recipe
         for name in unknown:
             ranges[name] = mse_range(captured[name], wanted[name])
     out = {}
-    from .quant import act_qparams
+    from ..quant import act_qparams
 
     for name, (lo, hi) in ranges.items():
         scale, zp, signed = act_qparams(lo, hi, wanted[name])
