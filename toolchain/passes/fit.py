@@ -99,23 +99,7 @@ def fit_sequential(model: ir.Model, reference: ir.Model, layers: list[Layer], im
     by_name = {l.name: l for l in layers}
     layer_nodes = {id(l.node) for l in layers}
     own_target: set[str] = set()
-    cached = {}
-    if _bytes(ref_graph, ref_outs, x_all) < REF_CACHE_BYTES:
-        with torch.no_grad():
-            cached = _collect_many(ref_graph, x_all, ref_outs)
-    ref_frontier = _Frontier(x_all)
-
-    def _ref_value(name: str) -> torch.Tensor:
-        """Value ``name`` of the float network on all images."""
-        return cached[name] if name in cached else ref_frontier.value(ref_graph, name, {})
-
-    def _reference(name: str) -> torch.Tensor:
-        """The float network's output of layer ``name``, sliced to its kept channels."""
-        Y = _ref_value(ref_layers[name].node.outputs[0].name)
-        if kept and name in kept:
-            idx = torch.from_numpy(kept[name])
-            Y = Y[..., idx] if by_name[name].op in ("Gemm", "MatMul") else Y[:, idx]
-        return Y
+    ref = _Reference(ref_graph, ref_layers, ref_outs, x_all, kept, by_name)
 
     frontier = _Frontier(x_all)
     for i, layer in enumerate(todo):
@@ -135,10 +119,10 @@ def fit_sequential(model: ir.Model, reference: ir.Model, layers: list[Layer], im
             targets = {}
             for n in consumers:
                 if kept and n in kept:
-                    targets[by_name[n].node.outputs[0].name] = _reference(n)
+                    targets[by_name[n].node.outputs[0].name] = ref.layer_output(n)
                     continue
                 name = _region_end(by_name[n].node.outputs[0], graph, in_name, layer_nodes)
-                targets[name] = _ref_value(name)
+                targets[name] = ref.value(name)
             fit_region(model, X, in_name, members, targets, joint_steps, seed=recipe.seed)
             own_target.update([layer.name, *carried])
         try:
@@ -146,7 +130,7 @@ def fit_sequential(model: ir.Model, reference: ir.Model, layers: list[Layer], im
                 fitted = _nearest(layer, eff.wbits, recipe)
             else:
                 Y = (_collect_after(TorchGraph(model).eval(), in_name, X, layer.node.outputs[0].name, hooks, x_all)
-                     if layer.name in own_target else _reference(layer.name))
+                     if layer.name in own_target else ref.layer_output(layer.name))
                 fitted = fit_layer(layer, X, Y, eff.wbits, recipe)
         except FitFailed as exc:
             fitted = _nearest(layer, eff.wbits, recipe)
@@ -162,12 +146,37 @@ def fit_sequential(model: ir.Model, reference: ir.Model, layers: list[Layer], im
     return weights, acts
 
 
+class _Reference:
+    """The float network's values on all images: the refitted layers' outputs computed in
+    one pass when they fit in ``REF_CACHE_BYTES``, anything else step by step."""
+
+    def __init__(self, graph, layers: dict[str, Layer], names: list[str], x_all: torch.Tensor, kept, by_name):
+        self.graph, self.layers, self.kept, self.by_name = graph, layers, kept, by_name
+        self.cached = {}
+        if _bytes(graph, names, x_all) < REF_CACHE_BYTES:
+            with torch.no_grad():
+                self.cached = _collect_many(graph, x_all, names)
+        self.frontier = _Frontier(x_all)
+
+    def value(self, name: str) -> torch.Tensor:
+        """Value ``name`` on all images."""
+        return self.cached[name] if name in self.cached else self.frontier.value(self.graph, name, {})
+
+    def layer_output(self, name: str) -> torch.Tensor:
+        """Layer ``name``'s output, sliced to the channels pruning kept."""
+        Y = self.value(self.layers[name].node.outputs[0].name)
+        if self.kept and name in self.kept:
+            idx = torch.from_numpy(self.kept[name])
+            Y = Y[..., idx] if self.by_name[name].op in ("Gemm", "MatMul") else Y[:, idx]
+        return Y
+
+
 def _to_refit(todo: list[Layer], recipe: Recipe, kept, regions) -> set[str]:
     """The layers whose weights are refitted: those pruning changed (their inputs or outputs
     lost channels) and those quantized below ``ROUND_BITS``.  The others are rounded to
     nearest (or stay float): refitted on synthetic images, 8-bit weights moved further from
-    what real photos need than rounding does (YOLO-like detector, real photos, W8: 46.7 dB
-    rounded, 44.1 refitted; W8A8: 22.6 and 21.1)."""
+    what real photos need than rounding does (measured on real photos through detectors
+    and classifiers: ``benchmarks/real_models.py``)."""
     changed = set(kept or {}) | {n for carried, consumers in (regions or {}).values() for n in carried + consumers}
     out = set()
     for layer in todo:
@@ -209,7 +218,7 @@ class _Frontier:
     it, already fitted: so the values are computed step by step as far as the next
     layer's input needs, and kept (in image chunks) while a later step reads them.  Each
     layer costs its own steps once, not a pass from the network input (quadratic in the
-    depth: 97 % of a YOLO-like detector's fitting time).  Above ``FRONTIER_BYTES`` of
+    depth, and most of a detector's fitting time).  Above ``FRONTIER_BYTES`` of
     live values it gives up and each value is computed from the input again.
     """
 
