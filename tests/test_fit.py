@@ -238,3 +238,23 @@ def test_activation_floor_keeps_float_the_tensor_whose_range_wrecks_the_output(t
     assert set(res.acts) == {ins[0], ins[2]}
     assert res.before_db < res.target_db <= res.after_db
     assert ins[1] in res.note()
+
+
+def test_activation_floor_does_not_act_on_outputs_too_weak_to_judge_by(tmp_path):
+    """Where the weights alone keep less than TRUSTED_DB of the output on the held-out
+    inputs, nothing is dropped and the note says why."""
+    from datafree.toolchain import ingest
+    from datafree.toolchain.passes import floor
+    from datafree.toolchain.passes.qdq import ActQuant
+
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1))
+    zoo.randomize(module, seed=4)
+    model = load(zoo.export_model(module, tmp_path, "one", input_shape=(1, 3, 8, 8)))
+    reference = ingest.to_ir(model)
+    layer = G.analyse(model).layers[0]
+    layer.set_w_oc(layer.w_oc() * 0.2)                      # the "weights" lose most of the output
+    x = np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32)
+    acts = {layer.node.inputs[0].name: ActQuant(8, 0.5, 0, True)}
+    res = floor.activation_floor(model, reference, [layer], acts, x)
+    assert res.untrusted and res.kept_float == [] and res.acts == acts
+    assert "not applied" in res.note()

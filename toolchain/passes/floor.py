@@ -13,6 +13,10 @@ large values decide the output), an 8-bit activation grid can wreck a model whos
 8-bit weights alone lose next to nothing.  Keeping such a tensor float costs that
 one layer its integer kernel and keeps the output where the weights put it.
 
+Where the weights alone already keep less than ``TRUSTED_DB`` of the output on those
+inputs, their outputs are too weak to judge by (a text detector's map on images where
+it finds no text): nothing is dropped, and the note says so.
+
 How: the output SQNR (each output's error energy over its own energy, averaged over
 the outputs, in dB: detectors' box and score outputs count alike) with weights only,
 then with every activation quantized.  Below target, each tensor's damage alone is
@@ -34,6 +38,7 @@ from ..graph import Layer
 from .qdq import ActQuant
 
 CHUNK = 16
+TRUSTED_DB = 15.0   # below this output SQNR with the weights alone, the held-out inputs cannot judge activations
 
 
 @dataclass
@@ -44,8 +49,13 @@ class FloorResult:
     before_db: float = math.inf       # ... and every activation quantized as fitted
     after_db: float = math.inf        # ... and only the activations kept
     target_db: float = math.inf
+    untrusted: bool = False           # the weights alone already lose too much there to judge by
 
     def note(self) -> str | None:
+        if self.untrusted:
+            return (f"activation floor not applied: on held-out procedural photographs the weights alone keep "
+                    f"only {self.weights_db:.1f} dB of the output (below {TRUSTED_DB:.0f}: outputs such inputs "
+                    "barely excite, e.g. a text map with no text found), too little to judge activations by")
         if not self.kept_float:
             return None
         shown = ", ".join(repr(n) for n in self.kept_float[:4]) + (", ..." if len(self.kept_float) > 4 else "")
@@ -116,6 +126,9 @@ def activation_floor(model: ir.Model, reference: ir.Model, layers: list[Layer], 
     res.weights_db = ev.sqnr({})
     res.before_db = res.after_db = ev.sqnr(acts)
     res.target_db = min(enough_db, res.weights_db - loss_db)
+    if res.weights_db < TRUSTED_DB:       # outputs too weak on these inputs to judge by: nothing dropped
+        res.untrusted = True
+        return res
     if res.before_db >= res.target_db:
         return res
     units = _units(model, layers, acts)
