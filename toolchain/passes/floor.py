@@ -62,7 +62,7 @@ class FloorResult:
         return (f"{len(self.kept_float)} activation tensors stay float ({shown}): on held-out synthetic inputs "
                 f"quantizing them took the output SQNR from {self.weights_db:.1f} dB (weights only) to "
                 f"{self.before_db:.1f} dB; without them {self.after_db:.1f} dB (target {self.target_db:.1f}; "
-                "--max-activation-loss to change it)")
+                "max_activation_loss in a recipe, --max-activation-loss, to change it)")
 
 
 def _units(model: ir.Model, layers: list[Layer], acts: dict[str, ActQuant]) -> dict[str, list[str]]:
