@@ -19,10 +19,10 @@ it finds no text): nothing is dropped, and the note says so.
 
 How: the output SQNR (each output's error energy over its own energy, averaged over
 the outputs, in dB: detectors' box and score outputs count alike) with weights only,
-then with every activation quantized.  Below target, each tensor's damage alone is
-measured (only that tensor quantized), and tensors are kept float most damaging
-first until the sum of the rest's damage is within target; the whole is measured
-again and more are kept float while it is not.
+then with every activation quantized.  Below target, the quantized tensors are ranked
+by the output error each causes alone (on a few of the inputs, one run each), and the
+fewest of the worst that must stay float for the output to reach the target are found
+by doubling, then bisection: about 2 log2(tensors) runs on all the held-out inputs.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from ..graph import Layer
 from .qdq import ActQuant
 
 CHUNK = 16
+RANK_IMAGES = 4     # held-out inputs the tensors are ranked on (one run each)
 TRUSTED_DB = 15.0   # below this output SQNR with the weights alone, the held-out inputs cannot judge activations
 
 
@@ -108,6 +109,19 @@ class _Evaluator:
         names = [n for n in graph.output_names if parts[0][n].is_floating_point()]
         return [torch.cat([p[n] for p in parts]) for n in names]
 
+    def rank(self, units: dict[str, list[str]], acts: dict[str, ActQuant], progress=None) -> list[str]:
+        """Units by the output error each causes alone (weights quantized, only that unit's
+        tensors quantized), measured on the first ``RANK_IMAGES`` inputs: the worst first."""
+        few = _Evaluator.__new__(_Evaluator)
+        few.graph, few.x = self.graph, self.x[:RANK_IMAGES]
+        few.ref = [r[:RANK_IMAGES] for r in self.ref]
+        damage = {}
+        for i, (v, names) in enumerate(units.items()):
+            if progress is not None:
+                progress("activation floor", i, 2 * len(units))
+            damage[v] = -few.sqnr({n: acts[n] for n in names})
+        return sorted(damage, key=lambda v: -damage[v])
+
     def sqnr(self, acts: dict[str, ActQuant]) -> float:
         from .fit import _fake_quant_hook
 
@@ -132,41 +146,33 @@ def activation_floor(model: ir.Model, reference: ir.Model, layers: list[Layer], 
     if res.before_db >= res.target_db:
         return res
     units = _units(model, layers, acts)
-    e_w = 10 ** (-res.weights_db / 10) if math.isfinite(res.weights_db) else 0.0
-    damage = {}
-    for i, (v, names) in enumerate(units.items()):
-        if progress is not None:
-            progress("activation floor", i, len(units))
-        alone = ev.sqnr({n: acts[n] for n in names})
-        damage[v] = max(0.0, (10 ** (-alone / 10) if math.isfinite(alone) else 0.0) - e_w)
-    order = sorted(damage, key=lambda v: -damage[v])
-    budget = 10 ** (-res.target_db / 10) - e_w
-    left = sum(damage.values())
-    dropped: list[str] = []
-    for v in order:                      # predicted: damages add up as error energies
-        if left <= budget:
-            break
-        dropped.append(v)
-        left -= damage[v]
-    kept = dict(acts)
+    order = ev.rank(units, acts, progress)
 
-    def without(vs):
+    def without(n_dropped: int) -> dict[str, ActQuant]:
         out = dict(acts)
-        for v in vs:
+        for v in order[:n_dropped]:
             for n in units[v]:
                 out.pop(n, None)
         return out
 
-    kept = without(dropped)
+    good, bad = len(order), 0          # dropping `good` meets the target (all float does), `bad` does not
+    n = 1
+    while n < good:                    # doubling, then bisection: about 2 log2(units) runs
+        if progress is not None:
+            progress("activation floor", len(order) + n, 2 * len(order))
+        if ev.sqnr(without(n)) >= res.target_db:
+            good = n
+            break
+        bad, n = n, 2 * n
+    while good - bad > 1:
+        mid = (good + bad) // 2
+        if ev.sqnr(without(mid)) >= res.target_db:
+            good = mid
+        else:
+            bad = mid
+    kept, dropped = without(good), order[:good]
     res.after_db = ev.sqnr(kept)
-    rest = [v for v in order if v not in dropped]
-    while res.after_db < res.target_db and rest:   # measured: drop more, a few at a time
-        step = max(1, len(rest) // 8)
-        dropped += rest[:step]
-        rest = rest[step:]
-        kept = without(dropped)
-        res.after_db = ev.sqnr(kept)
     if progress is not None:
-        progress("activation floor", len(units), len(units))
+        progress("activation floor", 2 * len(order), 2 * len(order))
     res.acts, res.kept_float = kept, dropped
     return res
