@@ -18,7 +18,8 @@ inputs, their outputs are too weak to judge by (a text detector's map on images 
 it finds no text): nothing is dropped, and the note says so.
 
 How: the output SQNR (each output's error energy over its own energy, averaged over
-the outputs, in dB: detectors' box and score outputs count alike) with weights only,
+the outputs, in dB: detectors' box and score outputs count alike; an output made by a
+Sigmoid or Softmax is scored at its logits) with weights only,
 then with every activation quantized.  Below target, the quantized tensors are ranked
 by the output error each causes alone (on a few of the inputs, one run each), and the
 fewest of the worst that must stay float for the output to reach the target are found
@@ -82,6 +83,16 @@ def _units(model: ir.Model, layers: list[Layer], acts: dict[str, ActQuant]) -> d
     return units
 
 
+def _scored(value: ir.Value) -> str:
+    """The value an output is scored at: a Sigmoid's or Softmax's input (the logits) where
+    the output is one, since a saturated map or distribution hides its errors (a text map
+    on images where no text is found is all near zero); else the output itself."""
+    node = value.producer()
+    if node is not None and node.op_type in ("Sigmoid", "Softmax") and node.domain in ("", "ai.onnx"):
+        return node.inputs[0].name
+    return value.name
+
+
 def _sqnr(ref: list[torch.Tensor], out: list[torch.Tensor]) -> float:
     ratios = []
     for r, o in zip(ref, out):
@@ -101,19 +112,21 @@ class _Evaluator:
         self.graph = TorchGraph(model).eval()
         ref_graph = TorchGraph(reference).eval()
         self.x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+        self.names = [_scored(v) for v in model.graph.outputs]
         self.ref = self._outputs(ref_graph, {})
 
     def _outputs(self, graph, hooks) -> list[torch.Tensor]:
         with torch.no_grad():
-            parts = [graph.run(self.x[s:s + CHUNK], hooks=hooks) for s in range(0, len(self.x), CHUNK)]
-        names = [n for n in graph.output_names if parts[0][n].is_floating_point()]
+            parts = [graph.run(self.x[s:s + CHUNK], capture=self.names, hooks=hooks)
+                     for s in range(0, len(self.x), CHUNK)]
+        names = [n for n in self.names if parts[0][n].is_floating_point()]
         return [torch.cat([p[n] for p in parts]) for n in names]
 
     def rank(self, units: dict[str, list[str]], acts: dict[str, ActQuant], progress=None) -> list[str]:
         """Units by the output error each causes alone (weights quantized, only that unit's
         tensors quantized), measured on the first ``RANK_IMAGES`` inputs: the worst first."""
         few = _Evaluator.__new__(_Evaluator)
-        few.graph, few.x = self.graph, self.x[:RANK_IMAGES]
+        few.graph, few.x, few.names = self.graph, self.x[:RANK_IMAGES], self.names
         few.ref = [r[:RANK_IMAGES] for r in self.ref]
         damage = {}
         for i, (v, names) in enumerate(units.items()):
