@@ -55,6 +55,7 @@ MAX_ROWS = 131072   # feature rows per layer for the Gram statistics
 STATS_IMAGES = 512  # at most this many images (evenly spaced) for channel selection
 REF_CACHE_BYTES = 2e9  # keep all float reference outputs in memory below this
 FIT_BYTES = 1.5e9   # at most this much for one layer's input over the whole fitting set
+RANGE_IMAGES = 64    # images when only activation ranges are set (nothing refitted)
 ROUND_BITS = 8       # weights of this many bits and more, in layers pruning left alone: rounded to nearest
 FRONTIER_BYTES = 4e9  # at most this much of the compressed network's live values kept between layers
 
@@ -91,10 +92,12 @@ def fit_sequential(model: ir.Model, reference: ir.Model, layers: list[Layer], im
     weights: dict[str, WeightQuant] = {}
     acts: dict[str, ActQuant] = {}
     hooks: dict[str, callable] = {}
-    x_all = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
     todo = [l for l in layers if not recipe.for_layer(l.name, l.kind).skip and l.name in ref_layers]
     plan = activation_plan(layers, recipe)
     refit = _to_refit(todo, recipe, kept, regions)
+    if not refit and len(images) > RANGE_IMAGES:     # only ranges to set: a few images hold their values
+        images = images[np.linspace(0, len(images) - 1, RANGE_IMAGES).round().astype(np.int64)]
+    x_all = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
     ref_outs = [ref_layers[l.name].node.outputs[0].name for l in todo if l.name in refit]
     by_name = {l.name: l for l in layers}
     layer_nodes = {id(l.node) for l in layers}
