@@ -156,7 +156,7 @@ class _Reference:
     def __init__(self, graph, layers: dict[str, Layer], names: list[str], x_all: torch.Tensor, kept, by_name):
         self.graph, self.layers, self.kept, self.by_name = graph, layers, kept, by_name
         self.cached = {}
-        if _bytes(graph, names, x_all) < REF_CACHE_BYTES:
+        if names and _bytes(graph, names, x_all) < REF_CACHE_BYTES:
             with torch.no_grad():
                 self.cached = _collect_many(graph, x_all, names)
         self.frontier = _Frontier(x_all)

@@ -67,7 +67,7 @@ class FloorResult:
                 "max_activation_loss in a recipe, --max-activation-loss, to change it)")
 
 
-def _units(model: ir.Model, layers: list[Layer], acts: dict[str, ActQuant]) -> dict[str, list[str]]:
+def _units(layers: list[Layer], acts: dict[str, ActQuant]) -> dict[str, list[str]]:
     """Per quantized layer input: that tensor and the outputs of the layers reading it that
     are quantized only so the layer runs as an integer kernel (useless once its input is float)."""
     inputs = {l.node.inputs[0].name for l in layers}
@@ -115,31 +115,29 @@ class _Evaluator:
         self.names = [_scored(v) for v in model.graph.outputs]
         self.ref = self._outputs(ref_graph, {})
 
-    def _outputs(self, graph, hooks) -> list[torch.Tensor]:
+    def _outputs(self, graph, hooks, n: int | None = None) -> list[torch.Tensor]:
+        x = self.x[:n]
         with torch.no_grad():
-            parts = [graph.run(self.x[s:s + CHUNK], capture=self.names, hooks=hooks)
-                     for s in range(0, len(self.x), CHUNK)]
-        names = [n for n in self.names if parts[0][n].is_floating_point()]
-        return [torch.cat([p[n] for p in parts]) for n in names]
+            parts = [graph.run(x[s:s + CHUNK], capture=self.names, hooks=hooks) for s in range(0, len(x), CHUNK)]
+        names = [k for k in self.names if parts[0][k].is_floating_point()]
+        return [torch.cat([p[k] for p in parts]) for k in names]
 
     def rank(self, units: dict[str, list[str]], acts: dict[str, ActQuant], progress=None) -> list[str]:
         """Units by the output error each causes alone (weights quantized, only that unit's
         tensors quantized), measured on the first ``RANK_IMAGES`` inputs: the worst first."""
-        few = _Evaluator.__new__(_Evaluator)
-        few.graph, few.x, few.names = self.graph, self.x[:RANK_IMAGES], self.names
-        few.ref = [r[:RANK_IMAGES] for r in self.ref]
         damage = {}
         for i, (v, names) in enumerate(units.items()):
             if progress is not None:
                 progress("activation floor", i, 2 * len(units))
-            damage[v] = -few.sqnr({n: acts[n] for n in names})
+            damage[v] = -self.sqnr({n: acts[n] for n in names}, n=RANK_IMAGES)
         return sorted(damage, key=lambda v: -damage[v])
 
-    def sqnr(self, acts: dict[str, ActQuant]) -> float:
+    def sqnr(self, acts: dict[str, ActQuant], n: int | None = None) -> float:
+        """Output SQNR with ``acts`` fake-quantized, on the first ``n`` inputs (all: None)."""
         from .fit import _fake_quant_hook
 
-        hooks = {n: _fake_quant_hook(a.scale, a.zero_point, a.bits, a.signed) for n, a in acts.items()}
-        return _sqnr(self.ref, self._outputs(self.graph, hooks))
+        hooks = {k: _fake_quant_hook(a.scale, a.zero_point, a.bits, a.signed) for k, a in acts.items()}
+        return _sqnr([r[:n] for r in self.ref], self._outputs(self.graph, hooks, n))
 
 
 def activation_floor(model: ir.Model, reference: ir.Model, layers: list[Layer], acts: dict[str, ActQuant],
@@ -158,7 +156,7 @@ def activation_floor(model: ir.Model, reference: ir.Model, layers: list[Layer], 
         return res
     if res.before_db >= res.target_db:
         return res
-    units = _units(model, layers, acts)
+    units = _units(layers, acts)
     order = ev.rank(units, acts, progress)
 
     def without(n_dropped: int) -> dict[str, ActQuant]:
