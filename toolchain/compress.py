@@ -55,13 +55,14 @@ class Summary:
     dynamic: dict = field(default_factory=dict)                # selector statistics (dynamic precision)
     headline: list[str] = field(default_factory=list)          # what matters first: input assumed, image route
     inputs: dict = field(default_factory=dict)                 # the input size and range assumed, and why
+    speed: dict = field(default_factory=dict)                  # measured time vs the float model, per batch
 
     def to_dict(self) -> dict:
         import dataclasses
 
         return {"layers": [dataclasses.asdict(r) for r in self.rows], "skipped": self.skipped,
                 "totals": self.totals, "timings": self.timings, "notes": self.notes,
-                "headline": self.headline, "inputs": self.inputs,
+                "headline": self.headline, "inputs": self.inputs, "speed": self.speed,
                 **({"dynamic": self.dynamic} if self.dynamic else {})}
 
 
@@ -161,23 +162,28 @@ class Context:
     plans: list = field(default_factory=list)
     weights: dict = field(default_factory=dict)
     acts: dict = field(default_factory=dict)
+    measure: bool = True                     # time float and compressed model (the measure pass)
+    float_bytes: bytes | None = None         # the float model as loaded, serialized, for the measure pass
 
 
 def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = silent,
-             images: np.ndarray | None = None, input_shape: tuple[int, ...] | None = None) -> CompressResult:
+             images: np.ndarray | None = None, input_shape: tuple[int, ...] | None = None,
+             measure: bool = True) -> CompressResult:
     """Compress ``source`` (path, ModelProto or ir.Model; never modified) as ``recipe`` says.
 
     ``images``: fit on these (N x input shape, preprocessed) instead of generating
     synthetic images: for measuring the synthetic path against real data, which the
     compressor itself never needs.  ``recipe.synthetic`` must then be > 0.
     ``input_shape``: the input size synthetic images get where the model's is symbolic.
+    ``measure``: time the float and the compressed model in a plain onnxruntime session
+    (a few seconds; the ratios go into the summary).
     Where no synthetic images can be made (symbolic size and no ``input_shape``, no BN
     statistics and no class output), the closed form is used and the summary says why.
     """
     from . import stages
 
     recipe = recipe or Recipe()
-    ctx = Context(recipe=recipe, progress=progress, caller_images=images,
+    ctx = Context(recipe=recipe, progress=progress, caller_images=images, measure=measure,
                   input_shape=input_shape if input_shape is not None else
                   (tuple(recipe.input_shape) if recipe.input_shape is not None else None))
     t_start = time.perf_counter()
@@ -357,7 +363,8 @@ def _activation_floor(model: ir.Model, reference, layers: list[G.Layer], acts: d
     try:
         res = activation_floor(model, reference, layers, acts, images, loss_db=recipe.max_activation_loss,
                                progress=progress)
-    except UserError:          # the model cannot be run in torch here: ranges kept as they are
+    except UserError as exc:   # the model cannot be run in torch here: ranges kept as they are
+        summary.headline.append(f"activation floor not applied: {exc}; every activation range kept as fitted")
         return acts
     if res.note():
         summary.headline.append(res.note())

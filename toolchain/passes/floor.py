@@ -13,6 +13,13 @@ large values decide the output), an 8-bit activation grid can wreck a model whos
 8-bit weights alone lose next to nothing.  Keeping such a tensor float costs that
 one layer its integer kernel and keeps the output where the weights put it.
 
+What is enough depends on what the output is read for.  Class scores (a Softmax, or one
+score vector per input: ``[N, C]``) are read by their largest entry, which an error well
+under the gaps between scores leaves alone: ``ENOUGH_CLASS_DB`` suffices there, and
+keeping more float would cost integer kernels (speed, the reason to quantize
+activations at all) for nothing a user sees.  Boxes, maps and embeddings are read by
+value: ``ENOUGH_DB``.
+
 Where the weights alone already keep less than ``TRUSTED_DB`` of the output on those
 inputs, their outputs are too weak to judge by (a text detector's map on images where
 it finds no text): nothing is dropped, and the note says so.
@@ -20,8 +27,11 @@ it finds no text): nothing is dropped, and the note says so.
 How: the output SQNR (each output's error energy over its own energy, averaged over
 the outputs, in dB: detectors' box and score outputs count alike; an output made by a
 Sigmoid or Softmax is scored at its logits) with weights only,
-then with every activation quantized.  Below target, the quantized tensors are ranked
-by the output error each causes alone (on a few of the inputs, one run each), and the
+then with every activation quantized.  Below target by more than one standard error of
+the mean error over the held-out inputs (a smaller shortfall is within their scatter,
+and each tensor kept float costs integer kernels and the layout changes around them),
+the quantized tensors are ranked by the output error each causes alone (on a few of
+the inputs, one run each), and the
 fewest of the worst that must stay float for the output to reach the target are found
 by doubling, then bisection: about 2 log2(tensors) runs on all the held-out inputs.
 """
@@ -41,6 +51,8 @@ from .qdq import ActQuant
 CHUNK = 16
 RANK_IMAGES = 4     # held-out inputs the tensors are ranked on (one run each)
 TRUSTED_DB = 15.0   # below this output SQNR with the weights alone, the held-out inputs cannot judge activations
+ENOUGH_DB = 30.0    # output SQNR that needs no tensor kept float: outputs read by value (boxes, maps)
+ENOUGH_CLASS_DB = 20.0   # ... class scores, read by their largest entry
 
 
 @dataclass
@@ -51,6 +63,7 @@ class FloorResult:
     before_db: float = math.inf       # ... and every activation quantized as fitted
     after_db: float = math.inf        # ... and only the activations kept
     target_db: float = math.inf
+    class_scores: bool = False        # every output is class scores (enough: ENOUGH_CLASS_DB)
     untrusted: bool = False           # the weights alone already lose too much there to judge by
 
     def note(self) -> str | None:
@@ -63,7 +76,8 @@ class FloorResult:
         shown = ", ".join(repr(n) for n in self.kept_float[:4]) + (", ..." if len(self.kept_float) > 4 else "")
         return (f"{len(self.kept_float)} activation tensors stay float ({shown}): on held-out synthetic inputs "
                 f"quantizing them took the output SQNR from {self.weights_db:.1f} dB (weights only) to "
-                f"{self.before_db:.1f} dB; without them {self.after_db:.1f} dB (target {self.target_db:.1f}; "
+                f"{self.before_db:.1f} dB; without them {self.after_db:.1f} dB (target {self.target_db:.1f}"
+                f"{', class scores' if self.class_scores else ''}; "
                 "max_activation_loss in a recipe, --max-activation-loss, to change it)")
 
 
@@ -93,16 +107,46 @@ def _scored(value: ir.Value) -> str:
     return value.name
 
 
-def _sqnr(ref: list[torch.Tensor], out: list[torch.Tensor]) -> float:
-    ratios = []
+def _class_scores(value: ir.Value) -> bool:
+    """Whether an output is class scores, read by its largest entry: a Softmax's (or
+    LogSoftmax's) output, or one score vector per input (``[N, C]``, C > 1 where known)."""
+    node = value.producer()
+    if node is not None and node.op_type in ("Softmax", "LogSoftmax") and node.domain in ("", "ai.onnx"):
+        return True
+    shape = value.shape
+    if shape is None or len(shape) != 2:
+        return False
+    return not isinstance(shape[1], int) or shape[1] > 1
+
+
+def _db(e: float) -> float:
+    return math.inf if e <= 0 else -10.0 * math.log10(e)
+
+
+def _errors(ref: list[torch.Tensor], out: list[torch.Tensor]) -> np.ndarray:
+    """Per input, the output error energy over the outputs' mean energy per input, averaged
+    over the outputs: its mean is the error ratio the SQNR is made of."""
+    per = []
     for r, o in zip(ref, out):
         r64, o64 = r.double(), o.double()
         energy = float((r64 ** 2).sum())
         if energy <= 0:
             continue
-        ratios.append(float(((r64 - o64) ** 2).sum()) / energy)
-    e = float(np.mean(ratios)) if ratios else 0.0
-    return math.inf if e <= 0 else -10.0 * math.log10(e)
+        n = r64.shape[0]
+        per.append(((r64 - o64) ** 2).reshape(n, -1).sum(1).numpy() / (energy / n))
+    return np.mean(per, axis=0) if per else np.zeros(1)
+
+
+def _sqnr(ref: list[torch.Tensor], out: list[torch.Tensor]) -> float:
+    return _db(float(_errors(ref, out).mean()))
+
+
+def _sqnr_upper(ref: list[torch.Tensor], out: list[torch.Tensor]) -> float:
+    """The SQNR one standard error of the mean error above the measured one: a shortfall
+    smaller than this is within what the held-out inputs scatter by."""
+    e = _errors(ref, out)
+    se = float(e.std(ddof=1)) / math.sqrt(len(e)) if len(e) > 1 else 0.0
+    return _db(max(float(e.mean()) - se, 0.0))
 
 
 class _Evaluator:
@@ -113,6 +157,7 @@ class _Evaluator:
         ref_graph = TorchGraph(reference).eval()
         self.x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
         self.names = [_scored(v) for v in model.graph.outputs]
+        self.class_scores = all(_class_scores(v) for v in model.graph.outputs)
         self.ref = self._outputs(ref_graph, {})
 
     def _outputs(self, graph, hooks, n: int | None = None) -> list[torch.Tensor]:
@@ -132,29 +177,34 @@ class _Evaluator:
             damage[v] = -self.sqnr({n: acts[n] for n in names}, n=RANK_IMAGES)
         return sorted(damage, key=lambda v: -damage[v])
 
-    def sqnr(self, acts: dict[str, ActQuant], n: int | None = None) -> float:
-        """Output SQNR with ``acts`` fake-quantized, on the first ``n`` inputs (all: None)."""
+    def sqnr(self, acts: dict[str, ActQuant], n: int | None = None, upper: bool = False) -> float:
+        """Output SQNR with ``acts`` fake-quantized, on the first ``n`` inputs (all: None);
+        ``upper``: one standard error above it (:func:`_sqnr_upper`)."""
         from .fit import _fake_quant_hook
 
         hooks = {k: _fake_quant_hook(a.scale, a.zero_point, a.bits, a.signed) for k, a in acts.items()}
-        return _sqnr([r[:n] for r in self.ref], self._outputs(self.graph, hooks, n))
+        return (_sqnr_upper if upper else _sqnr)([r[:n] for r in self.ref], self._outputs(self.graph, hooks, n))
 
 
 def activation_floor(model: ir.Model, reference: ir.Model, layers: list[Layer], acts: dict[str, ActQuant],
-                     images: np.ndarray, *, loss_db: float = 3.0, enough_db: float = 30.0,
+                     images: np.ndarray, *, loss_db: float = 3.0, enough_db: float | None = None,
                      progress=None) -> FloorResult:
-    """The activation quantizers to keep (module docstring)."""
+    """The activation quantizers to keep (module docstring); ``enough_db`` None: by what the
+    outputs are (``ENOUGH_CLASS_DB`` for class scores, else ``ENOUGH_DB``)."""
     if not acts:
         return FloorResult(acts=acts)
     ev = _Evaluator(model, reference, images)
-    res = FloorResult(acts=dict(acts))
+    res = FloorResult(acts=dict(acts), class_scores=ev.class_scores)
+    if enough_db is None:
+        enough_db = ENOUGH_CLASS_DB if ev.class_scores else ENOUGH_DB
     res.weights_db = ev.sqnr({})
     res.before_db = res.after_db = ev.sqnr(acts)
+    before_upper = ev.sqnr(acts, upper=True)
     res.target_db = min(enough_db, res.weights_db - loss_db)
     if res.weights_db < TRUSTED_DB:       # outputs too weak on these inputs to judge by: nothing dropped
         res.untrusted = True
         return res
-    if res.before_db >= res.target_db:
+    if before_upper >= res.target_db:  # short by less than the inputs scatter: no kernel given up for it
         return res
     units = _units(layers, acts)
     order = ev.rank(units, acts, progress)
