@@ -258,3 +258,30 @@ def test_activation_floor_does_not_act_on_outputs_too_weak_to_judge_by(tmp_path)
     res = floor.activation_floor(model, reference, [layer], acts, x)
     assert res.untrusted and res.kept_float == [] and res.acts == acts
     assert "not applied" in res.note()
+
+
+def test_activation_floor_reads_class_scores_by_their_top_class_and_allows_for_scatter():
+    """Softmax outputs and [N, C] score vectors are class scores (enough at ENOUGH_CLASS_DB);
+    maps and boxes are not. The upper SQNR allows one standard error of the per-input
+    errors: equal to the SQNR when every input errs alike, above it when they scatter."""
+    import onnx_ir as ir
+
+    from datafree.toolchain.passes import floor
+
+    def value(shape, op=None):
+        v = ir.Value(name="y", shape=ir.Shape(shape))
+        if op is not None:
+            ir.Node("", op, inputs=[ir.Value(name="x")], outputs=[v])
+        return v
+
+    assert floor._class_scores(value(["N", 10]))
+    assert floor._class_scores(value(["N", "T", 97], "Softmax"))
+    assert not floor._class_scores(value(["N", 1]))
+    assert not floor._class_scores(value(["N", 84, 8400]))
+    assert not floor._class_scores(value(["N", 1, "H", "W"], "Sigmoid"))
+    assert floor.ENOUGH_CLASS_DB < floor.ENOUGH_DB
+    ref = [torch.ones(8, 4)]
+    even = [ref[0] + 0.1]
+    assert abs(floor._sqnr_upper(ref, even) - floor._sqnr(ref, even)) < 1e-9
+    uneven = [ref[0] + torch.tensor([0.0] * 7 + [0.5]).unsqueeze(1)]
+    assert floor._sqnr_upper(ref, uneven) > floor._sqnr(ref, uneven) + 1.0
