@@ -15,6 +15,16 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # the many small steps of the fitting passes over ten times slower
     torch.set_num_threads(1)
 
+@pytest.fixture(autouse=True)
+def _brief_speed_measurements(monkeypatch):
+    """compress() times float and compressed model at its end: a few runs at batches 1 and
+    2 are enough to exercise that here (tests assert behaviour, benchmarks measure)."""
+    from datafree.toolchain.passes import speed
+
+    monkeypatch.setattr(speed, "BUDGET_S", 0.0)
+    monkeypatch.setattr(speed, "LARGE_RUN_S", 0.0)
+
+
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "examples" / "models"
 DEV_IMAGES = ROOT / "examples" / "data" / "cifar10_dev500.npz"

@@ -34,7 +34,8 @@ def test_compress_writes_model_with_recipe_metadata(tmp_path, resnet20_bn):
     assert all(v["wbits"] == 4 for v in layers.values())
     # not a terminal (a log): a plain line as each stage ends, instead of bars
     assert [line.split(":")[0] for line in res.output.splitlines() if " done in " in line] == \
-        ["load", "prune", "quantize"]
+        ["load", "prune", "quantize", "measure"]
+    assert "time on this machine, plain onnxruntime" in res.output
 
 
 def test_json_summary_and_dry_run(tmp_path, resnet20_bn):

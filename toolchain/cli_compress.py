@@ -36,6 +36,15 @@ def _bits(ctx, param, value):
         raise click.BadParameter(f"expected 2..8 or 'float', got {value!r}") from None
 
 
+def _multiple(ctx, param, value):
+    if str(value).lower() == "auto":
+        return "auto"
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"expected 'auto' or a positive integer, got {value!r}") from None
+
+
 def _loss_db(ctx, param, value):
     if value is None or str(value).lower() in ("off", "none"):
         return None
@@ -66,8 +75,9 @@ def compress_options(f):
                      show_default=True,
                      help="Channel importance; output = error it causes on synthetic images (auto: output "
                           "when synthetic images are made, else l1)."),
-        click.option("--channel-multiple", type=int, default=1, show_default=True,
-                     help="Keep channel counts at a multiple of this (vector units like 4 or 8)."),
+        click.option("--channel-multiple", callback=_multiple, default="auto", show_default=True,
+                     help="Keep pruned channel counts at a multiple of this; auto: 8 (4 in layers under 32 "
+                          "channels), the blocks CPU convolution kernels run in. 1: any count."),
         click.option("--wbits", callback=_bits, default="8", show_default=True, help="Weight bits (2..8 or 'float')."),
         click.option("--depthwise-wbits", callback=_bits, default=str(Recipe.depthwise_wbits), show_default=True,
                      help="At least these bits for depthwise weights when --wbits is lower ('float': as --wbits)."),
@@ -116,6 +126,9 @@ def compress_options(f):
                           "or caffe (0..255 minus the mean); default: inferred from the model's first layers."),
         click.option("-v", "--verbose", is_flag=True, help="Also print the per-layer table."),
         click.option("--dry-run", is_flag=True, help="Plan only: predicted size and MACs, nothing written."),
+        click.option("--measure/--no-measure", default=True, show_default=True,
+                     help="Time the float and the compressed model in a plain onnxruntime session on this "
+                          "machine (batch 1 and a large batch, a few seconds) and print the ratio."),
         click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON."),
         click.option("--external-data/--no-external-data", default=None,
                      help="Write weights to <output>.data (default: only when the model is over 1.8 GB)."),
@@ -172,7 +185,7 @@ def run_compress(ctx: click.Context, params: dict, source) -> None:
     if params["dry_run"]:
         recipe = recipe.replace(synthetic=0, dynamic=None)
     with progress_bar(quiet=params["as_json"]) as progress:
-        result = compress(source, recipe, progress=progress, input_shape=input_shape)
+        result = compress(source, recipe, progress=progress, input_shape=input_shape, measure=params["measure"])
         extra = result.summary.dynamic
     if not params["dry_run"]:
         save(result.model, params["output"], external_data=params["external_data"])

@@ -1,7 +1,7 @@
 """The passes ``compress()`` runs, in order, over one :class:`compress.Context`.
 
-    load → synthetic → opset → prune → fold → quantize → activation floor → write   (STATIC)
-    load → synthetic → opset → prune → fold → dynamic                                (DYNAMIC)
+    load → synthetic → opset → prune → fold → quantize → activation floor → write → measure   (STATIC)
+    load → synthetic → opset → prune → fold → dynamic → measure                                (DYNAMIC)
 
 Each pass reads what the ones before it left in the context and adds its own; the
 runner (``compress.compress``) times each under its name.  What a pass leaves alone
@@ -53,6 +53,8 @@ def load(ctx: Context, source) -> None:
                                  if analysis.skipped else ""))
     ctx.progress("load", 1, 1)
     ctx.model, ctx.spec, ctx.analysis = model, spec, analysis
+    if ctx.measure and spec is not None and weight_bytes(model) <= MEASURE_BYTES:
+        ctx.float_bytes = ir.to_proto(model).SerializeToString()    # the float model, as the measure pass times it
     ctx.positions = _positions(model, spec, analysis)
     ctx.before = {l.name: (l.out_channels, _macs(l, ctx.positions), l.params(), l.op, l.kind) for l in analysis.layers}
     ctx.macs_before = sum(m for _, m, *_ in ctx.before.values() if m is not None)
@@ -235,6 +237,38 @@ def dynamic(ctx: Context) -> None:
                                                    augment=ctx.recipe.augment)
 
 
+def measure_speed(ctx: Context) -> None:
+    """Float and compressed model timed in a plain onnxruntime session (passes/speed.py):
+    the ratios go into the headline and ``summary.speed``; why not, where they cannot be had."""
+    if not ctx.measure:
+        return
+    if ctx.float_bytes is None or len(ctx.model.graph.inputs) != 1:
+        reason = ("the model's input is not one float tensor of known size" if ctx.spec is None
+                  or len(ctx.model.graph.inputs) != 1 else f"over {MEASURE_BYTES >> 20} MiB of weights")
+        ctx.summary.notes.append(f"speed not measured: {reason}")
+        return
+    from .passes import speed
+
+    ctx.progress("measure", 0, 1)
+    value = ctx.model.graph.inputs[0]
+    batch = value.shape[0] if value.shape is not None and len(value.shape) else None
+    try:
+        result = speed.measure(ctx.float_bytes, ir.to_proto(ctx.model).SerializeToString(), ctx.spec.shape,
+                               fixed_batch=batch if isinstance(batch, int) else None)
+    except Exception as exc:  # noqa: BLE001 -- onnxruntime refusing to time a model is a note, not a failure
+        ctx.summary.notes.append(f"speed not measured: onnxruntime could not run the models here "
+                                 f"({str(exc).strip().splitlines()[0][:160]})")
+    else:
+        ctx.summary.speed = result.to_dict()
+        ctx.summary.headline.append(result.line())
+    ctx.float_bytes = None
+    ctx.progress("measure", 1, 1)
+
+
+MEASURE_BYTES = 1 << 30   # larger models are not timed: two sessions of them would not fit many machines
+
+
 _COMMON = [("synthetic", synthesise), ("opset", upgrade_opset), ("prune", prune), ("fold", fold_bn)]
-STATIC = [*_COMMON, ("quantize", quantize), ("activation floor", activation_floor), ("write", write)]
-DYNAMIC = [*_COMMON, ("dynamic", dynamic)]
+STATIC = [*_COMMON, ("quantize", quantize), ("activation floor", activation_floor), ("write", write),
+          ("measure", measure_speed)]
+DYNAMIC = [*_COMMON, ("dynamic", dynamic), ("measure", measure_speed)]

@@ -1,0 +1,96 @@
+"""The speed-up measured where the compressor runs: float and compressed model, one plain session each.
+
+Contract: given the float model and the compressed one (serialized) and the shape of
+one input sample, time both in a plain ``onnxruntime.InferenceSession`` with default
+options (what a user's deployment code opens), at batch 1 and at a large batch, and
+return each as a ratio to the float model.  Nothing in either model changes.
+
+MACs say what a device could save; what onnxruntime on a CPU actually saves depends
+on its kernels (channel counts its convolutions run in whole blocks, layers it runs on
+integer kernels, layout changes between float and integer layers), so the summary
+prints the measured ratio beside the MACs.
+
+How: the runs of the two models alternate (float, compressed, float, ...) so that a
+load change on a shared machine hits both alike; each ratio is the ratio of medians.
+The large batch is 64, or less where one float run at 64 would take longer than
+``LARGE_RUN_S`` (estimated from batch 1); each batch size gets at most half of
+``BUDGET_S`` and at least ``MIN_PAIRS`` pairs of runs.  A model whose batch is fixed
+is timed at that batch only.  Inputs are uniform in [0, 1]:
+speed does not depend on the values.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+BUDGET_S = 4.0       # wall time for all the timed runs
+LARGE_BATCH = 64
+LARGE_RUN_S = 0.5    # the large batch shrinks so that one float run stays near this
+MIN_PAIRS = 3
+MAX_PAIRS = 50
+
+
+@dataclass
+class Speed:
+    batches: dict[int, tuple[float, float]] = field(default_factory=dict)   # batch -> (float ms, compressed ms)
+    onnxruntime: str = ""
+
+    def ratios(self) -> dict[int, float]:
+        return {b: c / f for b, (f, c) in self.batches.items()}
+
+    def line(self) -> str:
+        parts = [f"{r:.2f}x the float model's at batch {b}" if i == 0 else f"{r:.2f}x at batch {b}"
+                 for i, (b, r) in enumerate(self.ratios().items())]
+        return f"time on this machine, plain onnxruntime {self.onnxruntime} session: " + ", ".join(parts)
+
+    def to_dict(self) -> dict:
+        return {"onnxruntime": self.onnxruntime,
+                "batches": {str(b): {"float_ms": round(f, 4), "compressed_ms": round(c, 4), "ratio": round(c / f, 4)}
+                            for b, (f, c) in self.batches.items()}}
+
+
+def _session(model: bytes):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def _pairs(sessions, x: np.ndarray, budget_s: float) -> tuple[float, float]:
+    feeds = [{s.get_inputs()[0].name: x} for s in sessions]
+    for s, f in zip(sessions, feeds):      # warm-up: first runs allocate and pick kernels
+        s.run(None, f)
+    times: list[list[float]] = [[], []]
+    start = time.perf_counter()
+    while len(times[0]) < MAX_PAIRS and (len(times[0]) < MIN_PAIRS or time.perf_counter() - start < budget_s):
+        for i, (s, f) in enumerate(zip(sessions, feeds)):
+            t = time.perf_counter()
+            s.run(None, f)
+            times[i].append((time.perf_counter() - t) * 1e3)
+    return float(np.median(times[0])), float(np.median(times[1]))
+
+
+def measure(float_model: bytes, compressed: bytes, sample_shape: tuple[int, ...], *,
+            fixed_batch: int | None = None, seed: int = 0) -> Speed:
+    """Median ms of each model at batch 1 and at a large batch (module docstring); at
+    ``fixed_batch`` only, where the model's batch is fixed."""
+    import onnxruntime as ort
+
+    sessions = [_session(float_model), _session(compressed)]
+    rng = np.random.default_rng(seed)
+    speed = Speed(onnxruntime=ort.__version__)
+    first = fixed_batch or 1
+    speed.batches[first] = _pairs(sessions, rng.random((first, *sample_shape), dtype=np.float32), BUDGET_S / 2)
+    if fixed_batch is not None:
+        return speed
+    per_image_s = speed.batches[1][0] / 1e3
+    large = LARGE_BATCH
+    while large > 2 and large * per_image_s > LARGE_RUN_S:
+        large //= 2
+    x = rng.random((large, *sample_shape), dtype=np.float32)
+    speed.batches[large] = _pairs(sessions, x, BUDGET_S / 2)
+    return speed
