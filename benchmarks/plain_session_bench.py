@@ -34,7 +34,14 @@ CONFIGS = {
     "w4a8-int8": dict(wbits=4, abits=8, int4=False),
     "w4": dict(wbits=4),
     "w8": dict(wbits=8),
+    "p0.3": dict(prune=0.3),                          # channel counts: auto (multiples of 8, 4 in narrow layers)
+    "p0.3-m1": dict(prune=0.3, channel_multiple=1),   # any count
+    "p0.3-m16": dict(prune=0.3, channel_multiple=16),
+    "p0.3-w8a8": dict(prune=0.3, wbits=8, abits=8),
+    "p0.3-w8a8-m1": dict(prune=0.3, wbits=8, abits=8, channel_multiple=1),
     "p0.3-w4a8": dict(prune=0.3, wbits=4, abits=8),
+    "p0.3-w4a8-m1": dict(prune=0.3, wbits=4, abits=8, channel_multiple=1),
+    "p0.3-w4a8-m16": dict(prune=0.3, wbits=4, abits=8, channel_multiple=16),
 }
 INTEGER_KERNELS = {"QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "QLinearAdd"}
 BATCHES = (1, 64)

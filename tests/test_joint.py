@@ -133,7 +133,7 @@ def test_removal_costs_are_relative_to_the_energy_given():
 
 def test_auto_scope_allocates_globally_only_with_output_statistics(resnet_groups):
     model, a = resnet_groups
-    recipe = Recipe(prune=0.3)
+    recipe = Recipe(prune=0.3, channel_multiple=1)
     uniform = plan_pruning(a, recipe)
     assert {len(p.keep) for p in uniform} == {12, 23, 45}     # 16, 32, 64 channels less floor(30 %)
     stats = fit.consumer_statistics(model, a.prunable, zoo.images(8, (3, 32, 32)), a.layers)

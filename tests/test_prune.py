@@ -11,6 +11,7 @@ from torch import nn
 import zoo
 from datafree.toolchain import graph as G
 from datafree.toolchain.compress import compress
+from datafree.toolchain.errors import UserError
 from datafree.toolchain.ingest import load
 from datafree.toolchain.passes import prune
 from datafree.toolchain.recipe import Recipe
@@ -59,7 +60,7 @@ def test_compensation_exact_for_scaled_copy_conv(tmp_path, folded):
     path = zoo.folded(module, tmp_path) if folded else zoo.export_model(module, tmp_path, "copy")
     x = zoo.images(8)
     ref = zoo.run(path, x)
-    recipe = Recipe(prune=0.07, wbits=None, synthetic=0, bias_correction=False,
+    recipe = Recipe(prune=0.07, wbits=None, synthetic=0, bias_correction=False, channel_multiple=1,
                     layers={"*": {"prune": 0.0}} | {_first_conv(path): {"prune": 0.07}})
     result = compress(path, recipe)
     out = zoo.run(result.model, x)
@@ -117,14 +118,39 @@ def test_channel_multiple_keeps_vector_friendly_counts(tmp_path):
     assert result.summary.rows[0].channels_after == 8   # 16 - 9 = 7 -> 8
 
 
-@pytest.mark.parametrize("ratio, multiple, warned", [(0.3, 1, "12, 23"), (0.5, 1, "8"), (0.3, 16, None)])
+@pytest.mark.parametrize("ratio, multiple, warned", [(0.3, 1, "23"), (0.45, 1, "9, 18"), (0.3, 16, None),
+                                                     (0.3, "auto", None)])
 def test_note_on_channel_counts_off_the_kernel_blocks(tmp_path, ratio, multiple, warned):
     _, path = zoo.build("conv_bn_relu_conv", tmp_path)
     notes = compress(path, Recipe(prune=ratio, wbits=None, synthetic=0, channel_multiple=multiple)).summary.notes
-    odd = [n for n in notes if "not multiples of 16" in n]
+    odd = [n for n in notes if "not multiples of 4" in n]
     assert len(odd) == (warned is not None)
     if warned:
-        assert f"({warned})" in odd[0] and "--channel-multiple 16" in odd[0]
+        assert f"({warned})" in odd[0] and "channel_multiple 'auto'" in odd[0]
+
+
+@pytest.mark.parametrize("channels, multiple", [(64, 8), (32, 8), (31, 4), (16, 4), (15, 2), (8, 2), (3, 1)])
+def test_auto_channel_multiple_is_8_but_keeps_four_steps_in_narrow_layers(channels, multiple):
+    from datafree.toolchain.passes import prune
+
+    assert prune.group_multiple(channels, "auto") == multiple
+    assert prune.group_multiple(channels, 16) == 16
+    assert prune.n_keep(channels, 0.3, "auto") % multiple == 0 or prune.n_keep(channels, 0.3, "auto") == channels
+
+
+def test_auto_channel_multiple_is_the_default_and_counts_follow_it(tmp_path):
+    """Pruned by default, every kept count is a multiple of its group's auto multiple, and
+    the recipe records 'auto' (the CLI takes it and integers, and refuses anything else)."""
+    from datafree.toolchain.passes import prune
+
+    _, path = zoo.build("conv_bn_relu_conv", tmp_path)
+    result = compress(path, Recipe(prune=0.3, wbits=None, synthetic=0))
+    assert result.recipe.channel_multiple == "auto"
+    for row in result.summary.rows:
+        if row.channels_after != row.channels_before:
+            assert row.channels_after % prune.group_multiple(row.channels_before, "auto") == 0
+    with pytest.raises(UserError):
+        Recipe(channel_multiple="eight")
 
 
 @pytest.mark.parametrize("name", ["mobilenet_like", "vgg_like", "silu_net", "mish_net", "tconv_net",

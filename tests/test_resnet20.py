@@ -55,6 +55,6 @@ def test_bn_kept_folded_and_dynamo_exports_compress_alike(three_exports, dev_ima
 def test_pruned_model_is_physically_smaller(resnet20_bn):
     result = compress(resnet20_bn, Recipe(prune=0.3, wbits=None, synthetic=0))
     t = result.summary.totals
-    assert t["macs_after"] < 0.75 * t["macs_before"]
+    assert t["macs_after"] < 0.78 * t["macs_before"]     # 30 % of each layer, counts rounded up to multiples of 8
     assert t["params_after"] < 0.8 * t["params_before"]
     assert len(result.summary.skipped) == 11      # stem, 9 residual-tied block outputs, the classifier

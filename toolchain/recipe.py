@@ -57,7 +57,8 @@ class Recipe:
                                         # "layer": the same ratio in every layer; auto: global when
                                         # channels are chosen by output error, else layer
     criterion: str = "auto"             # auto: output error on synthetic images, l1 without them
-    channel_multiple: int = 1
+    channel_multiple: int | str = "auto"  # kept channel counts a multiple of this; auto: 8, 4 in narrow
+                                          # layers (passes/prune.py:group_multiple)
     wbits: int | None = 8               # None: weights stay float
     depthwise_wbits: int | None = 8     # depthwise weights get at least these bits (None: as wbits);
                                         # their filters (k x k weights per channel) lose the most at 4 bits
@@ -107,8 +108,9 @@ class Recipe:
             raise UserError(f"clip must be one of {', '.join(CLIPS)}, got {self.clip!r}")
         if self.prune_scope not in SCOPES:
             raise UserError(f"prune_scope must be one of {', '.join(SCOPES)}, got {self.prune_scope!r}")
-        if not isinstance(self.channel_multiple, int) or self.channel_multiple < 1:
-            raise UserError(f"channel_multiple must be a positive integer, got {self.channel_multiple!r}")
+        if self.channel_multiple != "auto" and (not isinstance(self.channel_multiple, int)
+                                                or isinstance(self.channel_multiple, bool) or self.channel_multiple < 1):
+            raise UserError(f"channel_multiple must be 'auto' or a positive integer, got {self.channel_multiple!r}")
         if not isinstance(self.synthetic, int) or self.synthetic < 0:
             raise UserError(f"synthetic must be a non-negative number of images, got {self.synthetic!r}")
         if self.fit_budget not in BUDGETS:

@@ -86,20 +86,17 @@ def prune_group(plan: prune.PrunePlan, recipe: Recipe, moments: dict, summary) -
         moments[producer.name] = (mom[0][plan.keep], mom[1][plan.keep])
 
 
-def _alignment_note(plans: list[prune.PrunePlan], block: int = 16) -> list[str]:
-    """A note when pruning left channel counts off the blocks CPU convolution kernels use.
-
-    onnxruntime's x86 kernels (AVX-512) work on 16 channels at a time: on ResNet-20 a
-    conv pruned from 16 to 8-9 output channels ran slower than the unpruned one, float
-    and 8-bit alike.
-    """
+def _alignment_note(plans: list[prune.PrunePlan], block: int = 4) -> list[str]:
+    """A note when pruning left channel counts off the blocks CPU convolution kernels use
+    (``channel_multiple`` set to 1 or an odd value): such layers may run no faster than
+    unpruned ones, in float and 8-bit alike."""
     odd = sorted({len(p.keep) for p in plans if len(p.pruned) and len(p.keep) % block})
     if not odd:
         return []
     shown = ", ".join(str(c) for c in odd[:4]) + (", ..." if len(odd) > 4 else "")
     return [f"pruned channel counts ({shown}) are not multiples of {block}: CPU convolution kernels work in "
             f"blocks of channels (16 in onnxruntime on AVX-512, 8 on AVX2) and may run such layers no faster "
-            f"than unpruned ones; --channel-multiple {block} keeps counts aligned"]
+            f"than unpruned ones; channel_multiple 'auto' (the default) keeps counts aligned"]
 
 
 def _kept_channels(plans: list[prune.PrunePlan]) -> dict[str, np.ndarray]:

@@ -44,8 +44,30 @@ def channel_scores(layer: Layer, criterion: str) -> np.ndarray:
     return score
 
 
-def n_keep(channels: int, ratio: float, multiple: int = 1) -> int:
+AUTO_MULTIPLE = 8     # "auto": channel counts in multiples of 8 ...
+AUTO_MIN_STEPS = 4    # ... or of less, so that a group keeps at least this many steps to choose from
+
+
+def group_multiple(channels: int, multiple: int | str) -> int:
+    """The multiple one group's kept count is rounded to.
+
+    ``"auto"``: 8, halved while the group would have fewer than ``AUTO_MIN_STEPS`` steps
+    (16 channels: 4).  CPU convolution kernels run channels in blocks (onnxruntime: 16
+    floats on AVX-512, 8 on AVX2; its int8 kernels favour multiples of 4 and 8): counts
+    off the blocks run at the speed of the next whole block, so pruning them saves MACs
+    but little time.  The step limit keeps narrow layers prunable at a useful grain
+    (measured in ``benchmarks/results/plain_session.md``)."""
+    if multiple != "auto":
+        return int(multiple)
+    m = AUTO_MULTIPLE
+    while m > 1 and channels < AUTO_MIN_STEPS * m:
+        m //= 2
+    return m
+
+
+def n_keep(channels: int, ratio: float, multiple: int | str = 1) -> int:
     """Channels kept at ``ratio``, rounded up to a multiple the vector units like."""
+    multiple = group_multiple(channels, multiple)
     keep = channels - int(np.floor(ratio * channels + 1e-9))
     if multiple > 1 and channels >= multiple:
         keep = min(channels, int(np.ceil(keep / multiple)) * multiple)
@@ -71,16 +93,18 @@ def channel_macs(group: PruneGroup) -> float:
 
 
 def global_allocation(groups: list[PruneGroup], curves: dict[str, np.ndarray], ratio: float,
-                      multiple: int = 1, cap: float = 0.9) -> dict[str, int]:
+                      multiple: int | str = 1, cap: float = 0.9) -> dict[str, int]:
     """Channels kept per group when pruning removes the MACs a uniform ``ratio`` would,
     taken where they cost least.
 
     ``curves[g]``: the cost of removing each next channel of group ``g`` (ascending
     order of removal, comparable across groups).  Channels go one at a time, always the
     cheapest per MAC saved, until the MACs saved reach the uniform plan's; no group loses
-    more than ``cap`` of its channels.  With ``multiple`` > 1, channels go ``multiple`` at
-    a time so every count stays a multiple the vector units like.
+    more than ``cap`` of its channels.  With ``multiple`` > 1 (or ``"auto"``, per group:
+    :func:`group_multiple`), channels go that many at a time so every count stays a
+    multiple the vector units like.
     """
+    multiples = {g.name: group_multiple(g.channels, multiple) for g in groups}
     per_channel = {g.name: channel_macs(g) for g in groups}
     budget = sum((g.channels - n_keep(g.channels, ratio)) * per_channel[g.name] for g in groups)
     removed = {g.name: 0 for g in groups}
@@ -88,9 +112,10 @@ def global_allocation(groups: list[PruneGroup], curves: dict[str, np.ndarray], r
 
     def chunk(g) -> int:
         """Channels the group gives up next: whole ``multiple``s, so its count stays aligned."""
-        if multiple <= 1 or g.channels < multiple:
+        m = multiples[g.name]
+        if m <= 1 or g.channels < m:
             return 1
-        return (g.channels - removed[g.name]) % multiple or multiple
+        return (g.channels - removed[g.name]) % m or m
 
     saved = 0.0
     while saved < budget - 1e-9:
