@@ -6,7 +6,8 @@
 Settings: prune {0, 0.3, 0.5} x weight bits {8, 6, 4} x activation bits {float, 8},
 plus W4A4 without pruning, the pruned float models (p0.3-float, p0.5-float: what
 pruning alone buys in speed) and 30 % with ``--channel-multiple 1`` (p0.3-float-m1, p0.3-w8a8-m1,
-p0.3-w4a8-m1: any channel count, against the default's whole kernel blocks).  Each setting
+p0.3-w4a8-m1: any channel count, against the default's whole kernel blocks; p0.3-w4a8-m8:
+multiples of 8 everywhere).  Each setting
 is compressed three ways:
 
 * ``naive``     -- round to nearest, prune by l1 and drop the channels, nothing corrected
@@ -96,7 +97,7 @@ def all_configs() -> list[Config]:
     # pruned float models, and 30 % with any channel count (--channel-multiple 1: what
     # counts off the kernels' blocks cost in time)
     return grid + [Config(0.0, 4, 4)] + [Config(p, None, None) for p in PRUNE if p > 0] + \
-        [Config(0.3, w, a, 1) for w, a in ((None, None), (8, 8), (4, 8))]
+        [Config(0.3, w, a, 1) for w, a in ((None, None), (8, 8), (4, 8))] + [Config(0.3, 4, 8, 8)]
 
 
 def select(patterns: list[str] | None, quick: bool) -> list[tuple[Config, str]]:

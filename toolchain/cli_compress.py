@@ -76,8 +76,9 @@ def compress_options(f):
                      help="Channel importance; output = error it causes on synthetic images (auto: output "
                           "when synthetic images are made, else l1)."),
         click.option("--channel-multiple", callback=_multiple, default="auto", show_default=True,
-                     help="Keep pruned channel counts at a multiple of this; auto: 8 (4 in layers under 32 "
-                          "channels), the blocks CPU convolution kernels run in. 1: any count."),
+                     help="Keep pruned channel counts at a multiple of this; auto: 8 in layers of 128 channels "
+                          "and more, else 4 (2 or 1 under 16), the blocks CPU convolution kernels run in. "
+                          "1: any count."),
         click.option("--wbits", callback=_bits, default="8", show_default=True, help="Weight bits (2..8 or 'float')."),
         click.option("--depthwise-wbits", callback=_bits, default=str(Recipe.depthwise_wbits), show_default=True,
                      help="At least these bits for depthwise weights when --wbits is lower ('float': as --wbits)."),

@@ -57,8 +57,8 @@ class Recipe:
                                         # "layer": the same ratio in every layer; auto: global when
                                         # channels are chosen by output error, else layer
     criterion: str = "auto"             # auto: output error on synthetic images, l1 without them
-    channel_multiple: int | str = "auto"  # kept channel counts a multiple of this; auto: 8, 4 in narrow
-                                          # layers (passes/prune.py:group_multiple)
+    channel_multiple: int | str = "auto"  # kept channel counts a multiple of this; auto: 8 in wide
+                                          # layers, 4 below (passes/prune.py:group_multiple)
     wbits: int | None = 8               # None: weights stay float
     depthwise_wbits: int | None = 8     # depthwise weights get at least these bits (None: as wbits);
                                         # their filters (k x k weights per channel) lose the most at 4 bits
