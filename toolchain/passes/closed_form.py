@@ -8,6 +8,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .. import graph as G
+from ..groups import PruneGroup
 from ..progress import ProgressFn
 from ..recipe import Recipe
 from ..stats import mse_range, output_mean, output_samples
@@ -19,7 +20,7 @@ def _input_producers(layers: list[G.Layer]) -> dict[int, G.Layer]:
 
 
 def quantize_closed_form(layers: list[G.Layer], recipe: Recipe, moments: dict, progress: ProgressFn,
-                         groups: list[G.PruneGroup] = ()):
+                         groups: list[PruneGroup] = ()):
     """Round to nearest; bias correction and (if asked) UDFC's s̃ folded into the next layers."""
     producers = _input_producers(layers)
     by_producer = {g.name: g for g in groups if not g.depthwise}

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..graph import Consumer, Layer, PruneGroup, add_initializer, const_array, set_const
+from ..graph import Layer, add_initializer, const_array, set_const
+from ..groups import Consumer, PruneGroup
 
 ALPHA1 = 0.01
 
