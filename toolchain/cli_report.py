@@ -30,10 +30,12 @@ class _Bar:
 @click.option("--target", default="cortex-a55", show_default=True,
               help="Built-in device profile (see `datafree targets`) or a path to a .toml profile.")
 @click.option("--bits", default="8,6,4", show_default=True, help="Weight bit-widths to compare.")
-@click.option("--abits", default=8, show_default=True, type=int, help="Activation bits of the compared choices.")
+@click.option("--abits", default=8, show_default=True, type=click.IntRange(2, 16),
+              help="Activation bits of the compared choices.")
 @click.option("--images", type=click.Path(dir_okay=False, path_type=Path),
               help="Probe inputs: .npz with 'images' (uint8 NHWC) + 'mean'/'std', or float NCHW 'x'.")
-@click.option("--probes", "n_probes", default=16, show_default=True, type=int, help="Number of probe inputs.")
+@click.option("--probes", "n_probes", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Number of probe inputs.")
 @click.option("--synth-steps", default=50, show_default=True, type=int,
               help="Optimisation steps of the synthetic probe images (without --images).")
 @click.option("--seed", default=0, show_default=True, type=int)

@@ -68,9 +68,9 @@ def build_report(model, *, reference=None, target: str | os.PathLike = "cortex-a
     """Analyse ``model`` (and what it cost against ``reference``) for ``target``."""
     bits = parse_bits(bits)
     if not 2 <= abits <= 16:
-        raise UserError(f"--abits must be in 2..16, got {abits}")
+        raise UserError(f"abits must be in 2..16, got {abits}")
     if n_probes < 1:
-        raise UserError(f"--probes must be at least 1, got {n_probes}")
+        raise UserError(f"n_probes must be at least 1, got {n_probes}")
     t = {}
     clock = time.perf_counter()
     prof = targets.load_target(target)
@@ -100,7 +100,26 @@ def build_report(model, *, reference=None, target: str | os.PathLike = "cortex-a
         progress("weight SQNR", i + 1, len(float_layers))
     t["weight_sqnr"] = time.perf_counter() - clock
 
-    doc = {
+    doc = _document(m, m_path, ref, ref_path, prof, costs, est, choices, per_layer_choices, wrows, bits,
+                    float_layers, t, warnings)
+    _probed_sections(doc, t, m, ref, float_model, costs, bits, images=images, n_probes=n_probes,
+                     synth_steps=synth_steps, seed=seed, bounds=bounds, bounds_budget=bounds_budget,
+                     bounds_max_n=bounds_max_n, progress=progress)
+    if measure:
+        clock = time.perf_counter()
+        progress("measure", 0, 1)
+        doc["measured"] = probes_mod.measure_latency(m)
+        if ref is not None:
+            doc["measured"]["reference"] = probes_mod.measure_latency(ref)
+        progress("measure", 1, 1)
+        t["measure"] = time.perf_counter() - clock
+    return Report(_finite_only(doc), t)
+
+
+def _document(m, m_path, ref, ref_path, prof, costs, est, choices, per_layer_choices, wrows, bits, float_layers,
+              t: dict, warnings: list) -> dict:
+    """The report's sections that need no probe inputs; the others start empty (None)."""
+    return {
         "schema": SCHEMA,
         "mode": "after" if ref is not None else "before",
         "model": _describe(m, m_path),
@@ -124,14 +143,19 @@ def build_report(model, *, reference=None, target: str | os.PathLike = "cortex-a
         "warnings": warnings,
     }
 
-    needs_probes = ref is not None or bounds or _is_dynamic(m)
-    pr = None
-    if needs_probes:
-        clock = time.perf_counter()
-        pr = probes_mod.make_probes(float_model, n_probes, images=images, steps=synth_steps, seed=seed,
-                                    progress=progress)
-        doc["probes"] = {"source": pr.source, "count": int(len(pr.x))}
-        t["probes"] = time.perf_counter() - clock
+
+def _probed_sections(doc: dict, t: dict, m, ref, float_model, costs, bits, *, images, n_probes: int,
+                     synth_steps: int, seed: int, bounds: bool, bounds_budget: float, bounds_max_n: int,
+                     progress: ProgressFn) -> None:
+    """The sections that run the models on probe inputs (real images if given, else
+    synthetic): output SQNR against the reference, a dynamic model's bits, the bounds."""
+    if not (ref is not None or bounds or _is_dynamic(m)):
+        return
+    clock = time.perf_counter()
+    pr = probes_mod.make_probes(float_model, n_probes, images=images, steps=synth_steps, seed=seed,
+                                progress=progress)
+    doc["probes"] = {"source": pr.source, "count": int(len(pr.x))}
+    t["probes"] = time.perf_counter() - clock
     if ref is not None:
         clock = time.perf_counter()
         progress("output SQNR", 0, 1)
@@ -145,15 +169,6 @@ def build_report(model, *, reference=None, target: str | os.PathLike = "cortex-a
         doc["bounds"] = _bounds(float_model, costs, bits, pr, bounds_budget, bounds_max_n, ref is not None,
                                 progress, seed)
         t["bounds"] = time.perf_counter() - clock
-    if measure:
-        clock = time.perf_counter()
-        progress("measure", 0, 1)
-        doc["measured"] = probes_mod.measure_latency(m)
-        if ref is not None:
-            doc["measured"]["reference"] = probes_mod.measure_latency(ref)
-        progress("measure", 1, 1)
-        t["measure"] = time.perf_counter() - clock
-    return Report(_finite_only(doc), t)
 
 
 def _finite_only(x):
