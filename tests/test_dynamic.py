@@ -16,7 +16,7 @@ import pytest
 from datafree.ops.domain import all_nodes, image_bits
 from datafree.runtime import InferenceSession
 from datafree.toolchain.ingest import load
-from datafree.toolchain.passes.dynamic import (BITS_OUTPUT, METADATA_KEY, _run, apply_dynamic, build_fixed,
+from datafree.toolchain.passes.dynamic import (BITS_OUTPUT, METADATA_KEY, run_values, apply_dynamic, build_fixed,
                                                config_key, fit_dynamic, pareto)
 from datafree.toolchain.recipe import DynamicConfig
 
@@ -191,15 +191,15 @@ def test_price_per_bit_meets_the_target_from_above_and_below(target):
 
 
 def test_probe_split_keeps_copies_of_probe_images_out_of_training():
-    from datafree.toolchain.passes.dynamic import _split
+    from datafree.toolchain.passes.dynamic import split_images
 
     images = np.broadcast_to(np.arange(40, dtype=np.float32)[:, None, None, None], (40, 3, 8, 8)).copy()
     images[:, :, :, :4] += 0.5          # mirrored copies differ, shifted ones move the edge
-    out, train, probe = _split(images, seed=0, augment=True)
+    out, train, probe = split_images(images, seed=0, augment=True)
     assert len(out) == 4 * len(images) and len(train) == 3 * len(probe)
     source = lambda idx: {int(v) for v in np.floor(out[idx, 0, 0, 0])} | {int(v) for v in np.floor(out[idx, 0, 0, -1])}  # noqa: E731
     assert not source(train) & source(probe) and len(source(train) | source(probe)) == 40
-    plain, train0, probe0 = _split(images, seed=0, augment=False)
+    plain, train0, probe0 = split_images(images, seed=0, augment=False)
     assert len(plain) == 40 and len(probe0) == 10 and not set(train0) & set(probe0)
 
 
@@ -230,19 +230,19 @@ def test_cascade_passes_have_biases_corrected_to_the_float_means(fitted):
     plan = fitted.plan
     x = fitted.images[fitted.train]
     outputs = [next(n for n in plan.base.graph.node if n.name == l.name).output[0] for l in [plan.stem] + plan.layers]
-    float_out = _run(plan.base, x, outputs)
+    float_out = run_values(plan.base, x, outputs)
     mean = lambda v: v.reshape(v.shape[0], v.shape[1], -1).mean(axis=(0, 2))  # noqa: E731
     for cfg in plan.configs:
         assert config_key(cfg) in plan.biases
         corrected = build_fixed(plan, cfg)
         biases, plan.biases = plan.biases, {}
         try:
-            stored = _run(build_fixed(plan, cfg), x, outputs)
+            stored = run_values(build_fixed(plan, cfg), x, outputs)
         finally:
             plan.biases = biases
         worst = 0.0
         for name in outputs:
-            got = _run(corrected, x, [name])[name]
+            got = run_values(corrected, x, [name])[name]
             worst = max(worst, np.abs(mean(got) - mean(float_out[name])).max())
         assert worst < 1e-5
         assert max(np.abs(mean(stored[n]) - mean(float_out[n])).max() for n in outputs) > 1e-2

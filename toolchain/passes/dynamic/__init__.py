@@ -94,7 +94,7 @@ from datafree.ops.selector import Selector, calibrate_price
 from ...errors import UserError
 from ...progress import ProgressFn, silent
 from ...recipe import DynamicConfig, Recipe
-from .plan import (BITS_OUTPUT, CONFIDENT_TARGET, METADATA_KEY, PROBE_FRACTION, STAGE, Plan, _run,  # noqa: F401
+from .plan import (BITS_OUTPUT, CONFIDENT_TARGET, METADATA_KEY, PROBE_FRACTION, STAGE, Plan, run_values,  # noqa: F401
                    config_key, make_plan)
 from .selection import (_config_losses, enumerate_configs, fit_cascade, fit_pair, pareto, simulate,  # noqa: F401
                         train_selector)
@@ -129,7 +129,7 @@ class DynamicResult:
     train: np.ndarray | None = None     # indices of the images the plan (and any bias correction) was fitted on
 
 
-def _split(images: np.ndarray, seed: int, augment: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def split_images(images: np.ndarray, seed: int, augment: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(images, train indices, probe indices): a quarter of the synthetic images held
     out as probes; with ``augment`` each part gains its own mirrored and shifted copies
     (:func:`synth.augmented`), so no copy of a probe image is trained on."""
@@ -144,7 +144,7 @@ def _split(images: np.ndarray, seed: int, augment: bool) -> tuple[np.ndarray, np
 
 
 def _held_out(n_images: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(training, probe) source images of :func:`_split`: a seeded quarter held out."""
+    """(training, probe) source images of :func:`split_images`: a seeded quarter held out."""
     order = np.random.default_rng(seed).permutation(n_images)
     n_probe = max(4, int(round(n_images * PROBE_FRACTION)))
     return np.sort(order[n_probe:]), np.sort(order[:n_probe])
@@ -153,7 +153,7 @@ def _held_out(n_images: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def _confident_probes(targets: np.ndarray | None, n_images: int, probe_idx: np.ndarray, seed: int) -> np.ndarray:
     """The probes made for a target at least ``CONFIDENT_TARGET`` sure (all probes when
     the images came without targets or fewer than 8 are that sure), in the order and
-    with the copies of :func:`_split`."""
+    with the copies of :func:`split_images`."""
     if targets is None or len(targets) != n_images:
         return probe_idx
     _, probe_src = _held_out(n_images, seed)
@@ -169,7 +169,7 @@ def fit_dynamic(model: ir.Model, config: DynamicConfig, *, synthetic=None, progr
     images, targets = _synthetic_images(model, synthetic, progress)
     t_synth = time.perf_counter() - t0
     n_images = len(images)
-    images, train_idx, probe_idx = _split(images, seed, augment)
+    images, train_idx, probe_idx = split_images(images, seed, augment)
     all_probes = probe_idx
     progress(STAGE, 0, 4)
 

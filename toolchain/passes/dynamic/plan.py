@@ -36,7 +36,9 @@ CONFIDENT_TARGET = 0.9   # cascade probes: synthetic images made for a target th
 
 # ----------------------------------------------------------------- the plan
 @dataclass
-class ActQuant:
+class ActTable:
+    """One dynamic layer's input quantizer at each candidate bit-width (the static path's
+    is ``qdq.ActQuant``, one bit-width)."""
     scale: np.ndarray            # [B] indexed by bits
     zero_point: np.ndarray       # [B]
     signed: bool
@@ -52,7 +54,7 @@ class DynLayer:
     w_scale: np.ndarray          # [O]
     scale_table: np.ndarray      # [B, O]
     bias: np.ndarray             # [O]
-    act: ActQuant | None = None
+    act: ActTable | None = None
     macs: int = 0
     attrs: dict = field(default_factory=dict)
 
@@ -181,11 +183,11 @@ def _calibrate(plan_layers: list[DynLayer], acts: dict[str, np.ndarray], candida
             lo, hi = mse_range(x, b)
             s, z, _ = act_qparams(lo if signed else 0.0, hi, b)
             scale[b], zp[b] = s, z
-        l.act = ActQuant(scale=scale, zero_point=zp, signed=signed)
+        l.act = ActTable(scale=scale, zero_point=zp, signed=signed)
 
 
-def _run(model: onnx.ModelProto, images: np.ndarray, outputs: list[str], feeds: dict | None = None,
-         batch: int = 128) -> dict[str, np.ndarray]:
+def run_values(model: onnx.ModelProto, images: np.ndarray, outputs: list[str], feeds: dict | None = None,
+               batch: int = 128) -> dict[str, np.ndarray]:
     """Values ``outputs`` of ``model`` on ``images`` (extra graph outputs are added to a copy)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -220,7 +222,7 @@ def make_plan(model: ir.Model, config: DynamicConfig, images: np.ndarray) -> Pla
     n_groups = max(groups) + 1
 
     base = ir.serde.serialize_model(folded)
-    acts = _run(base, images, sorted({l.node.inputs[0].name for l in layers}))
+    acts = run_values(base, images, sorted({l.node.inputs[0].name for l in layers}))
 
     def entry(layer: Layer, group: int) -> DynLayer:
         w_int, w_scale, table = _weights(layer, candidates, acts[layer.node.inputs[0].name],

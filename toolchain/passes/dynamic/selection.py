@@ -9,7 +9,7 @@ import numpy as np
 
 from datafree.ops.selector import Selector, calibrate_price
 
-from .plan import HIDDEN, MAX_CONFIGS, MAX_ENUMERATED, PENALTY, SELECTOR_LR, Plan, _run
+from .plan import HIDDEN, MAX_CONFIGS, MAX_ENUMERATED, PENALTY, SELECTOR_LR, Plan, run_values
 from .writing import build_fixed, confidence_features
 
 
@@ -36,12 +36,12 @@ def _config_losses(fp_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
 def simulate(plan: Plan, configs: np.ndarray, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(per-config logits [K, n, classes], float logits [n, classes], pooled stem features [n, C])."""
     out_name = plan.base.graph.output[0].name
-    fp = _run(plan.base, images, [out_name])[out_name]
+    fp = run_values(plan.base, images, [out_name])[out_name]
     logits, pooled = [], None
     for cfg in configs:
         model = build_fixed(plan, cfg, extra_outputs=[plan.features] if pooled is None else [])
         names = [out_name] + ([plan.features] if pooled is None else [])
-        res = _run(model, images, names)
+        res = run_values(model, images, names)
         if pooled is None:
             f = res[plan.features]
             pooled = f.reshape(f.shape[0], f.shape[1], -1).mean(axis=2).astype(np.float32)

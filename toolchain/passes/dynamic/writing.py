@@ -13,7 +13,7 @@ from datafree.ops import domain, functions, reference, schemas
 from datafree.ops.selector import Selector
 
 from ...graph import UniqueNames
-from .plan import BITS_OUTPUT, METADATA_KEY, DynLayer, Plan, _run, config_key
+from .plan import BITS_OUTPUT, METADATA_KEY, DynLayer, Plan, run_values, config_key
 
 
 # -------------------------------------------------------------- graph writing
@@ -142,11 +142,11 @@ def correct_biases(plan: Plan, config, images: np.ndarray) -> dict[str, np.ndarr
     def channel_mean(v: np.ndarray) -> np.ndarray:
         return v.reshape(v.shape[0], v.shape[1], -1).mean(axis=(0, 2)).astype(np.float64)
 
-    reference_out = _run(plan.base, images, list(outputs.values()))
+    reference_out = run_values(plan.base, images, list(outputs.values()))
     plan.biases[key] = {}
     for layer in layers:
         name = outputs[layer.name]
-        got = _run(build_fixed(plan, config), images, [name])[name]
+        got = run_values(build_fixed(plan, config), images, [name])[name]
         current = plan.biases[key].get(layer.name, layer.bias).astype(np.float64)
         plan.biases[key][layer.name] = (current + channel_mean(reference_out[name]) - channel_mean(got)).astype(np.float32)
     return plan.biases[key]
