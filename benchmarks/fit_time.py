@@ -70,7 +70,8 @@ def main() -> None:
     ap.add_argument("--recipe", default="prune=0.3,wbits=4,abits=8",
                     help="Recipe fields, e.g. 'prune=0.3,wbits=4,abits=8' (the rest: defaults)")
     args = ap.parse_args()
-    from datafree.toolchain.compress import compress, fitting_work
+    from datafree.toolchain.compress import compress
+    from datafree.toolchain.stages.synthetic import fitting_work
     from datafree.toolchain.recipe import Recipe
 
     fields = {}

@@ -170,7 +170,7 @@ def test_synthetic_fit_beats_closed_form_on_pruned_resnet20(resnet20_bn, dev_ima
     (None, Recipe(), (256, 300)),                            # MACs unknown (symbolic sizes)
 ])
 def test_fitting_work_scales_with_the_model_cost(macs, recipe, expected):
-    from datafree.toolchain.compress import fitting_work
+    from datafree.toolchain.stages.synthetic import fitting_work
 
     n, steps, note = fitting_work(recipe, macs)
     assert (n, steps) == expected

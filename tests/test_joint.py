@@ -10,7 +10,8 @@ import torch
 
 import zoo
 from datafree.toolchain import graph as G
-from datafree.toolchain.compress import _fitting_set, compress, plan_pruning
+from datafree.toolchain.compress import compress, plan_pruning
+from datafree.toolchain.stages.synthetic import fitting_set
 from datafree.toolchain.errors import UserError
 from datafree.toolchain.ingest import load
 from datafree.toolchain.passes import fit, fold, prune
@@ -148,7 +149,7 @@ def test_auto_scope_allocates_globally_only_with_output_statistics(resnet_groups
 
 def test_augmentation_mirrors_and_shifts_image_sets_only():
     x = zoo.images(4, (3, 20, 20))
-    got = _fitting_set(x, Recipe())
+    got = fitting_set(x, Recipe())
     assert got.shape == (16, 3, 20, 20)
     np.testing.assert_array_equal(got[:4], x)
     np.testing.assert_array_equal(got[4:8], x[..., ::-1])
@@ -156,10 +157,10 @@ def test_augmentation_mirrors_and_shifts_image_sets_only():
     for shifted, src in zip(got[8:], both):                  # each a shift of its source by <= 2 px
         assert any(np.array_equal(shifted[:, 2:-2, 2:-2], np.roll(src, (dy, dx), axis=(1, 2))[:, 2:-2, 2:-2])
                    for dy in range(-2, 3) for dx in range(-2, 3))
-    np.testing.assert_array_equal(_fitting_set(x, Recipe()), got)   # seeded
-    assert _fitting_set(x, Recipe(augment=False)) is x
+    np.testing.assert_array_equal(fitting_set(x, Recipe()), got)   # seeded
+    assert fitting_set(x, Recipe(augment=False)) is x
     tokens = np.zeros((4, 16), np.float32)
-    assert _fitting_set(tokens, Recipe()) is tokens
+    assert fitting_set(tokens, Recipe()) is tokens
 
 
 def test_joint_steps_must_be_non_negative():

@@ -6,9 +6,10 @@
     result.model      # onnx_ir.Model, ready for exporters.writer.save
     result.summary    # per-layer table, totals, skipped layers with reasons
 
-The steps, each a small pass over matched layers (``passes/``):
-ingest → analyse → [synthetic images] → prune (+ compensation) → fold BN →
-quantize weights (+ corrections) → activation ranges → QDQ → metadata.
+It runs the passes of :mod:`.stages` in order over one :class:`Context`, timing each:
+
+    load → synthetic → opset → prune → fold → quantize → activation floor → write → measure
+    load → synthetic → opset → prune → fold → dynamic → measure          (recipe.dynamic)
 """
 
 from __future__ import annotations
@@ -20,9 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from . import graph as G
-from . import ingest, inputs
-from .errors import UserError
-from .passes.planning import _alignment_note, _kept_channels, _regions, plan_pruning, prune_group  # noqa: F401
+from .passes.planning import plan_pruning  # noqa: F401  (compress.plan_pruning)
 from .progress import ProgressFn, silent
 from .recipe import METADATA_KEY, Recipe
 
@@ -74,62 +73,6 @@ class CompressResult:
 
 
 # ------------------------------------------------------------------ helpers
-ROUTES = {
-    "bn-statistics": "optimised to match the model's BatchNormalization statistics and its classes",
-    "output-only": "optimised toward the model's classes under image priors (no BatchNormalization statistics)",
-    "natural": "procedural photographs in the input's range (no BatchNormalization statistics to match)",
-}
-
-
-def _input_spec(model: ir.Model, input_shape, recipe: Recipe):
-    """The input size and range assumed (:mod:`.inputs`); None for inputs that are not one
-    float tensor of known rank (token ids, several inputs: they are probed as before)."""
-    single = len(model.graph.inputs) == 1 and model.graph.inputs[0].dtype in (None, ir.DataType.FLOAT)
-    if not single:
-        if input_shape is not None:    # still checked: a shape that cannot fit is an error
-            from .synth import sample_shape
-
-            sample_shape(model, input_shape)
-        return None
-    try:
-        return inputs.resolve(model, input_shape, recipe.input_range, recipe.seed)
-    except UserError:
-        if input_shape is not None or recipe.input_range is not None:
-            raise
-        return None
-
-
-def _needs_images(recipe: Recipe, layers: list[G.Layer]) -> bool:
-    """Whether anything is fitted on synthetic images: pruning, activation ranges, dynamic
-    precision or weights below ``fit.ROUND_BITS`` (8-bit weights alone are rounded to nearest)."""
-    from .passes.fit import ROUND_BITS
-
-    if recipe.dynamic is not None:
-        return True
-    for layer in layers:
-        eff = recipe.for_layer(layer.name, layer.kind)
-        if eff.skip:
-            continue
-        if eff.prune or eff.abits is not None or (eff.wbits is not None and eff.wbits < ROUND_BITS):
-            return True
-    return False
-
-
-def _needs_opset21(recipe: Recipe, layers: list[G.Layer]) -> bool:
-    for layer in layers:
-        eff = recipe.for_layer(layer.name, layer.kind)
-        if eff.skip:
-            continue
-        if eff.abits is not None and eff.abits <= 4:
-            return True
-        if recipe.int4 and eff.wbits is not None and eff.wbits <= 4:
-            return True
-    return False
-
-
-def _upgrade(model: ir.Model, target: int) -> ir.Model:
-    proto = ingest.upgrade_opset(ir.serde.serialize_model(model), target)
-    return ingest.normalize(ir.serde.deserialize_model(proto))
 
 
 def weight_bytes(model: ir.Model) -> int:
@@ -221,166 +164,9 @@ def _version() -> str:
         return "0"
 
 
-def _layer_input_name(layer: G.Layer) -> str | None:
-    x = layer.node.inputs[0]
-    p = x.producer()
-    if p is not None and p.op_type == "DequantizeLinear":
-        x = p.inputs[0].producer().inputs[0]
-    return x.name
-
-
-def _positions(model: ir.Model, spec, analysis: G.Analysis) -> dict[str, int]:
-    """Output positions per sample of the layers whose shapes are symbolic, at the input size
-    assumed (a copy with that size fixed, shapes inferred): MACs are counted at it."""
-    if spec is None or all(l.spatial_out() is not None for l in analysis.layers):
-        return {}
-    proto = ir.serde.serialize_model(model)
-    dims = proto.graph.input[0].type.tensor_type.shape.dim
-    for d, n in zip(list(dims)[1:], spec.shape):
-        d.Clear()
-        d.dim_value = int(n)
-    try:
-        static = ingest.normalize(ir.serde.deserialize_model(proto))
-    except Exception:    # counting MACs is never worth failing over: they stay unknown
-        return {}
-    return {l.name: s for l in G.analyse(static).layers if (s := l.spatial_out()) is not None}
-
-
-def _macs(layer: G.Layer, positions: dict[str, int]) -> int | None:
-    """Multiply-accumulates per sample; at the assumed input size where shapes are symbolic."""
-    m = layer.macs()
-    if m is None and layer.name in positions:
-        m = int(positions[layer.name] * layer.w_oc().size)
-    return m
-
-
-def _macs_after(layer: G.Layer, macs_before: int | None, before, positions: dict[str, int]) -> int | None:
-    m = _macs(layer, positions)
-    if m is not None:
-        return m
-    if macs_before is None:
-        return None
-    ch0 = before[layer.name][0]
-    return int(macs_before * layer.out_channels / ch0)  # shapes unknown: scale by kept channels
-
-
-def _params_after(layer: G.Layer, wq) -> int:
-    if wq is not None:
-        n = int(wq.q.size)
-        b = layer.node.inputs[2] if len(layer.node.inputs) > 2 else None
-        return n + (0 if b is None else int(np.prod(b.shape.dims)) if b.shape is not None else 0)
-    return layer.params()
-
-
-def _refresh_shapes(model: ir.Model) -> None:
-    """Drop stale intermediate shapes (channels changed) and infer them again."""
-    for node in model.graph:
-        for v in node.outputs:
-            if not v.is_graph_output():
-                v.shape = None
-    ingest.infer_shapes(model)
-
-
-def _uncompressed_constants(model: ir.Model, analysis: G.Analysis, total: int, share: float = 0.01) -> list[str]:
-    """A note naming the large float constants no layer reads as weights (embedding tables,
-    positional encodings, ...): they stay float, and together hold ``share`` or more of the bytes."""
-    layer_inputs = {id(v) for l in analysis.layers for v in l.node.inputs[1:] if v is not None} | \
-                   {id(v) for l in analysis.layers if l.bn is not None for v in l.bn.inputs[1:]}
-    left = [(v.name, v.const_value.nbytes, [u.node.op_type for u in v.uses()])
-            for v in model.graph.initializers.values()
-            if v.const_value is not None and id(v) not in layer_inputs and v.dtype in (ir.DataType.FLOAT, ir.DataType.DOUBLE)
-            and v.const_value.size >= 1024]
-    size = sum(b for _, b, _ in left)
-    if not left or size < share * max(total, 1):
-        return []
-    left.sort(key=lambda t: -t[1])
-    shown = ", ".join(f"{n!r} ({'/'.join(sorted(set(ops))) or 'unused'}, {b / 1024:.0f} KiB)" for n, b, ops in left[:3])
-    return [f"float constants no layer reads as weights stay float ({size / 1024:.0f} KiB, "
-            f"{100 * size / max(total, 1):.0f} % of the weights): {shown}" + (", ..." if len(left) > 3 else "")]
-
-
-# ------------------------------------------------------------ fitting work
-# The per-image cost up to which the recipe's synthetic images and joint steps are used
-# as given: a little above a CIFAR ResNet-56 (126 M MACs, about 4 minutes on 2 cores).
-REFERENCE_MACS = 150e6
-MIN_IMAGES, MIN_JOINT_STEPS = 32, 50
-
-
-def fitting_work(recipe: Recipe, macs: int | None) -> tuple[int, int, str | None]:
-    """Synthetic images and joint steps for a model of ``macs`` per image, and a note
-    when they were cut.  Generation and fitting cost grow with MACs x images x steps: a
-    ResNet-18 at 224 x 224 (1.8 G MACs) with 256 images took over 25 minutes just to
-    generate them.  With ``fit_budget = "auto"`` a model k times costlier than the
-    reference gets 1/k of both (never fewer than 32 images and 50 steps)."""
-    n, steps = recipe.synthetic, recipe.joint_steps
-    if recipe.fit_budget != "auto" or not macs or macs <= REFERENCE_MACS or n == 0:
-        return n, steps, None
-    k = macs / REFERENCE_MACS
-    n2 = min(n, max(MIN_IMAGES, round(n / k)))
-    steps2 = min(steps, max(MIN_JOINT_STEPS, round(steps / k)))
-    if (n2, steps2) == (n, steps):
-        return n, steps, None
-    return n2, steps2, (f"the model costs {macs / 1e9:.2f} G MACs per image, {k:.1f}x the reference: fitted on "
-                        f"{n2} synthetic images with {steps2} joint steps instead of {n} and {steps} "
-                        "(--fit-budget full for those)")
-
-
 # ------------------------------------------------------------------ pruning
 
 
-def _augmentable(images: np.ndarray, recipe: Recipe) -> bool:
-    return recipe.augment and images.ndim == 4
-
-
-def _fitting_set(images: np.ndarray, recipe: Recipe) -> np.ndarray:
-    """The synthetic images, with (when the recipe asks) mirrored and shifted copies
-    (:func:`synth.augmented`, seeded by the recipe)."""
-    if not _augmentable(images, recipe):
-        return images
-    from . import synth
-
-    return synth.augmented(images, recipe.seed)
-
-
 # --------------------------------------------------- closed-form quantization
-
-
-def _activation_floor(model: ir.Model, reference, layers: list[G.Layer], acts: dict, spec, synthetic,
-                      recipe: Recipe, summary: Summary, progress: ProgressFn) -> dict:
-    """:func:`passes.floor.activation_floor` on held-out procedural photographs (images the
-    fit never saw; the synthetic images themselves for inputs that are not images)."""
-    if not acts or recipe.max_activation_loss is None or reference is None:
-        return acts
-    from . import natural
-
-    images = _probe_images(spec, recipe.replace(seed=recipe.seed + 1), n=16, soft_share=natural.SOFT_SHARE)
-    if images is None and synthetic is not None and synthetic.images.ndim >= 2:
-        images = synthetic.images[:16]
-    if images is None:
-        return acts
-    from .passes.floor import activation_floor
-
-    try:
-        res = activation_floor(model, reference, layers, acts, images, loss_db=recipe.max_activation_loss,
-                               progress=progress)
-    except UserError as exc:   # the model cannot be run in torch here: ranges kept as they are
-        summary.headline.append(f"activation floor not applied: {exc}; every activation range kept as fitted")
-        return acts
-    if res.note():
-        summary.headline.append(res.note())
-    summary.inputs["activation_sqnr_db"] = {"weights_only": round(res.weights_db, 2),
-                                            "all_quantized": round(res.before_db, 2),
-                                            "kept": round(res.after_db, 2), "target": round(res.target_db, 2)}
-    return res.acts
-
-
-def _probe_images(spec, recipe: Recipe, n: int = 32, soft_share: float = 0.0) -> np.ndarray | None:
-    """Procedural photographs in the input's range, for image inputs (None otherwise);
-    ``soft_share`` of them soft (:mod:`.natural`)."""
-    if spec is None or spec.convention is None:
-        return None
-    from . import natural
-
-    return spec.convention.apply(natural.images(n, spec.shape, recipe.seed, soft_share=soft_share))
 
 

@@ -86,7 +86,7 @@ def prune_group(plan: prune.PrunePlan, recipe: Recipe, moments: dict, summary) -
         moments[producer.name] = (mom[0][plan.keep], mom[1][plan.keep])
 
 
-def _alignment_note(plans: list[prune.PrunePlan], block: int = 4) -> list[str]:
+def alignment_note(plans: list[prune.PrunePlan], block: int = 4) -> list[str]:
     """A note when pruning left channel counts off the blocks CPU convolution kernels use
     (``channel_multiple`` set to 1 or an odd value): such layers may run no faster than
     unpruned ones, in float and 8-bit alike."""
@@ -99,7 +99,7 @@ def _alignment_note(plans: list[prune.PrunePlan], block: int = 4) -> list[str]:
             f"than unpruned ones; channel_multiple 'auto' (the default) keeps counts aligned"]
 
 
-def _kept_channels(plans: list[prune.PrunePlan]) -> dict[str, np.ndarray]:
+def kept_channels(plans: list[prune.PrunePlan]) -> dict[str, np.ndarray]:
     kept = {}
     for p in plans:
         for layer in [p.group.producer] + p.group.depthwise:
@@ -107,7 +107,7 @@ def _kept_channels(plans: list[prune.PrunePlan]) -> dict[str, np.ndarray]:
     return kept
 
 
-def _regions(plans: list[prune.PrunePlan]) -> dict[str, tuple[list[str], list[str]]]:
+def pruned_regions(plans: list[prune.PrunePlan]) -> dict[str, tuple[list[str], list[str]]]:
     """Per pruned producer: the depthwise layers carried with it and its consumers."""
     return {p.group.producer.name: ([d.name for d in p.group.depthwise], [c.layer.name for c in p.group.consumers])
             for p in plans if len(p.pruned)}

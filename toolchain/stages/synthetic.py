@@ -1,0 +1,123 @@
+"""The synthetic pass: synthetic images (or the caller's) when anything is fitted on them, how many
+for the model's cost, and the fitting set made of them."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import graph as G
+from ..compress import Context
+from ..errors import CannotSynthesise, UserError
+from ..recipe import Recipe
+
+
+def synthesise(ctx: Context) -> None:
+    """Synthetic images (or the caller's), when anything is fitted on them; the fitting set
+    (mirrored and shifted copies, thinned to what memory holds)."""
+    recipe, summary, spec = ctx.recipe, ctx.summary, ctx.spec
+    n_synthetic, ctx.joint_steps, budget_note = fitting_work(recipe, ctx.macs_before)
+    wants_fit = n_synthetic > 0 and needs_images(recipe, ctx.analysis.layers)
+    if n_synthetic > 0 and not wants_fit and ctx.caller_images is None:
+        summary.headline.append("weights of 8 bits and more only: rounded to nearest, no synthetic images needed "
+                                "(fitting them on synthetic images lost more on real photos than rounding does)")
+    if wants_fit and ctx.caller_images is not None:
+        from ..synth import SyntheticSet
+
+        images = ctx.caller_images
+        ctx.synthetic = SyntheticSet(images=np.ascontiguousarray(images, dtype=np.float32),
+                                     targets=np.zeros((len(images), 0), np.float32), source="caller",
+                                     seed=recipe.seed)
+    elif wants_fit:
+        from ..synth import generate
+
+        try:
+            ctx.synthetic = generate(ctx.model, n_synthetic, steps=recipe.synthetic_steps, seed=recipe.seed,
+                                     input_shape=spec.shape if spec is not None else ctx.input_shape,
+                                     convention=spec.convention if spec is not None else None,
+                                     route=recipe.synthetic_route, progress=ctx.progress)
+        except CannotSynthesise as exc:
+            if recipe.dynamic is not None:
+                raise UserError(f"dynamic precision needs synthetic images: {exc}") from None
+            summary.headline.append(f"no synthetic images ({exc}): closed form used")
+    synthetic = ctx.synthetic
+    if synthetic is None:
+        return
+    summary.headline.append((f"{len(synthetic.images)} images given by the caller" if synthetic.source == "caller"
+                             else f"{n_synthetic} synthetic images: {ROUTES.get(synthetic.source, synthetic.source)}")
+                            + (", fitted with mirrored and shifted copies"
+                               if augmentable(synthetic.images, recipe) else ""))
+    fit_images = fitting_set(synthetic.images, recipe)
+    from ..passes.fit import fitting_budget
+
+    fitted = fitting_budget(ctx.model, ctx.analysis.layers, fit_images)
+    if len(fitted) < len(fit_images):
+        summary.notes.append(f"fitting on {len(fitted)} of {len(fit_images)} images: the largest layer "
+                             "input over all of them would not fit in memory")
+        fit_images = fitted
+    if budget_note and synthetic.source != "caller":
+        summary.notes.append(budget_note)
+    ctx.fit_images = fit_images
+
+
+ROUTES = {
+    "bn-statistics": "optimised to match the model's BatchNormalization statistics and its classes",
+    "output-only": "optimised toward the model's classes under image priors (no BatchNormalization statistics)",
+    "natural": "procedural photographs in the input's range (no BatchNormalization statistics to match)",
+}
+
+
+def needs_images(recipe: Recipe, layers: list[G.Layer]) -> bool:
+    """Whether anything is fitted on synthetic images: pruning, activation ranges, dynamic
+    precision or weights below ``fit.ROUND_BITS`` (8-bit weights alone are rounded to nearest)."""
+    from ..passes.fit import ROUND_BITS
+
+    if recipe.dynamic is not None:
+        return True
+    for layer in layers:
+        eff = recipe.for_layer(layer.name, layer.kind)
+        if eff.skip:
+            continue
+        if eff.prune or eff.abits is not None or (eff.wbits is not None and eff.wbits < ROUND_BITS):
+            return True
+    return False
+
+
+# The per-image cost up to which the recipe's synthetic images and joint steps are used
+# as given: a little above a CIFAR ResNet-56 (126 M MACs, about 4 minutes on 2 cores).
+REFERENCE_MACS = 150e6
+
+
+MIN_IMAGES, MIN_JOINT_STEPS = 32, 50
+
+
+def fitting_work(recipe: Recipe, macs: int | None) -> tuple[int, int, str | None]:
+    """Synthetic images and joint steps for a model of ``macs`` per image, and a note
+    when they were cut.  Generation and fitting cost grow with MACs x images x steps: a
+    ResNet-18 at 224 x 224 (1.8 G MACs) with 256 images took over 25 minutes just to
+    generate them.  With ``fit_budget = "auto"`` a model k times costlier than the
+    reference gets 1/k of both (never fewer than 32 images and 50 steps)."""
+    n, steps = recipe.synthetic, recipe.joint_steps
+    if recipe.fit_budget != "auto" or not macs or macs <= REFERENCE_MACS or n == 0:
+        return n, steps, None
+    k = macs / REFERENCE_MACS
+    n2 = min(n, max(MIN_IMAGES, round(n / k)))
+    steps2 = min(steps, max(MIN_JOINT_STEPS, round(steps / k)))
+    if (n2, steps2) == (n, steps):
+        return n, steps, None
+    return n2, steps2, (f"the model costs {macs / 1e9:.2f} G MACs per image, {k:.1f}x the reference: fitted on "
+                        f"{n2} synthetic images with {steps2} joint steps instead of {n} and {steps} "
+                        "(--fit-budget full for those)")
+
+
+def augmentable(images: np.ndarray, recipe: Recipe) -> bool:
+    return recipe.augment and images.ndim == 4
+
+
+def fitting_set(images: np.ndarray, recipe: Recipe) -> np.ndarray:
+    """The synthetic images, with (when the recipe asks) mirrored and shifted copies
+    (:func:`synth.augmented`, seeded by the recipe)."""
+    if not augmentable(images, recipe):
+        return images
+    from .. import synth
+
+    return synth.augmented(images, recipe.seed)
