@@ -17,6 +17,11 @@ def synthesise(ctx: Context) -> None:
     recipe, summary, spec = ctx.recipe, ctx.summary, ctx.spec
     n_synthetic, ctx.joint_steps, budget_note = fitting_work(recipe, ctx.macs_before)
     wants_fit = n_synthetic > 0 and needs_images(recipe, ctx.analysis.layers)
+    ranges_only = wants_fit and ranges_only_recipe(recipe, ctx.analysis.layers)
+    if ranges_only:      # nothing refitted: the fit sets ranges on RANGE_IMAGES images, so only those are made
+        from ..passes.fit import RANGE_IMAGES
+
+        n_synthetic = min(n_synthetic, RANGE_IMAGES)
     if n_synthetic > 0 and not wants_fit and ctx.caller_images is None:
         summary.headline.append("weights of 8 bits and more only: rounded to nearest, no synthetic images needed "
                                 "(fitting them on synthetic images lost more on real photos than rounding does)")
@@ -44,9 +49,10 @@ def synthesise(ctx: Context) -> None:
         return
     summary.headline.append((f"{len(synthetic.images)} images given by the caller" if synthetic.source == "caller"
                              else f"{n_synthetic} synthetic images: {ROUTES.get(synthetic.source, synthetic.source)}")
-                            + (", fitted with mirrored and shifted copies"
-                               if augmentable(synthetic.images, recipe) else ""))
-    fit_images = fitting_set(synthetic.images, recipe)
+                            + (", for activation ranges only (nothing refitted)" if ranges_only else
+                               ", fitted with mirrored and shifted copies" if augmentable(synthetic.images, recipe)
+                               else ""))
+    fit_images = synthetic.images if ranges_only else fitting_set(synthetic.images, recipe)
     from ..passes.fit import fitting_budget
 
     fitted = fitting_budget(ctx.model, ctx.analysis.layers, fit_images)
@@ -64,6 +70,22 @@ ROUTES = {
     "output-only": "optimised toward the model's classes under image priors (no BatchNormalization statistics)",
     "natural": "procedural photographs in the input's range (no BatchNormalization statistics to match)",
 }
+
+
+def ranges_only_recipe(recipe: Recipe, layers: list[G.Layer]) -> bool:
+    """Whether the images would only set activation ranges: no pruning, no dynamic
+    precision, no weights below ``fit.ROUND_BITS`` (those are refitted on the images)."""
+    from ..passes.fit import ROUND_BITS
+
+    if recipe.dynamic is not None:
+        return False
+    for layer in layers:
+        eff = recipe.for_layer(layer.name, layer.kind)
+        if eff.skip:
+            continue
+        if eff.prune or (eff.wbits is not None and eff.wbits < ROUND_BITS):
+            return False
+    return True
 
 
 def needs_images(recipe: Recipe, layers: list[G.Layer]) -> bool:
