@@ -14,7 +14,7 @@ _RANGES = ("0..1", "0..255", "-1..1", "imagenet", "caffe")   # inputs.CONVENTION
 
 # CLI option name -> recipe field
 _FIELDS = {
-    "prune": "prune", "prune_scope": "prune_scope", "criterion": "criterion",
+    "prune": "prune", "latency": "latency", "prune_scope": "prune_scope", "criterion": "criterion",
     "joint_steps": "joint_steps", "augment": "augment", "fit_budget": "fit_budget",
     "channel_multiple": "channel_multiple", "wbits": "wbits", "abits": "abits", "clip": "clip",
     "depthwise_wbits": "depthwise_wbits",
@@ -67,6 +67,10 @@ def compress_options(f):
         click.option("--prune", type=float, default=0.0, show_default=True,
                      help="Ratio of each prunable layer's channels to remove, in [0, 1) (global scope: as "
                           "many MACs, taken where they cost least)."),
+        click.option("--latency", type=float, default=None,
+                     help="Instead of --prune: keep at most this fraction of the float model's time, measured "
+                          "here in a plain onnxruntime session (batch 1 and a large batch); the smallest prune "
+                          "ratio that does is chosen."),
         click.option("--prune-scope", type=click.Choice(list(SCOPES)), default=Recipe.prune_scope, show_default=True,
                      help="global: remove the MACs --prune would remove from every layer, where they cost least; "
                           "layer: the same ratio in every layer (auto: global when channels are chosen by output "

@@ -8,8 +8,8 @@
 
 It runs the passes of :mod:`.stages` in order over one :class:`Context`, timing each:
 
-    load → synthetic → opset → prune → fold → quantize → activation floor → write → measure
-    load → synthetic → opset → prune → fold → dynamic → measure          (recipe.dynamic)
+    load → latency → synthetic → opset → prune → fold → quantize → activation floor → write → measure
+    load → latency → synthetic → opset → prune → fold → dynamic → measure          (recipe.dynamic)
 """
 
 from __future__ import annotations

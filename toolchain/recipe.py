@@ -53,6 +53,8 @@ class DynamicConfig:
 class Recipe:
     version: int = RECIPE_VERSION
     prune: float = 0.0
+    latency: float | None = None        # instead of prune: the smallest ratio whose closed-form model takes at
+                                        # most this fraction of the float model's time here (stages/latency.py)
     prune_scope: str = "auto"           # "global": the MACs of the uniform ratio, removed where cheapest;
                                         # "layer": the same ratio in every layer; auto: global when
                                         # channels are chosen by output error, else layer
@@ -82,7 +84,8 @@ class Recipe:
                                           # output-only or natural
     max_activation_loss: float | None = 3.0  # dB of output SQNR (held-out synthetic inputs) quantizing
                                           # activations may cost beyond the weights' own loss, unless the result
-                                          # stays >= 30 dB; the most damaging tensors stay float. None: all as asked
+                                          # stays >= 30 dB (20 for class scores); the most damaging tensors stay
+                                          # float. None: all as asked
     layers: dict[str, LayerOverride] = field(default_factory=dict)
     dynamic: DynamicConfig | None = None
 
@@ -99,6 +102,14 @@ class Recipe:
         if self.version != RECIPE_VERSION:
             raise UserError(f"recipe version {self.version} is not supported (this is version {RECIPE_VERSION})")
         _check_ratio("prune", self.prune)
+        if self.latency is not None:
+            if isinstance(self.latency, bool) or not isinstance(self.latency, (int, float)) or \
+                    not 0.0 < self.latency <= 1.0:
+                raise UserError(f"latency must be a fraction of the float model's time in (0, 1], got {self.latency!r}")
+            if self.prune:
+                raise UserError("give prune or latency, not both: latency chooses the prune ratio")
+            if self.dynamic is not None:
+                raise UserError("latency cannot be used with dynamic precision (its time depends on each input)")
         _check_bits("wbits", self.wbits, allow_none=True)
         _check_bits("abits", self.abits, allow_none=True)
         _check_bits("depthwise_wbits", self.depthwise_wbits, allow_none=True)

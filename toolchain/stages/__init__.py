@@ -1,7 +1,7 @@
 """The passes ``compress()`` runs, in order, over one :class:`compress.Context`.
 
-    load → synthetic → opset → prune → fold → quantize → activation floor → write → measure   (STATIC)
-    load → synthetic → opset → prune → fold → dynamic → measure                                (DYNAMIC)
+    load → latency → synthetic → opset → prune → fold → quantize → activation floor → write → measure
+    load → latency → synthetic → opset → prune → fold → dynamic → measure          (recipe.dynamic)
 
 Each pass reads what the ones before it left in the context and adds its own; the
 runner (``compress.compress``) times each under its name.  What a pass leaves alone
@@ -12,6 +12,7 @@ image route, activations kept float), its notes for the rest.
 from __future__ import annotations
 
 from .dynamic import dynamic
+from .latency import choose_prune
 from .load import load
 from .measure import measure_speed
 from .prune import fold_bn, prune, upgrade_opset
@@ -20,7 +21,8 @@ from .synthetic import synthesise
 
 __all__ = ["DYNAMIC", "STATIC", "load"]
 
-_COMMON = [("synthetic", synthesise), ("opset", upgrade_opset), ("prune", prune), ("fold", fold_bn)]
+_COMMON = [("latency", choose_prune), ("synthetic", synthesise), ("opset", upgrade_opset), ("prune", prune),
+           ("fold", fold_bn)]
 STATIC = [*_COMMON, ("quantize", quantize), ("activation floor", activation_floor), ("write", write),
           ("measure", measure_speed)]
 DYNAMIC = [*_COMMON, ("dynamic", dynamic), ("measure", measure_speed)]

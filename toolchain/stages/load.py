@@ -36,7 +36,7 @@ def load(ctx: Context, source) -> None:
                                  if analysis.skipped else ""))
     ctx.progress("load", 1, 1)
     ctx.model, ctx.spec, ctx.analysis = model, spec, analysis
-    if ctx.measure and spec is not None and weight_bytes(model) <= MEASURE_BYTES:
+    if (ctx.measure or ctx.recipe.latency is not None) and spec is not None and weight_bytes(model) <= MEASURE_BYTES:
         ctx.float_bytes = ir.to_proto(model).SerializeToString()    # the float model, as the measure pass times it
     ctx.positions = positions_at(model, spec, analysis)
     ctx.before = {l.name: (l.out_channels, layer_macs(l, ctx.positions), l.params(), l.op, l.kind) for l in analysis.layers}
