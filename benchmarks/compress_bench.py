@@ -97,7 +97,8 @@ def all_configs() -> list[Config]:
     # pruned float models, and 30 % with any channel count (--channel-multiple 1: what
     # counts off the kernels' blocks cost in time)
     return grid + [Config(0.0, 4, 4)] + [Config(p, None, None) for p in PRUNE if p > 0] + \
-        [Config(0.3, w, a, 1) for w, a in ((None, None), (8, 8), (4, 8))] + [Config(0.3, 4, 8, 8)]
+        [Config(0.3, w, a, 1) for w, a in ((None, None), (8, 8), (4, 8))] + [Config(0.3, 4, 8, 8)] + \
+        [Config(0.5, w, None, 1) for w in (None, 4)]
 
 
 def select(patterns: list[str] | None, quick: bool) -> list[tuple[Config, str]]:
@@ -240,7 +241,9 @@ README_ROWS = [  # (config, mode, label, data used)
     ("p0.3-w4a8", "synthetic", "**datafree** prune 30 % + W4A8 (main job)", "none"),
     ("p0.3-w4a8-m1", "synthetic", "**datafree** prune 30 % + W4A8, `--channel-multiple 1`", "none"),
     ("p0.5-float", "synthetic", "**datafree** prune 50 % (float)", "none"),
+    ("p0.5-float-m1", "synthetic", "**datafree** prune 50 % (float), `--channel-multiple 1`", "none"),
     ("p0.5-w4", "synthetic", "**datafree** prune 50 % + W4", "none"),
+    ("p0.5-w4-m1", "synthetic", "**datafree** prune 50 % + W4, `--channel-multiple 1`", "none"),
 ]
 
 

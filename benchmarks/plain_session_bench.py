@@ -1,6 +1,6 @@
 """Latency of compressed models in a plain onnxruntime session, as ratios to the float model.
 
-    python benchmarks/plain_session_bench.py [--model M.onnx] [--rounds 5] [--configs w4a8,w4]
+    python benchmarks/plain_session_bench.py [--model M.onnx] [--rounds 5] [--configs w4a8,w4] [--out F.md]
 
 Compresses ``--model`` with the closed form (``synthetic=0``: latency does not depend on
 the fitted values) as each config below, saves it, and measures it with
@@ -18,6 +18,8 @@ graph it optimizes at load.
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -57,7 +59,7 @@ def write_models(model: Path, names: list[str], out: Path) -> dict[str, Path]:
     paths = {"float": model}
     for name in names:
         paths[name] = out / f"{name}.onnx"
-        save(compress(model, Recipe(synthetic=0, **CONFIGS[name])).model, paths[name])
+        save(compress(model, Recipe(synthetic=0, **CONFIGS[name]), measure=False).model, paths[name])
     return paths
 
 
@@ -100,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", type=Path, default=peers.DEFAULT_MODEL)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of {', '.join(CONFIGS)}")
+    p.add_argument("--out", type=Path, default=None, help="also write the table to this markdown file")
     args = p.parse_args(argv)
     names = [c for c in args.configs.split(",") if c]
     unknown = [c for c in names if c not in CONFIGS]
@@ -114,15 +117,21 @@ def main(argv: list[str] | None = None) -> None:
         times = measure(paths, args.rounds)
         sizes = {name: path.stat().st_size / 1024 for name, path in paths.items()}
     med = {name: {b: statistics.median(t[b]) for b in BATCHES} for name, t in times.items()}
-    print(f"{args.model.name}, onnxruntime {ort.__version__}, plain session, default options; "
-          f"median of {args.rounds} rounds (each the median of {REPS[0]} runs at batch 1, {REPS[1]} at batch 64)")
-    print(f"| model | KiB | integer kernels | DQ on constants | ms @1 | × float | ms @64 | × float |")
-    print("|---|---|---|---|---|---|---|---|")
+    lines = [f"{args.model.name}, onnxruntime {ort.__version__}, plain session, default options; "
+             f"median of {args.rounds} rounds (each the median of {REPS[0]} runs at batch 1, {REPS[1]} at batch 64); "
+             f"closed form (synthetic=0): time does not depend on fitted values. 1-min load at the end "
+             f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.",
+             "", "```", shlex.join(["python", "benchmarks/plain_session_bench.py", *(argv or sys.argv[1:])]), "```", "",
+             "| model | KiB | integer kernels | DQ on constants | ms @1 | × float | ms @64 | × float |",
+             "|---|---|---|---|---|---|---|---|"]
     for name in paths:
         m, f = med[name], med["float"]
         kernels, dq = graphs[name]
-        print(f"| {name} | {sizes[name]:.0f} | {kernels} | {dq} | {m[1]:.3f} | {m[1] / f[1]:.2f} | "
-              f"{m[64]:.2f} | {m[64] / f[64]:.2f} |")
+        lines.append(f"| {name} | {sizes[name]:.0f} | {kernels} | {dq} | {m[1]:.3f} | {m[1] / f[1]:.2f} | "
+                     f"{m[64]:.2f} | {m[64] / f[64]:.2f} |")
+    print("\n".join(lines))
+    if args.out is not None:
+        args.out.write_text("# Latency in a plain onnxruntime session\n\n" + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
