@@ -102,7 +102,7 @@ def test_compressed_float_resnet20_has_no_slices_and_the_same_outputs(resnet20_b
 
 
 def test_quantized_shortcuts_become_integer_copies(resnet20_bn, monkeypatch):
-    import datafree.toolchain.stages as C
+    import datafree.toolchain.stages.quantize as C
 
     recipe = Recipe(wbits=8, abits=8, synthetic=0)
     rewritten = ir.serde.serialize_model(compress(resnet20_bn, recipe).model)
