@@ -130,7 +130,7 @@ def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = sil
                   input_shape=input_shape if input_shape is not None else
                   (tuple(recipe.input_shape) if recipe.input_shape is not None else None))
     t_start = time.perf_counter()
-    stages.load(ctx, source)
+    stages.load.load(ctx, source)
     ctx.summary.timings["load"] = time.perf_counter() - t_start
     for name, run in (stages.DYNAMIC if ctx.recipe.dynamic is not None else stages.STATIC):
         t = time.perf_counter()

@@ -11,18 +11,12 @@ image route, activations kept float), its notes for the rest.
 
 from __future__ import annotations
 
-from .dynamic import dynamic
-from .latency import choose_prune
-from .load import load
-from .measure import measure_speed
-from .prune import fold_bn, prune, upgrade_opset
-from .quantize import activation_floor, quantize, write
-from .synthetic import synthesise
+from . import dynamic, latency, load, measure, prune, quantize, synthetic
 
-__all__ = ["DYNAMIC", "STATIC", "load"]
+__all__ = ["DYNAMIC", "STATIC", "dynamic", "latency", "load", "measure", "prune", "quantize", "synthetic"]
 
-_COMMON = [("latency", choose_prune), ("synthetic", synthesise), ("opset", upgrade_opset), ("prune", prune),
-           ("fold", fold_bn)]
-STATIC = [*_COMMON, ("quantize", quantize), ("activation floor", activation_floor), ("write", write),
-          ("measure", measure_speed)]
-DYNAMIC = [*_COMMON, ("dynamic", dynamic), ("measure", measure_speed)]
+_COMMON = [("latency", latency.choose_prune), ("synthetic", synthetic.synthesise), ("opset", prune.upgrade_opset),
+           ("prune", prune.prune), ("fold", prune.fold_bn)]
+STATIC = [*_COMMON, ("quantize", quantize.quantize), ("activation floor", quantize.activation_floor),
+          ("write", quantize.write), ("measure", measure.measure_speed)]
+DYNAMIC = [*_COMMON, ("dynamic", dynamic.dynamic), ("measure", measure.measure_speed)]
