@@ -129,9 +129,9 @@ def test_note_on_channel_counts_off_the_kernel_blocks(tmp_path, ratio, multiple,
         assert f"({warned})" in odd[0] and "channel_multiple 'auto'" in odd[0]
 
 
-@pytest.mark.parametrize("channels, multiple", [(512, 8), (128, 8), (127, 4), (32, 4), (16, 4), (15, 2), (8, 2),
+@pytest.mark.parametrize("channels, multiple", [(512, 8), (128, 8), (127, 4), (32, 4), (31, 2), (16, 2), (15, 1),
                                                 (3, 1)])
-def test_auto_channel_multiple_is_8_in_wide_layers_4_below_and_keeps_four_steps(channels, multiple):
+def test_auto_channel_multiple_is_8_in_wide_layers_4_below_and_keeps_eight_steps(channels, multiple):
     from datafree.toolchain.passes import prune
 
     assert prune.group_multiple(channels, "auto") == multiple

@@ -81,7 +81,7 @@ def compress_options(f):
                           "when synthetic images are made, else l1)."),
         click.option("--channel-multiple", callback=_multiple, default="auto", show_default=True,
                      help="Keep pruned channel counts at a multiple of this; auto: 8 in layers of 128 channels "
-                          "and more, else 4 (2 or 1 under 16), the blocks CPU convolution kernels run in. "
+                          "and more, else 4 (2 or 1 under 32), the blocks CPU convolution kernels run in. "
                           "1: any count."),
         click.option("--wbits", callback=_bits, default="8", show_default=True, help="Weight bits (2..8 or 'float')."),
         click.option("--depthwise-wbits", callback=_bits, default=str(Recipe.depthwise_wbits), show_default=True,

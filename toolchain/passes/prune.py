@@ -46,20 +46,20 @@ def channel_scores(layer: Layer, criterion: str) -> np.ndarray:
 
 
 AUTO_WIDE = 128       # "auto": multiples of 8 in groups this wide, of 4 below ...
-AUTO_MIN_STEPS = 4    # ... and of less where a group would have fewer steps than this
+AUTO_MIN_STEPS = 8    # ... and of less where a group would have fewer steps than this
 
 
 def group_multiple(channels: int, multiple: int | str) -> int:
     """The multiple one group's kept count is rounded to.
 
     ``"auto"``: 8 for groups of ``AUTO_WIDE`` channels and more, else 4, halved while the
-    group would have fewer than ``AUTO_MIN_STEPS`` steps (15 channels: 2).  CPU
+    group would have fewer than ``AUTO_MIN_STEPS`` steps (16 channels: 2).  CPU
     convolution kernels run channels in blocks (onnxruntime: 16 floats on AVX-512, 8 on
     AVX2; its int8 kernels favour multiples of 4 and 8): counts off the blocks run at
     the speed of the next whole block, so pruning them saves MACs but little time.  A
     coarser grain in narrow layers costs accuracy, since global allocation can then only
     take large steps there (``benchmarks/results/plain_session.md`` and
-    ``compress.md``: ResNet-20's any-count, multiple-of-4 and multiple-of-8 rows)."""
+    ``compress.md``: ResNet-20's rows with any count and with multiples of 8)."""
     if multiple != "auto":
         return int(multiple)
     m = 8 if channels >= AUTO_WIDE else 4
