@@ -106,7 +106,7 @@ def main() -> int:
         lines.append(f"| {key} | {gmacs:.2f} | {wall:.0f} | {stages} |")
         print(lines[-1], flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    head = [f"# Compression wall time, empty image cache\n", "```\npython benchmarks/compress_time.py\n```\n",
+    head = ["# Compression wall time, empty image cache\n", "```\npython benchmarks/compress_time.py\n```\n",
             f"Run {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, code {commit}, {os.cpu_count()} cores, "
             f"1-min load at the end {os.getloadavg()[0]:.1f}.\n",
             "| row | G MACs per image | wall s | stages over 0.5 s (s) |", "|---|---|---|---|"]

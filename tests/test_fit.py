@@ -203,7 +203,6 @@ def test_activation_floor_keeps_float_the_tensor_whose_range_wrecks_the_output(t
     """A range that clips most of one tensor costs far more than the 3 dB allowed beyond the
     weights: that tensor (and only it) stays float, the result is back within target, the
     note names it; with every range sound nothing changes."""
-    import onnx_ir as ir
 
     from datafree.toolchain import ingest
     from datafree.toolchain.passes import floor

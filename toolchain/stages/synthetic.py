@@ -72,36 +72,31 @@ ROUTES = {
 }
 
 
-def ranges_only_recipe(recipe: Recipe, layers: list[G.Layer]) -> bool:
-    """Whether the images would only set activation ranges: no pruning, no dynamic
-    precision, no weights below ``fit.ROUND_BITS`` (those are refitted on the images)."""
+def _refits(recipe: Recipe, layers: list[G.Layer], *, ranges: bool) -> bool:
+    """Whether a layer the recipe compresses is pruned, has weights below
+    ``fit.ROUND_BITS`` (both refitted on the images), or, with ``ranges``, has
+    quantized activations (ranges set on them)."""
     from ..passes.fit import ROUND_BITS
 
-    if recipe.dynamic is not None:
-        return False
     for layer in layers:
         eff = recipe.for_layer(layer.name, layer.kind)
         if eff.skip:
             continue
-        if eff.prune or (eff.wbits is not None and eff.wbits < ROUND_BITS):
-            return False
-    return True
+        if eff.prune or (eff.wbits is not None and eff.wbits < ROUND_BITS) or (ranges and eff.abits is not None):
+            return True
+    return False
+
+
+def ranges_only_recipe(recipe: Recipe, layers: list[G.Layer]) -> bool:
+    """Whether the images would only set activation ranges: no pruning, no dynamic
+    precision, no weights below ``fit.ROUND_BITS`` (those are refitted on the images)."""
+    return recipe.dynamic is None and not _refits(recipe, layers, ranges=False)
 
 
 def needs_images(recipe: Recipe, layers: list[G.Layer]) -> bool:
     """Whether anything is fitted on synthetic images: pruning, activation ranges, dynamic
     precision or weights below ``fit.ROUND_BITS`` (8-bit weights alone are rounded to nearest)."""
-    from ..passes.fit import ROUND_BITS
-
-    if recipe.dynamic is not None:
-        return True
-    for layer in layers:
-        eff = recipe.for_layer(layer.name, layer.kind)
-        if eff.skip:
-            continue
-        if eff.prune or eff.abits is not None or (eff.wbits is not None and eff.wbits < ROUND_BITS):
-            return True
-    return False
+    return recipe.dynamic is not None or _refits(recipe, layers, ranges=True)
 
 
 # The per-image cost up to which the recipe's synthetic images and joint steps are used
