@@ -59,6 +59,22 @@ def test_recipe_file_reproduces_model_byte_for_byte(tmp_path, resnet20_bn):
     assert a.read_bytes() == b.read_bytes()
 
 
+@pytest.mark.parametrize("fields", [
+    {"latency": 0.7},                                            # None-default fields given a value
+    {"wbits": None, "depthwise_wbits": None, "max_activation_loss": None},  # None where the default is not
+    {"prune": 0.3, "input_shape": [3, 32, 32], "input_range": "0..1"},
+])
+def test_recipe_round_trips_through_toml(fields):
+    """TOML has no null: every field the recipe may hold as None is written so that it
+    reads back the same."""
+    import tomllib
+
+    from datafree.toolchain.recipe import Recipe
+
+    recipe = Recipe(**fields)
+    assert Recipe.from_dict(tomllib.loads(recipe.to_toml())) == recipe
+
+
 def test_recipe_per_layer_override(tmp_path, resnet20_bn):
     (tmp_path / "r.toml").write_text('wbits = 4\nsynthetic = 0\n[layers."/linear/Gemm"]\nwbits = 8\n')
     out = tmp_path / "o.onnx"

@@ -25,6 +25,7 @@ SCOPES = ("auto", "layer", "global")
 BUDGETS = ("auto", "full")
 SYNTHETIC_ROUTES = ("auto", "bn-statistics", "output-only", "natural")
 FLOAT = "float"  # how an unquantized wbits/abits is written in TOML
+NONE = "none"    # how TOML (which has no null) spells None for a field whose default is not None
 
 
 @dataclass
@@ -202,18 +203,21 @@ class Recipe:
         import tomli_w
 
         d = self.to_dict()
-        for key in ("wbits", "abits"):  # TOML has no null: float is spelled out
-            if d[key] is None:
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for key in [k for k, v in d.items() if v is None]:     # TOML has no null
+            if key in ("wbits", "abits"):
                 d[key] = FLOAT
-        for key in ("dynamic", "input_shape", "input_range"):   # nor for "none"
-            if d[key] is None:
+            elif defaults.get(key) is None:
                 del d[key]
+            else:
+                d[key] = NONE
         return tomli_w.dumps(d)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Recipe":
         if isinstance(d, dict):
-            d = {k: (None if k in ("wbits", "abits") and v == FLOAT else v) for k, v in d.items()}
+            d = {k: (None if (k in ("wbits", "abits") and v == FLOAT) or (k in _SPELLED_NONE and v == NONE) else v)
+                 for k, v in d.items()}
         return _build(cls, d, "recipe")
 
     @classmethod
@@ -238,6 +242,9 @@ class Recipe:
 
     def replace(self, **changes: Any) -> "Recipe":
         return dataclasses.replace(self, **changes)
+
+
+_SPELLED_NONE = {f.name for f in dataclasses.fields(Recipe) if f.default is not None}
 
 
 def _build(cls, d: dict[str, Any], where: str):
