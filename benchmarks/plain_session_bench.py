@@ -34,6 +34,8 @@ CONFIGS = {
     "w8a8": dict(wbits=8, abits=8),
     "w4a8": dict(wbits=4, abits=8),
     "w4a8-int8": dict(wbits=4, abits=8, int4=False),
+    "w4a4": dict(wbits=4, abits=4),
+    "w6a6": dict(wbits=6, abits=6),
     "w4": dict(wbits=4),
     "w8": dict(wbits=8),
     "p0.3": dict(prune=0.3),                          # channel counts: auto (multiples of 8, 4 in narrow layers)

@@ -21,9 +21,10 @@ standard ops already, and only the rerun rows run every candidate bit-width).
 Static models need nothing from this session: the compressor writes W8A8 and W4A8
 layers in the form onnxruntime fuses into integer kernels and weight-only layers in
 a form it folds into float weights at load, so a plain ``onnxruntime.InferenceSession``
-with default options runs them as fast.  The one exception is a model with
-activations quantized below 8 bits and no layer onnxruntime can run as an integer
-kernel: its weights stay behind a DequantizeLinear (a float weight would be
+with default options runs them as fast (activations below 8 bits too: they sit in
+uint8, clipped to their grid).  The one exception is a model with quantized
+activations and no layer onnxruntime can run as an integer kernel (ConvTranspose
+layers only): its weights stay behind a DequantizeLinear (a float weight would be
 requantized by onnxruntime to 8 bits per tensor, changing the values), and this
 session sets ``session.disable_quant_qdq=1`` so onnxruntime folds them at load
 (``weights_folded`` says whether it did).

@@ -9,14 +9,16 @@
     INT4 weights.  onnxruntime has no INT4 convolution: it folds the Cast at load,
     sees an INT8 weight and fuses the layer (QLinearConv, QGemm, QLinearMatMul) while
     the file keeps 4-bit storage;
-  - a layer between quantized activations that no integer kernel runs (4-bit
-    activations, ConvTranspose): ``DequantizeLinear`` → layer;
+  - a layer between quantized activations that no integer kernel runs
+    (ConvTranspose): ``DequantizeLinear`` → layer;
   - any other layer (weight-only, a conv whose output is not requantized):
     ``Cast(to=FLOAT) → Mul(scale)``, the same float32 values as DequantizeLinear but
     ordinary constants, which onnxruntime folds into a float weight at load (it
     never folds a DequantizeLinear unless the session disables QDQ handling);
 * activations: ``QuantizeLinear → DequantizeLinear`` on a tensor, once, feeding all
-  its consumers (uint8/uint4 when non-negative, int8/int4 otherwise);
+  its consumers: 8-bit ones in uint8 when non-negative, int8 otherwise; narrower ones
+  in uint8 with a ``Clip`` to their grid between the two (:func:`act_container`), so
+  that they too run on onnxruntime's 8-bit integer kernels;
 * biases of layers whose input is quantized: INT32 with scale ``s_x·s_w``, the form
   onnxruntime needs to fuse ``DQ → Conv → Q`` into an integer ``QLinearConv`` (float
   for INT4 weights of layers no integer kernel runs).
@@ -283,24 +285,80 @@ def _dequantized_input(graph, names, layer: Layer, index: int, qsz: tuple, axis:
         del graph.initializers[old.name]
 
 
+def act_container(aq: ActQuant) -> tuple[int, tuple[int, int] | None]:
+    """The zero point of ``aq`` in the container its QuantizeLinear writes, and the
+    grid's bounds in it where narrower than the container.
+
+    8-bit activations: int8 / uint8 as the grid is signed or not.  Narrower ones go in
+    uint8 (a signed grid's zero point moved up by 128) with a ``Clip`` in the integer
+    domain between the QuantizeLinear and the DequantizeLinear: onnxruntime fuses
+    ``DQ → Conv → Q`` around it into its 8-bit integer kernels (it has none for 4-bit
+    activations, and a Clip between int8 Q and DQ stops it moving those to uint8), and
+    the values are exactly the b-bit grid's."""
+    if aq.bits >= 8:
+        return aq.zero_point, None
+    shift = 128 if aq.signed else 0
+    lo, hi = (-(2 ** (aq.bits - 1)), 2 ** (aq.bits - 1) - 1) if aq.signed else (0, 2 ** aq.bits - 1)
+    return aq.zero_point + shift, (lo + shift, hi + shift)
+
+
 def insert_act_qdq(graph, names, value: ir.Value, aq: ActQuant) -> None:
-    """``QuantizeLinear → DequantizeLinear`` after ``value``, feeding all its current uses."""
+    """``QuantizeLinear → [Clip] → DequantizeLinear`` after ``value``, feeding all its
+    current uses (:func:`act_container`)."""
     uses = [u for u in value.uses()]
-    np_dt, ir_dt = _int_dtype(aq.bits, aq.signed, True)
-    if aq.bits > 4:
-        np_dt, ir_dt = _int_dtype(8, aq.signed, False)
+    zero_point, bounds = act_container(aq)
+    np_dt, ir_dt = _int_dtype(8, aq.signed and bounds is None, False)
     s_val = add_initializer(graph, f"{value.name}_scale", np.array(aq.scale, dtype=np.float32), names=names)
-    z_val = add_initializer(graph, f"{value.name}_zero_point", np.array(aq.zero_point).astype(np_dt), ir_dt, names=names)
+    z_val = add_initializer(graph, f"{value.name}_zero_point", np.array(zero_point).astype(np_dt), ir_dt, names=names)
     q_out = ir.Value(name=names(f"{value.name}_quantized"))
+    source = _unclipped(value, aq) if bounds is not None else value
+    nodes = [ir.Node("", "QuantizeLinear", [source, s_val, z_val], outputs=[q_out],
+                     name=names(f"{value.name}_QuantizeLinear"))]
+    if bounds is not None:
+        lo = add_initializer(graph, f"{value.name}_grid_min", np.array(bounds[0], np_dt), ir_dt, names=names)
+        hi = add_initializer(graph, f"{value.name}_grid_max", np.array(bounds[1], np_dt), ir_dt, names=names)
+        clipped = ir.Value(name=names(f"{value.name}_quantized{aq.bits}"))
+        nodes.append(ir.Node("", "Clip", [q_out, lo, hi], outputs=[clipped],
+                             name=names(f"{value.name}_Clip{aq.bits}")))
+        q_out = clipped
     dq_out = ir.Value(name=names(f"{value.name}_dequantized"), shape=value.shape, type=value.type)
-    q = ir.Node("", "QuantizeLinear", [value, s_val, z_val], outputs=[q_out],
-                name=names(f"{value.name}_QuantizeLinear"))
-    dq = ir.Node("", "DequantizeLinear", [q_out, s_val, z_val], outputs=[dq_out],
-                 name=names(f"{value.name}_DequantizeLinear"))
+    nodes.append(ir.Node("", "DequantizeLinear", [q_out, s_val, z_val], outputs=[dq_out],
+                         name=names(f"{value.name}_DequantizeLinear")))
     producer = value.producer()
     if producer is None:
-        graph.insert_before(graph.node(0), [q, dq])
+        graph.insert_before(graph.node(0), nodes)
     else:
-        graph.insert_after(producer, [q, dq])
+        graph.insert_after(producer, nodes)
     for u in uses:
         u.node.replace_input_with(u.idx, dq_out)
+    if source is not value and not list(value.uses()):
+        graph.remove(producer, safe=True)      # the redundant Clip: the layer before reaches the Q
+
+
+def _unclipped(value: ir.Value, aq: ActQuant) -> ir.Value:
+    """The input of the float ``Clip`` (ReLU6, ...) producing ``value`` where the grid's own
+    clip makes it redundant, else ``value``.
+
+    Rounding maps every input beyond ``(hi - z - 1/2)·s`` to ``hi`` as it maps the Clip's
+    bound, so the Clip changes nothing when it reaches that far on both sides.  onnxruntime
+    removes such a Clip before an 8-bit QuantizeLinear itself (and then fuses the layer
+    before it); it cannot see the narrower grid's clip behind the QuantizeLinear."""
+    p = value.producer()
+    if p is None or p.op_type != "Clip" or p.domain not in ("", "ai.onnx") or value.is_graph_output():
+        return value
+    if len(p.inputs) > 1:                        # opset 11+: bounds are optional inputs
+        bounds = []
+        for v in (list(p.inputs[1:3]) + [None])[:2]:
+            arr = const_array(v) if v is not None else None
+            if v is not None and arr is None:
+                return value                     # a bound computed at run time
+            bounds.append(None if arr is None else float(arr.reshape(())))
+        low, high = bounds
+    else:
+        low, high = (float(a.value) if a is not None else None
+                     for a in (p.attributes.get("min"), p.attributes.get("max")))
+    lo, hi = (-(2 ** (aq.bits - 1)), 2 ** (aq.bits - 1) - 1) if aq.signed else (0, 2 ** aq.bits - 1)
+    z = aq.zero_point
+    if (low is not None and low > (lo - z + 0.5) * aq.scale) or (high is not None and high < (hi - z - 0.5) * aq.scale):
+        return value
+    return p.inputs[0]
