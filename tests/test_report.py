@@ -341,5 +341,54 @@ def test_cli_report_with_bounds_and_measure(tmp_path):
     assert row["layer"] == "/conv1/Conv" and row["bits"] == 4 and 1 <= row["channels"] <= 16
     assert row["rtn_db"] <= row["best_db"] <= row["limit_db"] + 1e-6
     assert "64 per output channel > 27" in d["bounds"]["skipped"]["/linear/Gemm"]
-    assert d["measured"]["runs"] > 0 and d["measured"]["median_s"] > 0
+    batches = d["measured"]["batches"]
+    assert batches["1"]["ms"] > 0 and len(batches) == 2 and "ratio" not in batches["1"]
     assert "How good can rounding be" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_host_target_is_measured_once_and_cached(tmp_path, monkeypatch):
+    from datafree.toolchain.report import host
+
+    monkeypatch.setenv("DATAFREE_CACHE", str(tmp_path))
+    monkeypatch.setattr(host, "_SECONDS", 0.0)
+    first = targets.load_target("host")
+    assert first.name == "host" and first.peak_gmacs["w8a8"] > 0 and first.peak_gmacs["fp32"] > 0
+    assert first.bandwidth_gb_s > 0 and first.onchip_kib > 0 and "cores" in first.description
+    assert len(list((tmp_path / "host").glob("*.json"))) == 1
+
+    def not_again():
+        raise AssertionError("measured twice")
+
+    monkeypatch.setattr(host, "measure_host", not_again)
+    assert targets.load_target("host") == first
+
+
+def test_report_measure_on_host_checks_the_estimate_layer_by_layer(tmp_path, monkeypatch):
+    """--target host --measure: batch 1 and a large batch as ratios to the reference, and
+    onnxruntime's profile read back onto every layer, float (NCHWc kernels named after
+    their outputs) and quantized (fused QLinearConv / QGemm named after the layer)."""
+    import onnx_ir as ir
+
+    from datafree.toolchain.compress import compress
+    from datafree.toolchain.recipe import Recipe
+    from datafree.toolchain.report import host
+
+    monkeypatch.setenv("DATAFREE_CACHE", str(tmp_path))
+    monkeypatch.setattr(host, "_SECONDS", 0.0)
+    small = tmp_path / "w8a8.onnx"
+    onnx.save(ir.serde.serialize_model(compress(RESNET, Recipe(wbits=8, abits=8, synthetic=0)).model), str(small))
+    for model, reference in ((RESNET, None), (small, RESNET)):
+        d = build_report(model, reference=reference, target="host", measure=True, n_probes=2).doc
+        m = d["measured"]
+        assert len(m["batches"]) == 2 and "1" in m["batches"]     # the tests shrink the large batch
+        assert all(("ratio" in b) is (reference is not None) for b in m["batches"].values())
+        c = m["estimate_check"]
+        assert len(c["layers"]) == 20 and not c["untimed"]
+        assert c["measured_s"] == pytest.approx(sum(r["measured_s"] for r in c["layers"]))
+        assert c["estimate_s"] == pytest.approx(d["totals"]["latency_s"])
+        assert 0 < c["median_ratio"] < 100
+    r = CliRunner().invoke(main, ["report", str(small), "--reference", str(RESNET), "--target", "host", "--measure",
+                                  "--probes", "2", "-o", str(tmp_path / "rep")])
+    assert r.exit_code == 0, r.output
+    text = " ".join((tmp_path / "rep" / "report.md").read_text().split())
+    assert "the reference's" in text and "against onnxruntime's own profile" in text

@@ -28,7 +28,9 @@ class _Bar:
 @click.option("--reference", type=click.Path(dir_okay=False, path_type=Path),
               help="The model MODEL was compressed from: report what compression cost.")
 @click.option("--target", default="cortex-a55", show_default=True,
-              help="Built-in device profile (see `datafree targets`) or a path to a .toml profile.")
+              help="Built-in device profile (see `datafree targets`), host (this machine, measured; with "
+                   "--measure the estimate is checked against onnxruntime's per-layer profile) or a path to a "
+                   ".toml profile.")
 @click.option("--bits", default="8,6,4", show_default=True, help="Weight bit-widths to compare.")
 @click.option("--abits", default=8, show_default=True, type=click.IntRange(2, 16),
               help="Activation bits of the compared choices.")
@@ -39,7 +41,8 @@ class _Bar:
 @click.option("--synth-steps", default=50, show_default=True, type=int,
               help="Optimisation steps of the synthetic probe images (without --images).")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--measure", is_flag=True, help="Also time the model in onnxruntime on this machine (batch 1).")
+@click.option("--measure", is_flag=True, help="Also time the model in a plain onnxruntime session on this machine, at "
+              "batch 1 and a large batch (as a ratio to --reference's time, measured in the same run).")
 @click.option("--bounds", is_flag=True, help="Bounds on the best possible rounding error per channel (SDP).")
 @click.option("--bounds-budget", default=60.0, show_default=True, type=float,
               help="Time budget of --bounds in seconds (a layer once started gets at least one channel).")
@@ -81,4 +84,6 @@ def targets():
     for p in builtin_targets():
         peaks = ", ".join(f"{k} {v:g}" for k, v in p.peak_gmacs.items())
         t.add_row(p.name, p.kind, p.description, peaks, f"{p.bandwidth_gb_s:g}", f"{p.onchip_kib:g} KiB")
+    t.add_row("host", "cpu", "this machine: rates onnxruntime reaches here, measured on first use and cached",
+              "measured", "measured", "largest cache")
     console().print(t)

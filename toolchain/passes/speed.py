@@ -60,18 +60,37 @@ def _session(model: bytes):
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-def _pairs(sessions, x: np.ndarray, budget_s: float) -> tuple[float, float]:
+def _rounds(sessions, x: np.ndarray, budget_s: float) -> list[float]:
+    """Median ms of each session on ``x``, their runs alternating."""
     feeds = [{s.get_inputs()[0].name: x} for s in sessions]
     for s, f in zip(sessions, feeds):      # warm-up: first runs allocate and pick kernels
         s.run(None, f)
-    times: list[list[float]] = [[], []]
+    times: list[list[float]] = [[] for _ in sessions]
     start = time.perf_counter()
     while len(times[0]) < MAX_PAIRS and (len(times[0]) < MIN_PAIRS or time.perf_counter() - start < budget_s):
         for i, (s, f) in enumerate(zip(sessions, feeds)):
             t = time.perf_counter()
             s.run(None, f)
             times[i].append((time.perf_counter() - t) * 1e3)
-    return float(np.median(times[0])), float(np.median(times[1]))
+    return [float(np.median(t)) for t in times]
+
+
+def timings(models: list[bytes], sample_shape: tuple[int, ...], *, fixed_batch: int | None = None,
+            seed: int = 0) -> dict[int, list[float]]:
+    """Median ms of each model (the first sets the large batch) at batch 1 and at a large
+    batch (module docstring); at ``fixed_batch`` only, where the model's batch is fixed."""
+    sessions = [_session(m) for m in models]
+    rng = np.random.default_rng(seed)
+    first = fixed_batch or 1
+    out = {first: _rounds(sessions, rng.random((first, *sample_shape), dtype=np.float32), BUDGET_S / 2)}
+    if fixed_batch is not None:
+        return out
+    per_image_s = out[1][0] / 1e3
+    large = LARGE_BATCH
+    while large > 2 and large * per_image_s > LARGE_RUN_S:
+        large //= 2
+    out[large] = _rounds(sessions, rng.random((large, *sample_shape), dtype=np.float32), BUDGET_S / 2)
+    return out
 
 
 def measure(float_model: bytes, compressed: bytes, sample_shape: tuple[int, ...], *,
@@ -80,17 +99,5 @@ def measure(float_model: bytes, compressed: bytes, sample_shape: tuple[int, ...]
     ``fixed_batch`` only, where the model's batch is fixed."""
     import onnxruntime as ort
 
-    sessions = [_session(float_model), _session(compressed)]
-    rng = np.random.default_rng(seed)
-    speed = Speed(onnxruntime=ort.__version__)
-    first = fixed_batch or 1
-    speed.batches[first] = _pairs(sessions, rng.random((first, *sample_shape), dtype=np.float32), BUDGET_S / 2)
-    if fixed_batch is not None:
-        return speed
-    per_image_s = speed.batches[1][0] / 1e3
-    large = LARGE_BATCH
-    while large > 2 and large * per_image_s > LARGE_RUN_S:
-        large //= 2
-    x = rng.random((large, *sample_shape), dtype=np.float32)
-    speed.batches[large] = _pairs(sessions, x, BUDGET_S / 2)
-    return speed
+    got = timings([float_model, compressed], sample_shape, fixed_batch=fixed_batch, seed=seed)
+    return Speed(batches={b: (t[0], t[1]) for b, t in got.items()}, onnxruntime=ort.__version__)

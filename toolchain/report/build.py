@@ -108,12 +108,36 @@ def build_report(model, *, reference=None, target: str | os.PathLike = "cortex-a
     if measure:
         clock = time.perf_counter()
         progress("measure", 0, 1)
-        doc["measured"] = probes_mod.measure_latency(m)
-        if ref is not None:
-            doc["measured"]["reference"] = probes_mod.measure_latency(ref)
+        doc["measured"] = _measured(m, ref, prof, est, costs)
         progress("measure", 1, 1)
         t["measure"] = time.perf_counter() - clock
     return Report(_finite_only(doc), t)
+
+
+def _measured(m, ref, prof, est, costs) -> dict:
+    """Time in a plain onnxruntime session at batch 1 and a large batch (as a ratio to the
+    reference, timed in the same run, when there is one); on ``--target host`` also the
+    estimate checked against onnxruntime's per-layer profile."""
+    import platform
+
+    import onnxruntime as ort
+
+    from ..passes import speed
+    from .host import check, node_times
+
+    shape = probes_mod.probe_shape(m, 1)[1:]
+    batch = probes_mod.input_signature(m)[0][2][0] if probes_mod.input_signature(m)[0][2] else None
+    fixed = batch if isinstance(batch, int) and batch > 1 else None
+    models = ([ir.serde.serialize_model(ref).SerializeToString()] if ref is not None else []) + \
+        [ir.serde.serialize_model(m).SerializeToString()]
+    got = speed.timings(models, shape, fixed_batch=fixed)
+    out = {"machine": f"{platform.machine()} ({os.cpu_count()} cores), onnxruntime {ort.__version__} CPU, "
+                      f"plain session",
+           "batches": {str(b): {"ms": t[-1], **({"reference_ms": t[0], "ratio": t[-1] / t[0]} if ref is not None else {})}
+                       for b, t in got.items()}}
+    if prof.name == "host":
+        out["estimate_check"] = check(est, node_times(m, [c.name for c in costs], shape))
+    return out
 
 
 def _document(m, m_path, ref, ref_path, prof, costs, est, choices, per_layer_choices, wrows, bits, float_layers,

@@ -154,26 +154,3 @@ def run_model(model: ir.Model, x: np.ndarray, names: Iterable[str] = (), batch: 
         for o, r in zip(outs, sess.run(outs, {inp: x[i:i + batch]})):
             chunks[o].append(np.asarray(r))
     return {o: np.concatenate(v) if v[0].ndim else np.stack(v) for o, v in chunks.items()}
-
-
-def measure_latency(model: ir.Model, warmup: int = 5, runs: int = 30) -> dict:
-    """Batch-1 latency of ``model`` in onnxruntime on this machine."""
-    import time
-
-    sess = session(model)
-    inp = sess.get_inputs()[0]
-    shape = probe_shape(model, 1)
-    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    for _ in range(warmup):
-        sess.run(None, {inp.name: x})
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        sess.run(None, {inp.name: x})
-        times.append(time.perf_counter() - t0)
-    import os
-    import platform
-
-    return {"machine": f"{platform.machine()} {platform.processor() or ''} ({os.cpu_count()} cores), onnxruntime CPU".replace("  ", " "),
-            "warmup": warmup, "runs": runs, "median_s": float(np.median(times)), "min_s": float(np.min(times)),
-            "mean_s": float(np.mean(times))}

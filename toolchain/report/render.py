@@ -85,8 +85,27 @@ def summary_rows(doc: dict) -> list[tuple[str, str]]:
                                                f"max {si(dyn['max_bops'])}; selector {si(dyn['selector_bops'])})"))
     meas = doc.get("measured")
     if meas:
-        rows.append(("measured latency (this machine)", f"{seconds(meas['median_s'])} median ({meas['machine']})"))
+        rows.append(("measured time (this machine)", measured_line(meas)))
+        if meas.get("estimate_check"):
+            rows.append(("estimate vs onnxruntime's profile", check_line(meas["estimate_check"])))
     return rows
+
+
+def measured_line(meas: dict) -> str:
+    """Each batch's median time, as a ratio to the reference's where there is one."""
+    parts = []
+    for b, v in meas["batches"].items():
+        ratio = f" ({v['ratio']:.2f}x the reference's)" if "ratio" in v else ""
+        parts.append(f"batch {b}: {seconds(v['ms'] / 1e3)}{ratio}")
+    return "; ".join(parts) + f" ({meas['machine']})"
+
+
+def check_line(c: dict) -> str:
+    total = "" if c["total_error"] is None else f" ({100 * c['total_error']:+.0f} %)"
+    factor = "" if c["layer_error_median"] is None else \
+        f"; per layer off by a factor of {math.exp(c['layer_error_median']):.2f} (median)"
+    return (f"estimated {seconds(c['estimate_s'])} against {seconds(c['measured_s'])} measured over the layers"
+            f"{total}{factor}; {seconds(c['other_s'])} in kernels of no layer")
 
 
 def choice_rows(doc: dict) -> list[list[str]]:
@@ -215,11 +234,19 @@ def markdown(doc: dict, plots: list[str] = ()) -> str:
         parts += [f"- {short(k)}: {n}" for k, n in notes] + ([""] if notes else [])
     if doc.get("measured"):
         m = doc["measured"]
-        parts += ["## Measured", "", f"onnxruntime, batch 1, {m['warmup']} warm-up + {m['runs']} timed runs on "
-                  f"{m['machine']}: median {seconds(m['median_s'])}, min {seconds(m['min_s'])} "
-                  f"(the estimate above is for {doc['target']['name']}, not this machine).", ""]
-        if m.get("reference"):
-            parts += [f"Reference: median {seconds(m['reference']['median_s'])}.", ""]
+        parts += ["## Measured", "", f"Median time: {measured_line(m)}."]
+        c = m.get("estimate_check")
+        if c:
+            parts += ["", f"The estimate for this machine against onnxruntime's own profile at batch 1: "
+                      f"{check_line(c)}.", "",
+                      _md_table(["layer", "estimated", "measured", "estimate / measured"],
+                                [[short(r["name"]), seconds(r["estimate_s"]), seconds(r["measured_s"]),
+                                  f"{r['estimate_s'] / r['measured_s']:.2f}" if r["measured_s"] else "–"]
+                                 for r in c["layers"]])]
+        else:
+            parts += ["", f"(The estimate above is for {doc['target']['name']}, not this machine: "
+                      f"`--target host` estimates this machine and checks the estimate here.)"]
+        parts += [""]
     parts += ["## Assumptions", ""] + [f"- {a}" for a in doc["assumptions"]] + [
         f"- Target numbers: {doc['target']['source']} (each with its source in the profile file)."]
     if plots:

@@ -67,16 +67,21 @@ def builtin_targets() -> list[Target]:
 
 
 def load_target(spec: str | Path) -> Target:
-    """A built-in profile by name, or a profile file by path."""
+    """A built-in profile by name, ``host`` (this machine, :mod:`.host`), or a profile file by path."""
     text_path = str(spec)
     if text_path.endswith(".toml") or "/" in text_path or Path(text_path).exists():
         path = Path(spec)
         if not path.is_file():
             raise UserError(f"{path}: target file not found")
         return parse_target(path.read_text(), str(path))
+    if text_path == "host":
+        from .host import host_target
+
+        return host_target()
     names = builtin_names()
     if text_path not in names:
-        raise UserError(f"unknown target {text_path!r}; known targets: {', '.join(names)} (or a path to a .toml file)")
+        raise UserError(f"unknown target {text_path!r}; known targets: {', '.join(names)}, host (this machine, "
+                        f"measured) or a path to a .toml file")
     return parse_target(_builtin_dir().joinpath(f"{text_path}.toml").read_text(), f"built-in {text_path}")
 
 
