@@ -4,6 +4,7 @@ into float weights at load, and the values are the ones the model's ONNX graph d
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import numpy as np
@@ -131,6 +132,8 @@ def test_low_bit_activations_are_exactly_on_their_grid(tmp_path):
         assert inits[clip.input[1]].dtype == np.uint8
         assert int(inits[clip.input[2]]) - int(inits[clip.input[1]]) == 15
         assert consumers[clip.output[0]].op_type == "DequantizeLinear"
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert {v["abits"] for v in json.loads(meta["datafree.layers"]).values()} == {4}
     session = InferenceSession(proto)
     assert not session.weights_folded
     x = zoo.images(8)
@@ -141,6 +144,8 @@ def test_low_bit_activations_are_exactly_on_their_grid(tmp_path):
 @pytest.mark.parametrize("abits", [8, None])
 def test_datafree_session_adds_nothing_for_w4(abits, tmp_path):
     proto = _model("conv_bn_relu_conv", tmp_path, wbits=4, abits=abits)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert {v["abits"] for v in json.loads(meta["datafree.layers"]).values()} == {4}
     session = InferenceSession(proto)
     assert not session.weights_folded
     x = zoo.images(8)

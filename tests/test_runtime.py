@@ -126,12 +126,12 @@ def test_models_without_integer_kernels_run_with_their_weights_folded(wbits, abi
     assert rel(ours) <= max(rel(stock()), 1e-5)
 
 
-@pytest.mark.parametrize("wbits, abits, int4, says", [(4, 8, True, None), (8, None, True, None),
-                                                       (8, 8, True, None), (4, 4, True, "below 8 bits")])
-def test_the_summary_names_the_session_entry_where_it_helps(wbits, abits, int4, says):
+@pytest.mark.parametrize("wbits, abits", [(4, 8), (8, None), (8, 8), (4, 4)])
+def test_no_session_entry_is_needed(wbits, abits):
+    """Every static model runs as fast in a plain session: no note sends the user to a
+    session option (4-bit activations included: they run on the 8-bit kernels)."""
     from datafree.toolchain.compress import compress
     from datafree.toolchain.recipe import Recipe
 
-    notes = compress(MODEL, Recipe(wbits=wbits, abits=abits, int4=int4, synthetic=0)).summary.notes
-    hits = [n for n in notes if "session.disable_quant_qdq=1" in n]
-    assert (len(hits) == 1 and says in hits[0]) if says else not hits
+    notes = compress(MODEL, Recipe(wbits=wbits, abits=abits, synthetic=0)).summary.notes
+    assert not [n for n in notes if "session.disable_quant_qdq=1" in n]

@@ -331,8 +331,10 @@ def insert_act_qdq(graph, names, value: ir.Value, aq: ActQuant) -> None:
         graph.insert_after(producer, nodes)
     for u in uses:
         u.node.replace_input_with(u.idx, dq_out)
-    if source is not value and not list(value.uses()):
-        graph.remove(producer, safe=True)      # the redundant Clip: the layer before reaches the Q
+    if source is not value:                    # the redundant Clip goes: the layer before reaches the Q,
+        graph.remove(producer, safe=True)      # its output under the name the tensor had
+        name, value.name = value.name, None
+        source.name = name
 
 
 def _unclipped(value: ir.Value, aq: ActQuant) -> ir.Value:
@@ -345,6 +347,9 @@ def _unclipped(value: ir.Value, aq: ActQuant) -> ir.Value:
     before it); it cannot see the narrower grid's clip behind the QuantizeLinear."""
     p = value.producer()
     if p is None or p.op_type != "Clip" or p.domain not in ("", "ai.onnx") or value.is_graph_output():
+        return value
+    src = p.inputs[0]
+    if src is None or src.is_graph_output() or len(list(src.uses())) != 1:
         return value
     if len(p.inputs) > 1:                        # opset 11+: bounds are optional inputs
         bounds = []

@@ -88,11 +88,6 @@ def write(ctx: Context) -> None:
     qdq.emit(model, ctx.analysis.layers, weights, acts, int4=recipe.int4)
     ShortcutAsConvPass()(model)
     refresh_shapes(model)
-    if any(a is not None and a.bits < 8 for a in acts.values()):
-        summary.notes.append("activations below 8 bits: onnxruntime's CPU has no integer kernel for them and "
-                             "dequantizes those layers' weights on every run unless the session config entry "
-                             "session.disable_quant_qdq=1 folds them at load (datafree.runtime sets it when no "
-                             "layer runs on integer kernels)")
     per_layer = {}
     for layer in ctx.analysis.layers:
         eff = recipe.for_layer(layer.name, layer.kind)
@@ -120,7 +115,10 @@ def layer_input_name(layer: G.Layer) -> str | None:
     x = layer.node.inputs[0]
     p = x.producer()
     if p is not None and p.op_type == "DequantizeLinear":
-        x = p.inputs[0].producer().inputs[0]
+        q = p.inputs[0].producer()
+        if q is not None and q.op_type == "Clip":          # an activation narrower than 8 bits
+            q = q.inputs[0].producer()
+        x = q.inputs[0]
     return x.name
 
 
