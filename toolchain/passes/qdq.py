@@ -302,16 +302,17 @@ def act_container(aq: ActQuant) -> tuple[int, tuple[int, int] | None]:
     return aq.zero_point + shift, (lo + shift, hi + shift)
 
 
-def insert_act_qdq(graph, names, value: ir.Value, aq: ActQuant) -> None:
+def insert_act_qdq(graph, names, value: ir.Value, aq: ActQuant, only: list[ir.Node] | None = None) -> ir.Value:
     """``QuantizeLinear → [Clip] → DequantizeLinear`` after ``value``, feeding all its
-    current uses (:func:`act_container`)."""
-    uses = [u for u in value.uses()]
+    current uses, or those of the nodes ``only`` (:func:`act_container`); returns the
+    dequantized value."""
+    uses = [u for u in value.uses() if only is None or any(u.node is n for n in only)]
     zero_point, bounds = act_container(aq)
     np_dt, ir_dt = _int_dtype(8, aq.signed and bounds is None, False)
     s_val = add_initializer(graph, f"{value.name}_scale", np.array(aq.scale, dtype=np.float32), names=names)
     z_val = add_initializer(graph, f"{value.name}_zero_point", np.array(zero_point).astype(np_dt), ir_dt, names=names)
     q_out = ir.Value(name=names(f"{value.name}_quantized"))
-    source = _unclipped(value, aq) if bounds is not None else value
+    source = _unclipped(value, aq) if bounds is not None and only is None else value
     nodes = [ir.Node("", "QuantizeLinear", [source, s_val, z_val], outputs=[q_out],
                      name=names(f"{value.name}_QuantizeLinear"))]
     if bounds is not None:
@@ -335,6 +336,7 @@ def insert_act_qdq(graph, names, value: ir.Value, aq: ActQuant) -> None:
         graph.remove(producer, safe=True)      # its output under the name the tensor had
         name, value.name = value.name, None
         source.name = name
+    return dq_out
 
 
 def _unclipped(value: ir.Value, aq: ActQuant) -> ir.Value:

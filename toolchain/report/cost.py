@@ -132,7 +132,38 @@ def _stored_integers(value: ir.Value | None) -> ir.Value | None:
     if p is not None and p.op_type == "Cast" and p.inputs and p.inputs[0] is not None \
             and p.inputs[0].const_value is not None:
         return p.inputs[0]
+    folded = _fold(value)
+    if folded is not None and folded.dtype.kind in "iu":
+        return _detached(value.name or "derived", folded)
     return None
+
+
+_FOLDABLE = {"Cast", "Mul", "Div", "Round", "Clip"}
+
+
+def _fold(value: ir.Value, depth: int = 8) -> np.ndarray | None:
+    """The value of a small constant subgraph (a dynamic model's weights at some bits,
+    derived from its stored integers: Cast, Mul, Div, Round, Clip), else None."""
+    if value is None or depth < 0:
+        return None
+    if value.const_value is not None:
+        return graph.const_array(value)
+    p = value.producer()
+    if p is None or p.op_type not in _FOLDABLE or p.domain not in ("", "ai.onnx"):
+        return None
+    xs = [_fold(v, depth - 1) if v is not None else None for v in p.inputs]
+    if xs[0] is None or any(x is None for x, v in zip(xs, p.inputs) if v is not None):
+        return None
+    x = xs[0]
+    if p.op_type == "Cast":
+        return x.astype(ir.DataType(graph.attr(p, "to", 1)).numpy())
+    if p.op_type == "Round":
+        return np.round(x)
+    if p.op_type == "Clip":
+        lo = xs[1] if len(xs) > 1 and xs[1] is not None else -np.inf
+        hi = xs[2] if len(xs) > 2 and xs[2] is not None else np.inf
+        return np.clip(x, lo, hi).astype(x.dtype)
+    return (x * xs[1] if p.op_type == "Mul" else x / xs[1]).astype(np.result_type(x, xs[1]))
 
 
 def _dq_source(value: ir.Value | None) -> ir.Node | None:

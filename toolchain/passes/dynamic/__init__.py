@@ -6,13 +6,13 @@
 Two modes choose the bits.
 
 ``mode="cascade"`` (default, :func:`build_cascade`): every image runs the whole
-network at a low configuration ``configs[0]`` (standard ops; its weights are derived
-from the same stored integers by constant subgraphs onnxruntime folds at load).
-``BitSelect`` reads that first pass's *margin* (largest logit minus the second) and
-either keeps its result or reruns the image at ``configs[1]``: the rows to rerun are
-gathered, run through the dynamic layers (inside an ``If``, so that no graph ever
-sees an empty batch) and scattered back into the logits; an image that is rerun
-costs both passes.  Models whose output is not one score per class (or that have
+network at a low configuration ``configs[0]``; ``BitSelect`` reads that first pass's
+*margin* (largest logit minus the second) and either keeps its result or reruns the
+image at ``configs[1]``: the rows to rerun are gathered, run through the second pass
+(inside an ``If``, so that no graph ever sees an empty batch) and scattered back into
+the logits; an image that is rerun costs both passes.  Both passes are QDQ in the
+form onnxruntime fuses into its integer kernels, their weights derived from the same
+stored integers by constant subgraphs it folds at load (:mod:`.integer`).  Models whose output is not one score per class (or that have
 more than one output) get the upfront selector, with a note.  The pair of configurations and the selector
 are fitted on synthetic images (:func:`fit_cascade`).  Each pass runs at one
 configuration, so each gets its own biases (:func:`correct_biases`: the mean shift
@@ -98,7 +98,8 @@ from .plan import (BITS_OUTPUT, CONFIDENT_TARGET, METADATA_KEY, PROBE_FRACTION, 
                    config_key, make_plan)
 from .selection import (_config_losses, enumerate_configs, fit_cascade, fit_pair, pareto, simulate,  # noqa: F401
                         train_selector)
-from .writing import build_cascade, build_dynamic, build_fixed, confidence_features, correct_biases  # noqa: F401
+from .cascade import build_cascade  # noqa: F401
+from .writing import build_dynamic, build_fixed, confidence_features, correct_biases  # noqa: F401
 
 
 # ------------------------------------------------------------------- the pass
@@ -174,16 +175,19 @@ def fit_dynamic(model: ir.Model, config: DynamicConfig, *, synthetic=None, progr
     progress(STAGE, 0, 4)
 
     plan = make_plan(model, config, images[train_idx])
+    plan.integer = config.mode == "cascade"
     progress(STAGE, 1, 4)
     all_cfgs = enumerate_configs(plan.candidates, len(plan.groups))
     logits, fp, pooled = simulate(plan, all_cfgs, images)
-    losses = np.stack([_config_losses(fp, lg) for lg in logits], axis=1)        # [n, K_all]
     avg = plan.avg_bits(all_cfgs)
     note = None
     if config.mode == "cascade" and not (len(plan.base.graph.output) == 1 and fp.ndim == 2 and fp.shape[1] >= 2):
         note = ("cascade needs one output of scores per class (it reruns on the margin between the two top "
                 "scores): the selector reads the stem instead (upfront mode)")
         config = dataclasses.replace(config, mode="upfront")
+        plan.integer = False           # the upfront model's layers: fake-quantized, priced as such
+        logits, fp, pooled = simulate(plan, all_cfgs, images)
+    losses = np.stack([_config_losses(fp, lg) for lg in logits], axis=1)        # [n, K_all]
     if config.mode == "cascade":        # target_bits holds on these (see fit_cascade)
         probe_idx = _confident_probes(targets, n_images, probe_idx, seed)
     keep = pareto(avg, losses[train_idx].mean(axis=0))
