@@ -410,3 +410,21 @@ def test_retarget_command_writes_the_model_and_refuses_bad_input(fitted, tmp_pat
             full = [args[0], "--images", tmp_path / "x.npz", "--target-bits", 5, "-o", path]
         r = run(*full)
         assert r.exit_code == 2 and message in r.output and len(r.output.strip().splitlines()) == 1, r.output
+
+
+def test_cascade_passes_run_on_integer_kernels_in_a_plain_session(fitted, tmp_path):
+    """Both passes (the second inside the If) fuse into onnxruntime's integer kernels:
+    no float Conv is left in the graph it optimizes at load, the classifier is a QGemm
+    (the selector's small MLP stays float)."""
+    if fitted.stats.get("mode") != "cascade":
+        pytest.skip("cascade only")
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(fitted.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(options.optimized_model_filepath)
+    branch = next(a.g for n in optimized.graph.node if n.op_type == "If" for a in n.attribute
+                  if a.name == "then_branch")
+    for graph in (optimized.graph, branch):
+        ops = [n.op_type for n in graph.node]
+        assert ops.count("QLinearConv") >= 19 and "QGemm" in ops
+        assert not {"Conv", "FusedConv"} & set(ops)

@@ -285,7 +285,7 @@ def _dequantized_input(graph, names, layer: Layer, index: int, qsz: tuple, axis:
         del graph.initializers[old.name]
 
 
-def act_container(aq: ActQuant) -> tuple[int, tuple[int, int] | None]:
+def act_container(aq: ActQuant, unsigned: bool = False) -> tuple[int, tuple[int, int] | None]:
     """The zero point of ``aq`` in the container its QuantizeLinear writes, and the
     grid's bounds in it where narrower than the container.
 
@@ -294,21 +294,23 @@ def act_container(aq: ActQuant) -> tuple[int, tuple[int, int] | None]:
     domain between the QuantizeLinear and the DequantizeLinear: onnxruntime fuses
     ``DQ → Conv → Q`` around it into its 8-bit integer kernels (it has none for 4-bit
     activations, and a Clip between int8 Q and DQ stops it moving those to uint8), and
-    the values are exactly the b-bit grid's."""
-    if aq.bits >= 8:
-        return aq.zero_point, None
+    the values are exactly the b-bit grid's.  ``unsigned``: 8-bit ones in uint8 too
+    (onnxruntime moves int8 activations to uint8 itself, but not inside an If branch)."""
     shift = 128 if aq.signed else 0
+    if aq.bits >= 8:
+        return aq.zero_point + (shift if unsigned else 0), None
     lo, hi = (-(2 ** (aq.bits - 1)), 2 ** (aq.bits - 1) - 1) if aq.signed else (0, 2 ** aq.bits - 1)
     return aq.zero_point + shift, (lo + shift, hi + shift)
 
 
-def insert_act_qdq(graph, names, value: ir.Value, aq: ActQuant, only: list[ir.Node] | None = None) -> ir.Value:
+def insert_act_qdq(graph, names, value: ir.Value, aq: ActQuant, only: list[ir.Node] | None = None,
+                   unsigned: bool = False) -> ir.Value:
     """``QuantizeLinear → [Clip] → DequantizeLinear`` after ``value``, feeding all its
     current uses, or those of the nodes ``only`` (:func:`act_container`); returns the
     dequantized value."""
     uses = [u for u in value.uses() if only is None or any(u.node is n for n in only)]
-    zero_point, bounds = act_container(aq)
-    np_dt, ir_dt = _int_dtype(8, aq.signed and bounds is None, False)
+    zero_point, bounds = act_container(aq, unsigned)
+    np_dt, ir_dt = _int_dtype(8, aq.signed and bounds is None and not unsigned, False)
     s_val = add_initializer(graph, f"{value.name}_scale", np.array(aq.scale, dtype=np.float32), names=names)
     z_val = add_initializer(graph, f"{value.name}_zero_point", np.array(zero_point).astype(np_dt), ir_dt, names=names)
     q_out = ir.Value(name=names(f"{value.name}_quantized"))

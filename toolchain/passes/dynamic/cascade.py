@@ -58,6 +58,22 @@ def _renamed(proto: onnx.ModelProto, rename) -> tuple[list, list]:
     return nodes, inits
 
 
+def _constant_part(nodes: list, constants: set[str]) -> tuple[list, list]:
+    """(nodes computing only from constants, the others): the second pass's weights
+    derived from the stored integers go in the main graph, where onnxruntime folds
+    them at load; inside the If it does not, and the layers would not fuse.  Its
+    DequantizeLinear nodes stay with their layers (onnxruntime fuses them, never folds)."""
+    known, const, rest = set(constants), [], []
+    for n in nodes:
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and n.input and \
+                all(i in known for i in n.input if i):
+            const.append(n)
+            known.update(n.output)
+        else:
+            rest.append(n)
+    return const, rest
+
+
 class _Rerun:
     """The cascade's second pass, to be run on the gathered rows."""
 
@@ -86,12 +102,13 @@ def build_cascade(plan: Plan, selector: Selector) -> onnx.ModelProto:
     x2, bits2, config, rerun_out = w.name("rerun/input"), w.name("rerun/bits"), w.name("config"), \
         w.name("rerun/" + out_name)
     rerun_nodes, rerun_inits = _renamed(second, lambda v: {x_name: x2, out_name: rerun_out}.get(v, v))
+    constant, rerun_nodes = _constant_part(rerun_nodes, {t.name for t in rerun_inits} | shared)
     r = _Rerun(x2, bits2, config, rerun_out, rerun_nodes)
     first_out = FIRST + out_name
     choose, consts = _choice(w, plan, selector, first_out, r)
     branch = _rerun_branch(w, x_name, out_name, first_out, r, consts)
     del w.graph.node[:]
-    w.graph.node.extend(first_nodes + choose + branch)
+    w.graph.node.extend(first_nodes + constant + choose + branch)
     del w.graph.initializer[:]
     w.graph.initializer.extend(first_inits + [t for t in rerun_inits if t.name not in shared])
     del w.graph.value_info[:]          # the rerun's values have the rerun's batch, not the input's
