@@ -12,11 +12,10 @@ Dynamic-precision models use the ``ai.datafree`` ops.  Three ways to run them:
 * ``grouped=False, use_kernels=False``: the ONNX function bodies stored in the
   model, exactly as a stock onnxruntime runs the file.
 
-``grouped=None`` (default) takes the fastest for the model.  500 ResNet-20 images,
-batches of 100, 2 cores: an upfront model 0.39 s grouped, 0.52 s function bodies,
-9.6 s Python kernels (grouped is the default); a cascade 0.40 s grouped, 0.34 s
-function bodies, 2.5 s kernels (function bodies are the default: the first pass is
-standard ops already, and only the rerun rows run every candidate bit-width).
+``grouped=None`` (default) takes the fastest for the model: grouped for an upfront
+model (its function bodies run every candidate bit-width on every image), the
+function bodies for a cascade (both passes are standard QDQ ops that onnxruntime runs
+on its integer kernels; only the selector is an ``ai.datafree`` op).
 
 Static models need nothing from this session: the compressor writes W8A8 and W4A8
 layers in the form onnxruntime fuses into integer kernels and weight-only layers in
