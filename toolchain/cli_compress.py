@@ -57,8 +57,9 @@ def _loss_db(ctx, param, value):
     return db
 
 
-def compress_options(f):
-    opts = [
+def _what_options() -> list:
+    """What to do to the model."""
+    return [
         click.argument("model", type=str),
         click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
                      help="Where to write the compressed model."),
@@ -113,6 +114,12 @@ def compress_options(f):
                      help="dB of output SQNR (measured on held-out synthetic inputs) quantized activations may "
                           "cost beyond the weights' own loss, unless the result stays at 30 dB or better; the "
                           "tensors that cost most stay float. 'off': every activation quantized as asked."),
+    ]
+
+
+def _how_options() -> list:
+    """Dynamic precision, the input, and how to run and report."""
+    return [
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--int4/--no-int4", default=True, show_default=True,
                      help="Store <= 4-bit weights packed as INT4 (opset 21): half the size, the same "
@@ -138,7 +145,10 @@ def compress_options(f):
         click.option("--external-data/--no-external-data", default=None,
                      help="Write weights to <output>.data (default: only when the model is over 1.8 GB)."),
     ]
-    for opt in reversed(opts):
+
+
+def compress_options(f):
+    for opt in reversed(_what_options() + _how_options()):
         f = opt(f)
     return f
 

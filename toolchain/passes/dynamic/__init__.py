@@ -163,6 +163,15 @@ def _confident_probes(targets: np.ndarray | None, n_images: int, probe_idx: np.n
     return probe_idx[sure] if sure.sum() >= 8 else probe_idx
 
 
+def _upfront_instead(plan: Plan, config: DynamicConfig, all_cfgs: np.ndarray, images: np.ndarray):
+    """The upfront mode for a model whose output is not one score per class, its
+    configurations simulated again as its layers run them (fake-quantized)."""
+    note = ("cascade needs one output of scores per class (it reruns on the margin between the two top "
+            "scores): the selector reads the stem instead (upfront mode)")
+    plan.integer = False
+    return dataclasses.replace(config, mode="upfront"), note, simulate(plan, all_cfgs, images)
+
+
 def fit_dynamic(model: ir.Model, config: DynamicConfig, *, synthetic=None, progress: ProgressFn = silent,
                 seed: int = 0, augment: bool = True) -> DynamicResult:
     """Plan, simulate, train and write the dynamic model (see :func:`apply_dynamic`)."""
@@ -182,11 +191,7 @@ def fit_dynamic(model: ir.Model, config: DynamicConfig, *, synthetic=None, progr
     avg = plan.avg_bits(all_cfgs)
     note = None
     if config.mode == "cascade" and not (len(plan.base.graph.output) == 1 and fp.ndim == 2 and fp.shape[1] >= 2):
-        note = ("cascade needs one output of scores per class (it reruns on the margin between the two top "
-                "scores): the selector reads the stem instead (upfront mode)")
-        config = dataclasses.replace(config, mode="upfront")
-        plan.integer = False           # the upfront model's layers: fake-quantized, priced as such
-        logits, fp, pooled = simulate(plan, all_cfgs, images)
+        config, note, (logits, fp, pooled) = _upfront_instead(plan, config, all_cfgs, images)
     losses = np.stack([_config_losses(fp, lg) for lg in logits], axis=1)        # [n, K_all]
     if config.mode == "cascade":        # target_bits holds on these (see fit_cascade)
         probe_idx = _confident_probes(targets, n_images, probe_idx, seed)
