@@ -27,7 +27,7 @@ def act_fn(layer: Layer):
     if t == "relu":
         return lambda z: np.maximum(z, 0.0)
     if t == "clip":
-        lo, hi = _clip_bounds(node)
+        lo, hi = clip_bounds(node)
         return lambda z: np.clip(z, lo, hi)
     if t == "leakyrelu":
         a = float(attr(node, "alpha", 0.01))
@@ -53,7 +53,8 @@ def act_fn(layer: Layer):
     return None
 
 
-def _clip_bounds(node) -> tuple[float, float]:
+def clip_bounds(node) -> tuple[float, float]:
+    """A Clip's (min, max) from its attributes or constant inputs; ±inf where it has none."""
     lo = attr(node, "min", None)
     hi = attr(node, "max", None)
     if len(node.inputs) > 1 and node.inputs[1] is not None and const_array(node.inputs[1]) is not None:

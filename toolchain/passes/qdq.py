@@ -35,6 +35,8 @@ import onnx_ir as ir
 from ..ingest import STORED_INTEGERS
 from ..recipe import Recipe
 from ..graph import Layer, UniqueNames, add_initializer, attr, const_array
+from ..quant import act_range_grid
+from ..stats import clip_bounds
 from .quantize import WeightQuant
 
 
@@ -299,7 +301,7 @@ def act_container(aq: ActQuant, unsigned: bool = False) -> tuple[int, tuple[int,
     shift = 128 if aq.signed else 0
     if aq.bits >= 8:
         return aq.zero_point + (shift if unsigned else 0), None
-    lo, hi = (-(2 ** (aq.bits - 1)), 2 ** (aq.bits - 1) - 1) if aq.signed else (0, 2 ** aq.bits - 1)
+    lo, hi = act_range_grid(aq.bits, aq.signed)
     return aq.zero_point + shift, (lo + shift, hi + shift)
 
 
@@ -355,19 +357,11 @@ def _unclipped(value: ir.Value, aq: ActQuant) -> ir.Value:
     src = p.inputs[0]
     if src is None or src.is_graph_output() or len(list(src.uses())) != 1:
         return value
-    if len(p.inputs) > 1:                        # opset 11+: bounds are optional inputs
-        bounds = []
-        for v in (list(p.inputs[1:3]) + [None])[:2]:
-            arr = const_array(v) if v is not None else None
-            if v is not None and arr is None:
-                return value                     # a bound computed at run time
-            bounds.append(None if arr is None else float(arr.reshape(())))
-        low, high = bounds
-    else:
-        low, high = (float(a.value) if a is not None else None
-                     for a in (p.attributes.get("min"), p.attributes.get("max")))
-    lo, hi = (-(2 ** (aq.bits - 1)), 2 ** (aq.bits - 1) - 1) if aq.signed else (0, 2 ** aq.bits - 1)
+    if any(v is not None and const_array(v) is None for v in p.inputs[1:3]):
+        return value                             # a bound computed at run time
+    low, high = clip_bounds(p)                   # ±inf where the Clip has none
+    lo, hi = act_range_grid(aq.bits, aq.signed)
     z = aq.zero_point
-    if (low is not None and low > (lo - z + 0.5) * aq.scale) or (high is not None and high < (hi - z - 0.5) * aq.scale):
+    if low > (lo - z + 0.5) * aq.scale or high < (hi - z - 0.5) * aq.scale:
         return value
-    return p.inputs[0]
+    return src
