@@ -15,30 +15,17 @@ import json
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 from onnx import TensorProto, helper
 
 from datafree.ops import domain, functions, schemas
 from datafree.ops.selector import Selector
 
 from ...graph import UniqueNames
-from .integer import write_config
+from .integer import config_proto
 from .plan import BITS_OUTPUT, METADATA_KEY, Plan
 from .writing import _batch_dim, _Writer
 
 FIRST = "first/"
-
-
-def _config_proto(plan: Plan, config, biases: dict) -> tuple[onnx.ModelProto, dict[str, int]]:
-    model = ir.serde.deserialize_model(plan.base)
-    bits = write_config(model, plan, config, biases=biases)
-    ir.passes.common.TopologicalSortPass()(model)
-    return ir.serde.serialize_model(model), bits
-
-
-def _shared(proto: onnx.ModelProto) -> set[str]:
-    """The stored integers both passes read (``write_config`` names them ``<layer>/w_int``)."""
-    return {t.name for t in proto.graph.initializer if t.name.endswith("/w_int")}
 
 
 def _renamed(proto: onnx.ModelProto, rename) -> tuple[list, list]:
@@ -86,11 +73,8 @@ def build_cascade(plan: Plan, selector: Selector) -> onnx.ModelProto:
     """The cascade model (module docstring)."""
     schemas.register()
     x_name, out_name = plan.base.graph.input[0].name, plan.base.graph.output[0].name
-    first_biases = plan.biases_for(plan.configs[0])
-    rerun_biases = plan.biases_for(plan.configs[-1])
-    first, first_bits = _config_proto(plan, plan.configs[0], first_biases)
-    second, _ = _config_proto(plan, plan.configs[-1], rerun_biases)
-    shared = _shared(first)
+    first, first_bits, shared = config_proto(plan, plan.configs[0])      # each with its own biases
+    second, _, _ = config_proto(plan, plan.configs[-1])
     keep = shared | {x_name}
     first_nodes, first_inits = _renamed(first, lambda v: v if v in keep else FIRST + v)
     for n in first_nodes:

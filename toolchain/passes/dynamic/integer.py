@@ -47,12 +47,12 @@ def layer_bits(plan: Plan, config) -> dict[str, int]:
     return out
 
 
-def write_config(model: ir.Model, plan: Plan, config, *, biases: dict | None = None,
-                 shared: dict[str, ir.Value] | None = None) -> dict[str, int]:
+def write_config(model: ir.Model, plan: Plan, config) -> tuple[dict[str, int], set[str]]:
     """Quantize ``model`` (a copy of ``plan.base``) in place at ``config``; returns each
-    layer's bits.  ``shared``: the stored integers by layer (initializers of the model
-    the result goes into, made here when missing); every weight is derived from them."""
-    biases = plan.biases_for(config) if biases is None else biases
+    layer's bits and the names of the stored integers every weight is derived from
+    (``<layer>/w_int``: two configurations written alike name them alike, and a model
+    holding both passes keeps one copy)."""
+    biases = plan.biases_for(config)
     bits = layer_bits(plan, config)
     dyn = {l.name: l for l in [plan.stem] + plan.layers}
     layers = [l for l in analyse(model).layers if l.name in dyn]
@@ -65,8 +65,15 @@ def write_config(model: ir.Model, plan: Plan, config, *, biases: dict | None = N
     _quantize_inputs(model, layers, dyn, bits, plan.out_acts)
     qdq.emit(model, layers, weights, {}, int4=False)
     ShortcutAsConvPass()(model)            # zero-padded shortcuts: 8-bit selection convs, as the static path
-    _share_weights(model, layers, dyn, bits, {} if shared is None else shared)
-    return bits
+    return bits, _share_weights(model, layers, dyn, bits, weights)
+
+
+def config_proto(plan: Plan, config) -> tuple[onnx.ModelProto, dict[str, int], set[str]]:
+    """:func:`write_config` on a copy of ``plan.base``, in graph order, serialized."""
+    model = ir.serde.deserialize_model(plan.base)
+    bits, stored = write_config(model, plan, config)
+    ir.passes.common.TopologicalSortPass()(model)
+    return ir.serde.serialize_model(model), bits, stored
 
 
 def _quantize_inputs(model: ir.Model, layers, dyn: dict[str, DynLayer], bits: dict[str, int],
@@ -103,28 +110,29 @@ def _quantize_inputs(model: ir.Model, layers, dyn: dict[str, DynLayer], bits: di
 
 
 def _share_weights(model: ir.Model, layers, dyn: dict[str, DynLayer], bits: dict[str, int],
-                   shared: dict[str, ir.Value]) -> None:
-    """Each layer's DequantizeLinear reads integers derived from the stored ones."""
+                   weights: dict[str, WeightQuant]) -> set[str]:
+    """Each layer's DequantizeLinear reads integers derived from the stored ones; returns
+    the stored integers' names."""
     graph = model.graph
     names = UniqueNames(graph)
+    stored = set()
     for layer in layers:
         d, b = dyn[layer.name], bits[layer.name]
         reader = layer.node.inputs[1].producer()      # DequantizeLinear, or Mul(Cast(q), scale) (qdq.weight_form)
         if reader.op_type == "Mul":
             reader = reader.inputs[0].producer()
         own = reader.inputs[0]
-        _, axis = qdq._weight_layout(layer, d.w_int)
-        if layer.name not in shared:
-            stored, _ = qdq._weight_layout(layer, d.w_int)
-            shared[layer.name] = add_initializer(graph, f"{layer.name}/w_int", np.ascontiguousarray(stored),
-                                                 ir.DataType.INT8, names=names)
-        w_int = shared[layer.name]
-        if np.array_equal(weight_ints(d, b), d.w_int):            # the top bit-width
+        w_layout, axis = qdq._weight_layout(layer, d.w_int)
+        w_int = add_initializer(graph, f"{layer.name}/w_int", np.ascontiguousarray(w_layout), ir.DataType.INT8,
+                                names=names)
+        stored.add(w_int.name)
+        if np.array_equal(weights[layer.name].q, d.w_int):            # the top bit-width
             reader.replace_input_with(0, w_int)
         else:
             reader.replace_input_with(0, _derived(graph, names, reader, w_int, d, b, axis))
         if not list(own.uses()) and own.name in graph.initializers:
             del graph.initializers[own.name]
+    return stored
 
 
 def _derived(graph, names, before: ir.Node, w_int: ir.Value, d: DynLayer, bits: int, axis: int) -> ir.Value:
@@ -162,10 +170,7 @@ def build_fixed(plan: Plan, config, extra_outputs: list[str] = ()) -> onnx.Model
         from .writing import fake_quant_fixed
 
         return fake_quant_fixed(plan, config, extra_outputs)
-    model = ir.serde.deserialize_model(plan.base)
-    write_config(model, plan, config)
-    ir.passes.common.TopologicalSortPass()(model)
-    proto = ir.serde.serialize_model(model)
+    proto, _, _ = config_proto(plan, config)
     for name in extra_outputs:
         proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     return proto
