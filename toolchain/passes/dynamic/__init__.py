@@ -184,7 +184,6 @@ def fit_dynamic(model: ir.Model, config: DynamicConfig, *, synthetic=None, progr
     progress(STAGE, 0, 4)
 
     plan = make_plan(model, config, images[train_idx])
-    plan.integer = config.mode == "cascade"
     progress(STAGE, 1, 4)
     all_cfgs = enumerate_configs(plan.candidates, len(plan.groups))
     logits, fp, pooled = simulate(plan, all_cfgs, images)

@@ -74,6 +74,7 @@ class Plan:
     configs: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))   # [K, G]
     biases: dict = field(default_factory=dict)   # config_key(config) -> {layer: bias} (correct_biases)
     out_acts: dict = field(default_factory=dict)  # layer input or output -> (scale, zero point, signed), 8 bits
+                                         # (the integer form's residual streams; cascade plans only)
     integer: bool = True                 # configurations in the integer-kernel form (integer.py; the
                                          # cascade's), else fake-quantized in float (the upfront model's)
 
@@ -225,8 +226,10 @@ def make_plan(model: ir.Model, config: DynamicConfig, images: np.ndarray) -> Pla
     n_groups = max(groups) + 1
 
     base = ir.serde.serialize_model(folded)
-    outputs = {l.output.name for l in layers if not l.output.is_graph_output()}
-    acts = run_values(base, images, sorted({l.node.inputs[0].name for l in layers} | outputs))
+    integer = config.mode == "cascade"
+    inputs = {l.node.inputs[0].name for l in layers}
+    outputs = {l.output.name for l in layers if not l.output.is_graph_output()} if integer else set()
+    acts = run_values(base, images, sorted(inputs | outputs))
 
     def entry(layer: Layer, group: int) -> DynLayer:
         w_int, w_scale, table = _weights(layer, candidates, acts[layer.node.inputs[0].name],
@@ -239,12 +242,10 @@ def make_plan(model: ir.Model, config: DynamicConfig, images: np.ndarray) -> Pla
     stem_entry = entry(stem, -1)
     _calibrate([stem_entry] + dyn, acts, candidates)
     group_macs = np.array([sum(l.macs for l in dyn if l.group == g) for g in range(n_groups)], np.float64)
-    out_acts = {}
-    for name in sorted(acts):
-        lo, hi = mse_range(acts[name], 8)
-        out_acts[name] = act_qparams(lo, hi, 8)
+    out_acts = {name: act_qparams(*mse_range(acts[name], 8), 8) for name in sorted(acts)} if integer else {}
     return Plan(candidates=candidates, stem=stem_entry, layers=dyn,
                 groups=[[l.name for l in dyn if l.group == g] for g in range(n_groups)],
-                group_macs=np.maximum(group_macs, 1.0), features=stem.output.name, base=base, out_acts=out_acts)
+                group_macs=np.maximum(group_macs, 1.0), features=stem.output.name, base=base, out_acts=out_acts,
+                integer=integer)
 
 
