@@ -126,17 +126,18 @@ def _measured(m, ref, prof, est, costs) -> dict:
     from .host import check, node_times
 
     shape = probes_mod.probe_shape(m, 1)[1:]
-    batch = probes_mod.input_signature(m)[0][2][0] if probes_mod.input_signature(m)[0][2] else None
-    fixed = batch if isinstance(batch, int) and batch > 1 else None
+    dims = probes_mod.input_signature(m)[0][2]
+    fixed = dims[0] if dims and isinstance(dims[0], int) and dims[0] > 1 else None
+    proto = ir.serde.serialize_model(m)
     models = ([ir.serde.serialize_model(ref).SerializeToString()] if ref is not None else []) + \
-        [ir.serde.serialize_model(m).SerializeToString()]
+        [proto.SerializeToString()]
     got = speed.timings(models, shape, fixed_batch=fixed)
     out = {"machine": f"{platform.machine()} ({os.cpu_count()} cores), onnxruntime {ort.__version__} CPU, "
                       f"plain session",
            "batches": {str(b): {"ms": t[-1], **({"reference_ms": t[0], "ratio": t[-1] / t[0]} if ref is not None else {})}
                        for b, t in got.items()}}
     if prof.name == "host":
-        out["estimate_check"] = check(est, node_times(m, [c.name for c in costs], shape))
+        out["estimate_check"] = check(est, node_times(proto, [c.name for c in costs], shape))
     return out
 
 
