@@ -428,3 +428,13 @@ def test_cascade_passes_run_on_integer_kernels_in_a_plain_session(fitted, tmp_pa
         ops = [n.op_type for n in graph.node]
         assert ops.count("QLinearConv") >= 19 and "QGemm" in ops
         assert not {"Conv", "FusedConv"} & set(ops)
+
+
+def test_confident_probes_without_class_targets_are_all_probes():
+    """Images made without class targets (a BN-folded model's natural images come with
+    [n, 0] targets): every probe is kept, no error."""
+    from datafree.toolchain.passes.dynamic import _confident_probes
+
+    probes = np.arange(10, 20)
+    for targets in (None, np.zeros((40, 0), np.float32), np.zeros(40, np.float32)):
+        np.testing.assert_array_equal(_confident_probes(targets, 40, probes, seed=0), probes)

@@ -153,10 +153,10 @@ def _held_out(n_images: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _confident_probes(targets: np.ndarray | None, n_images: int, probe_idx: np.ndarray, seed: int) -> np.ndarray:
     """The probes made for a target at least ``CONFIDENT_TARGET`` sure (all probes when
-    the images came without targets or fewer than 8 are that sure), in the order and
-    with the copies of :func:`split_images`."""
-    if targets is None or len(targets) != n_images:
-        return probe_idx
+    the images came without class targets or fewer than 8 are that sure), in the order
+    and with the copies of :func:`split_images`."""
+    if targets is None or len(targets) != n_images or np.asarray(targets).ndim != 2 or not np.asarray(targets).shape[1]:
+        return probe_idx                 # e.g. natural images for a BN-folded model: [n, 0] targets
     _, probe_src = _held_out(n_images, seed)
     sure = np.asarray(targets).max(axis=1)[probe_src] >= CONFIDENT_TARGET
     sure = np.tile(sure, len(probe_idx) // len(probe_src))
