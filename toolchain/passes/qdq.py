@@ -16,9 +16,12 @@
     ordinary constants, which onnxruntime folds into a float weight at load (it
     never folds a DequantizeLinear unless the session disables QDQ handling);
 * activations: ``QuantizeLinear → DequantizeLinear`` on a tensor, once, feeding all
-  its consumers: 8-bit ones in uint8 when non-negative, int8 otherwise; narrower ones
-  in uint8 with a ``Clip`` to their grid between the two (:func:`act_container`), so
-  that they too run on onnxruntime's 8-bit integer kernels;
+  its consumers, in uint8 (a signed grid's zero point moved up by 128: the same
+  values), the type onnxruntime's x86 kernels take: an int8 tensor between two ops
+  that are not both layers (a SE block's Mul, a pool) stops their fusion into
+  QLinearMul / QLinearGlobalAveragePool.  Narrower ones with a ``Clip`` to their grid
+  between the two (:func:`act_container`), so that they too run on onnxruntime's
+  8-bit integer kernels;
 * biases of layers whose input is quantized: INT32 with scale ``s_x·s_w``, the form
   onnxruntime needs to fuse ``DQ → Conv → Q`` into an integer ``QLinearConv`` (float
   for INT4 weights of layers no integer kernel runs).
@@ -287,32 +290,28 @@ def _dequantized_input(graph, names, layer: Layer, index: int, qsz: tuple, axis:
         del graph.initializers[old.name]
 
 
-def act_container(aq: ActQuant, unsigned: bool = False) -> tuple[int, tuple[int, int] | None]:
-    """The zero point of ``aq`` in the container its QuantizeLinear writes, and the
-    grid's bounds in it where narrower than the container.
+def act_container(aq: ActQuant) -> tuple[int, tuple[int, int] | None]:
+    """The zero point of ``aq`` in the uint8 its QuantizeLinear writes (a signed grid's
+    moved up by 128), and the grid's bounds in it where narrower than 8 bits.
 
-    8-bit activations: int8 / uint8 as the grid is signed or not.  Narrower ones go in
-    uint8 (a signed grid's zero point moved up by 128) with a ``Clip`` in the integer
-    domain between the QuantizeLinear and the DequantizeLinear: onnxruntime fuses
-    ``DQ → Conv → Q`` around it into its 8-bit integer kernels (it has none for 4-bit
-    activations, and a Clip between int8 Q and DQ stops it moving those to uint8), and
-    the values are exactly the b-bit grid's.  ``unsigned``: 8-bit ones in uint8 too
-    (onnxruntime moves int8 activations to uint8 itself, but not inside an If branch)."""
+    Narrower activations get a ``Clip`` in the integer domain between the QuantizeLinear
+    and the DequantizeLinear: onnxruntime fuses ``DQ → Conv → Q`` around it into its
+    8-bit integer kernels (it has none for 4-bit activations), and the values are exactly
+    the b-bit grid's."""
     shift = 128 if aq.signed else 0
     if aq.bits >= 8:
-        return aq.zero_point + (shift if unsigned else 0), None
+        return aq.zero_point + shift, None
     lo, hi = act_range_grid(aq.bits, aq.signed)
     return aq.zero_point + shift, (lo + shift, hi + shift)
 
 
-def insert_act_qdq(graph, names, value: ir.Value, aq: ActQuant, only: list[ir.Node] | None = None,
-                   unsigned: bool = False) -> ir.Value:
+def insert_act_qdq(graph, names, value: ir.Value, aq: ActQuant, only: list[ir.Node] | None = None) -> ir.Value:
     """``QuantizeLinear → [Clip] → DequantizeLinear`` after ``value``, feeding all its
     current uses, or those of the nodes ``only`` (:func:`act_container`); returns the
     dequantized value."""
     uses = [u for u in value.uses() if only is None or any(u.node is n for n in only)]
-    zero_point, bounds = act_container(aq, unsigned)
-    np_dt, ir_dt = _int_dtype(8, aq.signed and bounds is None and not unsigned, False)
+    zero_point, bounds = act_container(aq)
+    np_dt, ir_dt = np.uint8, ir.DataType.UINT8
     s_val = add_initializer(graph, f"{value.name}_scale", np.array(aq.scale, dtype=np.float32), names=names)
     z_val = add_initializer(graph, f"{value.name}_zero_point", np.array(zero_point).astype(np_dt), ir_dt, names=names)
     q_out = ir.Value(name=names(f"{value.name}_quantized"))

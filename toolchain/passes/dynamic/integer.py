@@ -100,13 +100,12 @@ def _quantize_inputs(model: ir.Model, layers, dyn: dict[str, DynLayer], bits: di
             eight[name] = qdq.ActQuant(8, float(scale), int(zero_point), bool(signed))
     every = {v.name: v for n in graph for v in n.outputs} | {v.name: v for v in graph.inputs}
     for name, aq in qdq.through_data_movement(every, eight).items():   # a shortcut's Slice, a pool
-        qdq.insert_act_qdq(graph, names, every[name], aq, unsigned=True)
+        qdq.insert_act_qdq(graph, names, every[name], aq)
     for by_bits in readers.values():
         for b, nodes in by_bits.items():
             a = dyn[nodes[0].name].act
             qdq.insert_act_qdq(graph, names, nodes[0].inputs[0],
-                               qdq.ActQuant(b, float(a.scale[b]), int(a.zero_point[b]), bool(a.signed)), only=nodes,
-                               unsigned=True)
+                               qdq.ActQuant(b, float(a.scale[b]), int(a.zero_point[b]), bool(a.signed)), only=nodes)
 
 
 def _share_weights(model: ir.Model, layers, dyn: dict[str, DynLayer], bits: dict[str, int],
