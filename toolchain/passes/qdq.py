@@ -55,24 +55,26 @@ def activation_plan(layers: list[Layer], recipe: Recipe) -> dict[str, int]:
     """Which tensors get QDQ, at how many bits.
 
     The input of every layer with activation bits; and, so onnxruntime can run the
-    layer as an integer kernel (DQ → Conv → Q), the output of every quantized layer
-    that also feeds something else (a residual Add, a pool), at no fewer than 8 bits.
+    layer as an integer kernel (DQ → Conv → Q), the output of every quantized
+    convolution that also feeds something else (a residual Add, a pool), at no fewer
+    than 8 bits.  Gemm and MatMul have integer kernels with float outputs (QGemm,
+    MatMulIntegerToFloat): their outputs are quantized only where a layer reads them
+    (a classifier's scores going to a Softmax are not).
     """
     wanted: dict[str, int] = {}
-    inputs = set()
     for layer in layers:
         eff = recipe.for_layer(layer.name, layer.kind)
         if eff.skip or eff.abits is None:
             continue
         name = layer.node.inputs[0].name
-        inputs.add(id(layer.node.inputs[0]))
         wanted[name] = max(wanted.get(name, 0), eff.abits)
     for layer in layers:
         eff = recipe.for_layer(layer.name, layer.kind)
         out = layer.output
         if eff.skip or eff.abits is None or out.is_graph_output() or out.name in wanted:
             continue
-        wanted[out.name] = max(8, eff.abits)
+        if layer.op in ("Conv", "ConvTranspose"):       # Gemm / MatMul: kernels with float outputs
+            wanted[out.name] = max(8, eff.abits)
     return wanted
 
 
