@@ -175,3 +175,23 @@ def test_a_weight_only_model_counts_as_quantized(tmp_path):
     assert is_quantized(model) and sum(n.op_type == "Cast" for n in model.graph) == 3
     with pytest.raises(UserError, match="already quantized"):
         compress(proto, Recipe(synthetic=0))
+
+
+@pytest.mark.parametrize("integer_kernels", [True, False])
+def test_layers_before_silu_and_hardswish_run_on_integer_kernels(integer_kernels, tmp_path):
+    """A conv followed by SiLU or HardSwish: with integer_kernels its output is quantized
+    (8 bits, uint8) before the activation, the SiLU's gate too, so every conv fuses into
+    QLinearConv and the SiLU into QLinearSigmoid and QLinearMul; without, they run in float."""
+    proto = _model("silu_net", tmp_path, wbits=8, abits=8, integer_kernels=integer_kernels)
+    zero_points = [t for t in proto.graph.initializer if t.name.endswith("_zero_point") and t.dims == []]
+    assert zero_points and {t.data_type for t in zero_points} == {onnx.TensorProto.UINT8}
+    session, optimized = _plain(proto, tmp_path, "plain")
+    ops = Counter(n.op_type for n in optimized.graph.node)
+    if integer_kernels:
+        assert ops["QLinearConv"] == 2 and not {"Conv", "FusedConv"} & set(ops)
+        assert ops["QLinearSigmoid"] == 1 and ops["QLinearMul"] == 1
+    else:
+        assert ops["QLinearConv"] == 0 and ops["Conv"] + ops["FusedConv"] == 2
+    x = zoo.images(8)
+    y = _run(session, x)
+    np.testing.assert_allclose(y, _unoptimized(proto, x), rtol=0, atol=0.02 * np.abs(y).max())

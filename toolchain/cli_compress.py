@@ -20,7 +20,8 @@ _FIELDS = {
     "depthwise_wbits": "depthwise_wbits",
     "compensation": "compensation", "bias_correction": "bias_correction",
     "scale_compensation": "scale_compensation", "synthetic": "synthetic",
-    "synthetic_steps": "synthetic_steps", "seed": "seed", "int4": "int4", "input_range": "input_range",
+    "synthetic_steps": "synthetic_steps", "seed": "seed", "int4": "int4",
+    "integer_kernels": "integer_kernels", "input_range": "input_range",
     "synthetic_route": "synthetic_route", "max_activation_loss": "max_activation_loss",
 }
 
@@ -124,6 +125,10 @@ def _how_options() -> list:
         click.option("--int4/--no-int4", default=True, show_default=True,
                      help="Store <= 4-bit weights packed as INT4 (opset 21): half the size, the same "
                           "integer kernels in onnxruntime; --no-int4 stores the same values as INT8 (opset 13+)."),
+        click.option("--integer-kernels/--no-integer-kernels", default=True, show_default=True,
+                     help="Also quantize (8-bit) a layer's output before an activation onnxruntime has no "
+                          "integer kernel with (SiLU, HardSwish, a sigmoid gate), so the layer runs on one: "
+                          "faster; --no-integer-kernels: those layers run in float, one rounding fewer."),
         click.option("--dynamic", is_flag=True, help="Insert a bit selector: precision chosen per input."),
         click.option("--bits", "dyn_bits", type=str, default=None, help="Candidate bits for --dynamic, e.g. 4,6,8."),
         click.option("--target-bits", type=float, default=None, help="Average bits the selector aims at."),

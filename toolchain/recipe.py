@@ -68,6 +68,7 @@ class Recipe:
                                         # and hold ~2 % of a MobileNet's weights
     abits: int | None = None            # None: activations stay float (weight-only output)
     int4: bool = True                   # store <= 4-bit weights as INT4 (opset 21)
+    integer_kernels: bool = True        # 8-bit points before activations without integer kernels (SiLU, ...)
     clip: str = "max"
     compensation: bool = True           # UDFC next-layer compensation for pruned channels
     scale_compensation: bool = False    # UDFC s~ for quantized channels (measured to hurt; off)

@@ -60,6 +60,8 @@ def activation_plan(layers: list[Layer], recipe: Recipe) -> dict[str, int]:
     than 8 bits.  Gemm and MatMul have integer kernels with float outputs (QGemm,
     MatMulIntegerToFloat): their outputs are quantized only where a layer reads them
     (a classifier's scores going to a Softmax are not).
+    With ``recipe.integer_kernels``, also the points :func:`kernel_points` names, at
+    8 bits or more.
     """
     wanted: dict[str, int] = {}
     for layer in layers:
@@ -70,12 +72,40 @@ def activation_plan(layers: list[Layer], recipe: Recipe) -> dict[str, int]:
         wanted[name] = max(wanted.get(name, 0), eff.abits)
     for layer in layers:
         eff = recipe.for_layer(layer.name, layer.kind)
-        out = layer.output
-        if eff.skip or eff.abits is None or out.is_graph_output() or out.name in wanted:
+        if eff.skip or eff.abits is None:
             continue
-        if layer.op in ("Conv", "ConvTranspose"):       # Gemm / MatMul: kernels with float outputs
-            wanted[out.name] = max(8, eff.abits)
+        points = kernel_points(layer) if recipe.integer_kernels else []
+        out = [layer.output] if layer.op in ("Conv", "ConvTranspose") else []   # Gemm/MatMul: float output kernels
+        for value in points + out:
+            if not value.is_graph_output() and value.name not in wanted:
+                wanted[value.name] = max(8, eff.abits)
     return wanted
+
+
+# activations onnxruntime removes between a layer and its QuantizeLinear (the grid clips alike)
+_FUSED_ACTS = (None, "relu", "clip")
+
+
+def kernel_points(layer: Layer) -> list[ir.Value]:
+    """The values between a layer and its output that must be quantized for onnxruntime
+    to run the layer, and its activation, on integer kernels: in graph order.
+
+    onnxruntime fuses ``DQ → Conv → Q`` into QLinearConv (Relu or Clip before the Q it
+    drops), but has no integer kernel with SiLU, HardSwish, a Sigmoid gate and the like
+    after it: with the activation between the layer and the next QuantizeLinear the layer
+    runs in float, with float weights, slower than the float model because of the Q/DQ
+    around it.  Quantizing the layer's own output (at 8 bits, before the activation) lets
+    it fuse; a gated activation (``y·σ(y)``, ``y·hσ(y)``) also quantizes the gate, so the
+    product runs as QLinearMul (and a Sigmoid as QLinearSigmoid).  onnxruntime's own
+    quantizer places its Q/DQ the same way.  What it costs: one more 8-bit rounding of
+    each such tensor, its range chosen by the error after the activation
+    (``fit._range_after``)."""
+    if layer.op != "Conv" or layer.act_type in _FUSED_ACTS or not layer.act:
+        return []          # Gemm / MatMul: kernels with float outputs; ConvTranspose: no integer kernel
+    points = [layer.act[0].inputs[0]]
+    if len(layer.act) == 2:
+        points.append(layer.act[0].outputs[0])
+    return points
 
 
 # ops that only move values: a quantized input gives outputs on the same grid
