@@ -12,10 +12,12 @@ them or another photo pasted), and the text-map IoU (``edge_zoo.map_iou``) for d
   done here, as the floor to compare with;
 * ``datafree compress`` as a user runs it, no other option: ``--wbits 8 --abits 8``,
   ``--wbits 4 --abits 8`` and ``--prune 0.3 --wbits 8``; and W8A8 with ``--input-shape 1,3,H,W``
-  (the model's usual size instead of the one the compressor picks);
+  (the model's usual size instead of the one the compressor picks) and with
+  ``--no-integer-kernels`` (layers before SiLU / HardSwish in float: the accuracy it buys);
 * with ``--bn-kept``, also the three user commands on the export with BN kept;
 
-with the compression wall time, MACs per image at the usual size (relative to the float
+with the compression wall time, the time per batch in a plain onnxruntime session at batch 1
+and 64 as a ratio to the float model's, MACs per image at the usual size (relative to the float
 model), what the summary says about synthetic images, and any traceback (a bug).
 ``--quick``: 16 photos, and the rows without ``--input-shape``.  Writes ``benchmarks/results/edge_models.md``
 (``edge_models_quick.md`` with ``--quick``, ``edge_models_bn_kept.md`` with ``--bn-kept``).
@@ -43,6 +45,7 @@ from onnx import numpy_helper
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 import edge_zoo  # noqa: E402  (the models, their photos and metrics)
+from datafree.toolchain.passes import speed  # noqa: E402
 import zoo  # noqa: E402  (onnxruntime session helper)
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -59,6 +62,7 @@ class Row:
     macs: float | None = None
     route: str = ""
     error: str = ""
+    time: dict[int, float] = field(default_factory=dict)   # batch -> time / float model's, plain session
     bn_kept: bool = False   # compress the export with BN kept instead of the folded one
 
 
@@ -67,6 +71,7 @@ def configs(name: str, quick: bool, bn_kept: bool = False) -> list[Row]:
     rows = [Row("plain W8 rounding"), Row("plain W4 rounding"),
             Row("W8A8", ["--wbits", "8", "--abits", "8"]),
             Row("W8A8 --input-shape", ["--wbits", "8", "--abits", "8", "--input-shape", shape]),
+            Row("W8A8 --no-integer-kernels", ["--wbits", "8", "--abits", "8", "--no-integer-kernels"]),
             Row("W4A8", ["--wbits", "4", "--abits", "8"]),
             Row("prune 0.3 + W8", ["--prune", "0.3", "--wbits", "8"])]
     if quick:
@@ -218,11 +223,16 @@ def measure(name: str, rows: list[Row], n_photos: int, work: Path) -> list[Row]:
                     row.iou = float(np.mean([edge_zoo.map_iou(r, o) for r, o in zip(ref[0], outs[0])]))
                 m = macs(dst, x)
                 row.macs = m / float_macs if m is not None and float_macs else None
+                row.time = speed.measure(src.read_bytes(), dst.read_bytes(), tuple(x.shape[1:])).ratios()
             except Exception as e:   # noqa: BLE001  (a model that does not run is a result too)
                 row.error = f"does not run: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
         print(f"{name:10s} {row.label:36s} {_f(row.sqnr)} dB  IoU {_f(row.iou, 3)}  {_f(row.wall, 0)} s  "
-              f"MACs {_f(row.macs, 2)}  {row.error}  | {row.route}", flush=True)
+              f"MACs {_f(row.macs, 2)}  time {_times(row)}  {row.error}  | {row.route}", flush=True)
     return rows
+
+
+def _times(row: Row) -> str:
+    return " / ".join(f"{r:.2f}x" for r in row.time.values()) or "-"
 
 
 def _f(v, digits: int = 1) -> str:
@@ -235,19 +245,21 @@ def markdown(results: dict[str, list[Row]], n_photos: int, quick: bool, bn_kept:
              f"{os.cpu_count()} cores (shared).  Models: `tests/edge_zoo.py`, exported with BN folded, "
              f"opset 17, symbolic batch/height/width.  Scored on {n_photos} held-out photos "
              "(`edge_zoo.photos`) at each model's usual size; SQNR over all outputs (`edge_zoo.sqnr_db`) "
-             "against the float model; MACs at the usual size relative to the float model.  "
+             "against the float model; MACs at the usual size relative to the float model; time: "
+             "batch 1 / batch 64 (less where slow) in a plain onnxruntime session, as a ratio to the "
+             "float model's measured in the same run (`passes/speed.py`).  "
              "Made by `python benchmarks/edge_models.py" + (" --quick" if quick else "")
              + (" --bn-kept" if bn_kept else "") + "`.", ""]
     for name, rows in results.items():
         info = edge_zoo.INFO[name]
         lines += [f"## {name} (input {info['size']}, range [{info['range'][0]:.2f}, {info['range'][1]:.2f}])", "",
                   "| config | datafree options | SQNR dB | " + ("text-map IoU | " if name == "db_like" else "")
-                  + "MACs | wall s | summary on images | error |",
-                  "|---|---|---|" + ("---|" if name == "db_like" else "") + "---|---|---|---|"]
+                  + "MACs | time b1 / large | wall s | summary on images | error |",
+                  "|---|---|---|" + ("---|" if name == "db_like" else "") + "---|---|---|---|---|"]
         for r in rows:
             iou = f" {_f(r.iou, 3)} |" if name == "db_like" else ""
             lines.append(f"| {r.label} | `{' '.join(r.args) or '(rounded here)'}` | {_f(r.sqnr)} |{iou} "
-                         f"{_f(r.macs, 2)} | {_f(r.wall, 0)} | {r.route.replace('|', '/')} | {r.error} |")
+                         f"{_f(r.macs, 2)} | {_times(r)} | {_f(r.wall, 0)} | {r.route.replace('|', '/')} | {r.error} |")
         lines.append("")
     return "\n".join(lines)
 
