@@ -49,7 +49,9 @@ float model's map; for the classifiers and the recogniser the share of arg-max d
 wall time to make each model (for datafree the whole command, interpreter start
 included), MACs per image before/after as the datafree summary states them, and MACs
 counted here from the shapes onnxruntime produces at the scored size (one image), to
-check them; the file size.  A datafree failure keeps the command and the last lines of
+check them; the file size; the time of each model made in a plain onnxruntime session at
+batch 1 and a large batch (the model's own where fixed) as a ratio to the float model's,
+measured in the same run (``passes/speed.py``, random inputs).  A datafree failure keeps the command and the last lines of
 its output.
 
 Writes ``benchmarks/results/real_models.md`` and ``.json`` beside it.
@@ -81,6 +83,7 @@ from onnx import numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compress_bench  # noqa: E402  (benchmarks/ is not a package)
 import peers  # noqa: E402
+from datafree.toolchain.passes import speed  # noqa: E402
 
 ROOT = peers.ROOT
 RESULTS = ROOT / "benchmarks" / "results" / "real_models.md"
@@ -421,6 +424,7 @@ class Row:
     macs_summary_after: float | None = None
     macs_counted: float | None = None
     size_bytes: int | None = None
+    time: dict[str, float] = field(default_factory=dict)   # batch -> time / float model's (plain session)
     command: str = ""
     notes: list[str] = field(default_factory=list)
     error: str = ""
@@ -541,6 +545,9 @@ def bench_model(spec: Spec, methods: list[str], images: np.ndarray, args, work: 
             ys = score(row, spec, out, x, refs, batch)
             if key == "float":
                 refs = ys
+            else:
+                got = speed.measure(path.read_bytes(), out.read_bytes(), tuple(x.shape[1:]), fixed_batch=fixed)
+                row.time = {str(b): round(r, 3) for b, r in got.ratios().items()}
         except Exception as exc:
             if os.environ.get("DATAFREE_DEBUG"):
                 traceback.print_exc()
@@ -560,8 +567,8 @@ def mmacs(v) -> str:
     return "–" if v is None else f"{v / 1e6:,.1f}"
 
 
-HEADERS = ["model", "method", "SQNR dB", "text-map IoU", "same arg-max", "wall s", "MMACs before→after (summary)",
-           "MMACs counted", "size KiB"]
+HEADERS = ["model", "method", "SQNR dB", "text-map IoU", "same arg-max", "time ×float, batch 1 / large", "wall s",
+           "MMACs before→after (summary)", "MMACs counted", "size KiB"]
 
 
 def cells(r: Row) -> list[str]:
@@ -571,7 +578,7 @@ def cells(r: Row) -> list[str]:
     reference = r.method == METHODS[0][1]
     return [r.model, r.method, "ref" if reference else fmt(r.sqnr_db, ".1f"), fmt(r.map_iou, ".3f"),
             fmt(None if r.agree is None else 100 * r.agree, ".1f", "–") + ("%" if r.agree is not None else ""),
-            fmt(r.wall_s, ".1f"), summary, mmacs(r.macs_counted), fmt(None if r.size_bytes is None else r.size_bytes / 1024, ",.0f")]
+            " / ".join(f"{v:.2f} (b{b})" for b, v in r.time.items()) or "–", fmt(r.wall_s, ".1f"), summary, mmacs(r.macs_counted), fmt(None if r.size_bytes is None else r.size_bytes / 1024, ",.0f")]
 
 
 def overview(rows: list[Row], models: list[str]) -> list[str]:

@@ -96,3 +96,12 @@ def test_latency_met_without_pruning_prunes_nothing_and_an_unreachable_one_is_re
 def test_impossible_latency_recipes_are_refused(fields):
     with pytest.raises(UserError):
         Recipe(**fields)
+
+
+def test_a_model_slower_than_float_at_every_batch_says_what_runs_faster():
+    from datafree.toolchain.stages.measure import _slower_note
+
+    assert _slower_note({1: 0.8, 64: 1.3}, Recipe(abits=8)) == ""          # faster somewhere: nothing to add
+    note = _slower_note({1: 1.4, 64: 1.6}, Recipe(abits=8))
+    assert "1.60x" in note and "weight-only" in note and "--prune" in note
+    assert "weight-only" not in _slower_note({1: 1.2, 64: 1.1}, Recipe())

@@ -32,8 +32,27 @@ def measure_speed(ctx: Context) -> None:
     else:
         ctx.summary.speed = result.to_dict()
         ctx.summary.headline.append(result.line())
+        slower = _slower_note(result.ratios(), ctx.recipe)
+        if slower:
+            ctx.summary.headline.append(slower)
     ctx.float_bytes = None
     ctx.progress("measure", 1, 1)
 
 
 MEASURE_BYTES = 1 << 30   # larger models are not timed: two sessions of them would not fit many machines
+
+
+def _slower_note(ratios: dict[int, float], recipe) -> str:
+    """What to do when the compressed model runs slower than the float one at every batch
+    measured: with activations quantized, onnxruntime's integer kernels do not pay on this
+    machine for this model (depthwise-heavy networks on x86, layout changes around the
+    layers it cannot fuse); weight-only quantization runs at the float model's speed and
+    keeps the size, pruning saves time."""
+    if not ratios or min(ratios.values()) <= 1.05:
+        return ""
+    worst = max(ratios.values())
+    if recipe.abits is not None:
+        return (f"slower than the float model here (up to {worst:.2f}x): onnxruntime's integer kernels do not pay "
+                "for this model on this machine; weight-only quantization (no --abits) keeps the size at the float "
+                "model's speed, pruning (--prune, --latency) saves time")
+    return f"slower than the float model here (up to {worst:.2f}x)"
