@@ -199,10 +199,23 @@ def test_fitting_layer_by_layer_from_kept_values_equals_refitting_from_the_input
                                    err_msg=name)
 
 
-def test_activation_floor_keeps_float_the_tensor_whose_range_wrecks_the_output(tmp_path):
+class _BoxesOfBatchOne(torch.nn.Module):
+    """A fixed-batch detector's output layout: every image's boxes along one axis, ``[1, N*HW, 4]``."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        return self.body(x).permute(0, 2, 3, 1).reshape(1, -1, 4)
+
+
+@pytest.mark.parametrize("batch_in_first_axis", [True, False])
+def test_activation_floor_keeps_float_the_tensor_whose_range_wrecks_the_output(batch_in_first_axis, tmp_path):
     """A range that clips most of one tensor costs far more than the 3 dB allowed beyond the
     weights: that tensor (and only it) stays float, the result is back within target, the
-    note names it; with every range sound nothing changes."""
+    note names it; with every range sound nothing changes.  Also where the output does not
+    keep the images apart along its first axis."""
 
     from datafree.toolchain import ingest
     from datafree.toolchain.passes import floor
@@ -213,6 +226,8 @@ def test_activation_floor_keeps_float_the_tensor_whose_range_wrecks_the_output(t
                                  torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
                                  torch.nn.Conv2d(8, 4, 1))
     zoo.randomize(module, seed=3)
+    if not batch_in_first_axis:
+        module = _BoxesOfBatchOne(module)
     model = load(zoo.export_model(module, tmp_path, "three", input_shape=(1, 3, 16, 16)))
     reference = ingest.to_ir(model)
     layers = G.analyse(model).layers

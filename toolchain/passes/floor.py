@@ -158,13 +158,20 @@ class _Evaluator:
         self.x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
         self.names = [_scored(v) for v in model.graph.outputs]
         self.class_scores = all(_class_scores(v) for v in model.graph.outputs)
+        self.chunk = CHUNK
+        with torch.no_grad():
+            probe = ref_graph.run(self.x[:2], capture=self.names)
+        if len(self.x) > 1 and any(v.ndim == 0 or v.shape[0] != 2 for v in probe.values() if v.is_floating_point()):
+            self.chunk = 1     # outputs not batched along their first axis (a fixed-batch detector's [1, N*boxes, k])
         self.ref = self._outputs(ref_graph, {})
 
     def _outputs(self, graph, hooks, n: int | None = None) -> list[torch.Tensor]:
-        x = self.x[:n]
+        x, c = self.x[:n], self.chunk
         with torch.no_grad():
-            parts = [graph.run(x[s:s + CHUNK], capture=self.names, hooks=hooks) for s in range(0, len(x), CHUNK)]
+            parts = [graph.run(x[s:s + c], capture=self.names, hooks=hooks) for s in range(0, len(x), c)]
         names = [k for k in self.names if parts[0][k].is_floating_point()]
+        if c == 1:
+            return [torch.stack([p[k] for p in parts]) for k in names]     # one image each, stacked on a new axis
         return [torch.cat([p[k] for p in parts]) for k in names]
 
     def rank(self, units: dict[str, list[str]], acts: dict[str, ActQuant], progress=None) -> list[str]:
