@@ -607,7 +607,8 @@ def markdown(rows: list[Row], specs: list[Spec], meta: dict) -> str:
              + (f" (uncommitted: {', '.join(meta['code']['uncommitted'])})" if meta["code"]["uncommitted"] else "")
              + f", {meta['n_scored']} scored images per model. Models installed with `{PIP_INSTALL}`. "
              "Images, methods and measures: see the docstring of `benchmarks/real_models.py`. "
-             "SQNR: output signal-to-quantization-noise ratio against the float model (dB, higher is better).", "",
+             "SQNR: output signal-to-quantization-noise ratio against the float model (dB, higher is better)."
+             + (f" {meta['note']}." if meta.get("note") else ""), "",
              "## Output SQNR (dB) on held-out photos", "", *overview(rows, [s.key for s in specs]), "",
              "## Every row", "", "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
     lines += ["| " + " | ".join(c.replace("|", "/").replace("\n", " ") for c in cells(r)) + " |" for r in rows]
