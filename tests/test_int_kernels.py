@@ -182,7 +182,11 @@ def test_layers_before_silu_and_hardswish_run_on_integer_kernels(integer_kernels
     """A conv followed by SiLU or HardSwish: with integer_kernels its output is quantized
     (8 bits, uint8) before the activation, the SiLU's gate too, so every conv fuses into
     QLinearConv and the SiLU into QLinearSigmoid and QLinearMul; without, they run in float."""
-    proto = _model("silu_net", tmp_path, wbits=8, abits=8, integer_kernels=integer_kernels)
+    _, path = zoo.build("silu_net", tmp_path)
+    result = compress(path, Recipe(synthetic=0, wbits=8, abits=8, integer_kernels=integer_kernels))
+    proto = ir.serde.serialize_model(result.model)
+    noted = [n for n in result.summary.notes if "integer kernels" in n]
+    assert (noted[0].startswith("2 layers before hardswish, silu") if integer_kernels else not noted)
     zero_points = [t for t in proto.graph.initializer if t.name.endswith("_zero_point") and t.dims == []]
     assert zero_points and {t.data_type for t in zero_points} == {onnx.TensorProto.UINT8}
     session, optimized = _plain(proto, tmp_path, "plain")

@@ -85,6 +85,13 @@ def probe_images(spec, recipe: Recipe, n: int = 32, soft_share: float = 0.0) -> 
 def write(ctx: Context) -> None:
     """Q/DQ written, shortcuts as selection convs, the per-layer rows and bits in the metadata."""
     model, recipe, summary, weights, acts = ctx.model, ctx.recipe, ctx.summary, ctx.weights, ctx.acts
+    pointed = [l for l in ctx.analysis.layers if recipe.integer_kernels and l.act and
+               any(v.name in acts for v in qdq.kernel_points(l))]
+    if pointed:
+        kinds = sorted({l.act_type for l in pointed})
+        summary.notes.append(f"{len(pointed)} layers before {', '.join(kinds)} also quantize their output (8 bits) "
+                             "so that onnxruntime runs them on integer kernels (--no-integer-kernels keeps them float: "
+                             "one rounding fewer, slower)")
     qdq.emit(model, ctx.analysis.layers, weights, acts, int4=recipe.int4)
     ShortcutAsConvPass()(model)
     refresh_shapes(model)
