@@ -124,16 +124,16 @@ def fit_sequential(model: ir.Model, reference: ir.Model, layers: list[Layer], im
         if fitted is not None:
             weights[layer.name] = fitted
         points = [v.name for v in kernel_points(layer)] if recipe.integer_kernels else []
+        wanted = [n for n in points + [layer.output.name] if n in plan and n not in acts]
         collected: dict[str, torch.Tensor] = {}
-        graph = TorchGraph(model).eval()
-        for out_name in points + [layer.output.name]:
-            if out_name in plan and out_name not in acts:
-                collected[out_name] = _collect_after(graph, in_name, X, out_name, hooks, x_all)
-                after = None
-                if out_name in points:
-                    after = _after_activation(graph, out_name, points, layer.output.name, collected) or \
-                        ((lambda v: v), [])
-                _set_range(out_name, collected[out_name], plan[out_name], acts, hooks, after)
+        graph = TorchGraph(model).eval() if wanted else None
+        for out_name in wanted:
+            collected[out_name] = _collect_after(graph, in_name, X, out_name, hooks, x_all)
+            after = None
+            if out_name in points:
+                after = _after_activation(graph, out_name, points, layer.output.name, collected) or \
+                    ((lambda v: v), [])
+            _set_range(out_name, collected[out_name], plan[out_name], acts, hooks, after)
     progress("fit layers", len(todo), len(todo))
     return weights, acts
 
@@ -243,8 +243,7 @@ def _range_after(x: torch.Tensor, bits: int, fn, others: list[torch.Tensor], n: 
 
         def err(lo: float, hi: float) -> float:
             scale, zp, signed = act_qparams(lo, hi, bits)
-            qmin, qmax = act_range_grid(bits, signed)
-            q = (torch.clamp(torch.round(xs / scale) + zp, qmin, qmax) - zp) * scale
+            q = _fake_quant_hook(scale, zp, bits, signed)(xs)
             return float(torch.mean((fn(q, *rest) - ref) ** 2))
 
         fracs = np.linspace(0.05, 1.0, grid)
