@@ -48,8 +48,14 @@ class Speed:
 
     def to_dict(self) -> dict:
         return {"onnxruntime": self.onnxruntime,
-                "batches": {str(b): {"float_ms": round(f, 4), "compressed_ms": round(c, 4), "ratio": round(c / f, 4)}
+                "batches": {str(b): {"float_ms": _sig(f), "compressed_ms": _sig(c), "ratio": round(c / f, 4)}
                             for b, (f, c) in self.batches.items()}}
+
+
+def _sig(ms: float) -> float:
+    """``ms`` to six significant digits: a small model's batch-1 time is hundredths of a
+    millisecond, where a fixed number of decimals would lose the precision of its ratio."""
+    return float(f"{ms:.6g}")
 
 
 def _session(model: bytes):
