@@ -115,6 +115,34 @@ def test_text_line_input_gets_four_times_its_height(tmp_path):
     assert shape == (3, 48, 192) and "width" in why
 
 
+class _Line(zoo.nn.Module):
+    """A CRNN-style line reader: height downsampled 32x, width 4x (strides (2, 1) late)."""
+
+    def __init__(self):
+        super().__init__()
+        nn = zoo.nn
+        layers, c = [], 3
+        for stride in (2, 2, (2, 1), (2, 1), (2, 1)):
+            layers += [nn.Conv2d(c, 8, 3, stride, 1), nn.ReLU()]
+            c = 8
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):
+        return self.head(self.body(x)).mean(2)
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+def test_a_network_that_downsamples_height_more_than_width_reads_text_lines(tmp_path, opset):
+    path = zoo.export_model(zoo.randomize(_Line()), tmp_path, "l", (1, 3, 32, 128), opset, dynamic_spatial=True)
+    model = load(path)
+    assert inputs.network_strides(model) == (32, 4)
+    assert inputs.network_strides(load(zoo.export_model(zoo.randomize(_Strided()), tmp_path, "s", (1, 3, 64, 64),
+                                                        opset, dynamic_spatial=True))) == (8, 8)
+    shape, why = inputs.infer_shape(model)
+    assert shape == (3, 48, 192) and "a text line" in why and "height 32x, width 4x" in why
+
+
 def test_exporter_imgsz_metadata_is_used(tmp_path):
     path = zoo.export_model(zoo.randomize(_Strided()), tmp_path, "m", (1, 3, 64, 64), dynamic_spatial=True)
     proto = onnx.load(str(path))

@@ -5,8 +5,12 @@ range fitted later depends on them.
 
 **Size.** A dimension the model fixes is kept.  Where height or width is symbolic:
 the exporter's metadata (``imgsz``, as ultralytics writes it), else a default —
-224 for a free square input, four times the height for a text line (fixed height,
-free width) — rounded up to the largest stride the network applies (every
+224 x 224 for a free input; for a text line, four times the height as width.  A
+text line is a fixed height with a free width, or a network that downsamples height
+more than width (strides ``(2, 1)``, which keep the characters' sequence along the
+width, as CRNN-style recognisers and line classifiers do); its height is 48, or
+3/4 of the vertical stride where that is more (the last feature map about one row
+high).  Sizes are rounded up to the largest stride the network applies (every
 downsampling on the way, so upsample + Concat necks line up), and checked by running
 the model once at that size.
 
@@ -42,7 +46,9 @@ from .errors import UserError, format_dims
 
 DEFAULT_SIZE = 224
 TEXT_LINE_ASPECT = 4          # fixed height, free width: width = this x height
-PROBE_IMAGES = 12
+TEXT_LINE_HEIGHT = 48         # free height and width, height downsampled more than width (a text line)
+PROBE_IMAGES = 12             # at 224 x 224; smaller inputs get more, up to PROBE_MAX, for as many pixels
+PROBE_MAX = 64
 FIRST_LAYERS = 3              # convolutions whose outputs judge a range (the earliest ones)
 TYPICAL_STD = 0.5             # |γ| of a trained BN layer, typically within a factor of a few
 Z_SPREAD = 2.0                # |β| / |γ| of a trained BN layer, typically within this
@@ -114,7 +120,13 @@ def infer_shape(model: ir.Model, given: tuple[int, ...] | None = None) -> tuple[
     if meta is not None and h is None and w is None:
         return (c, *meta), "the exporter's imgsz metadata"
     stride = network_stride(model)
-    if h is None and w is None:
+    sh, sw = network_strides(model)
+    if h is None and w is None and sh > sw:
+        h = max(TEXT_LINE_HEIGHT, _round_up(sh * 3 // 4, 16))
+        w = _round_up(TEXT_LINE_ASPECT * h, sw)
+        reason = (f"symbolic height and width, a text line (the network downsamples height {sh}x, width {sw}x): "
+                  f"{h} x {w}")
+    elif h is None and w is None:
         side = _round_up(DEFAULT_SIZE, stride)
         h = w = side
         reason = f"symbolic height and width: {side} x {side}, a multiple of the network's stride {stride}"
@@ -176,35 +188,39 @@ def _metadata_size(model: ir.Model) -> tuple[int, int] | None:
 
 
 def network_stride(model: ir.Model) -> int:
+    """The largest total downsampling from the input to any value, on either axis."""
+    return max(network_strides(model))
+
+
+def network_strides(model: ir.Model) -> tuple[int, int]:
     """The largest total downsampling from the input to any value (Conv / pool strides, less
-    what Resize / Upsample / ConvTranspose scale back up), as a power of two at least 1."""
-    stride: dict[int, float] = {id(model.graph.inputs[0]): 1.0}
-    best = 1.0
+    what Resize / Upsample / ConvTranspose scale back up), per axis (height, width), each a
+    power of two at least 1."""
+    stride: dict[int, tuple[float, float]] = {id(model.graph.inputs[0]): (1.0, 1.0)}
+    best = [1.0, 1.0]
     for node in model.graph:
         ins = [stride.get(id(v)) for v in node.inputs if v is not None]
         ins = [s for s in ins if s is not None]
         if not ins:
             continue
-        s = max(ins)
-        if node.op_type in ("Conv", "MaxPool", "AveragePool", "LpPool"):
+        s = [max(i[0] for i in ins), max(i[1] for i in ins)]
+        if node.op_type in ("Conv", "MaxPool", "AveragePool", "LpPool", "ConvTranspose"):
             a = node.attributes.get("strides")
-            if a is not None:
-                s *= max(a.value)
-        elif node.op_type == "ConvTranspose":
-            a = node.attributes.get("strides")
-            if a is not None:
-                s /= max(a.value)
+            if a is not None and len(a.value) == 2:
+                f = [float(v) for v in a.value]
+                s = [s[0] / f[0], s[1] / f[1]] if node.op_type == "ConvTranspose" else [s[0] * f[0], s[1] * f[1]]
         elif node.op_type in ("Resize", "Upsample"):
             scales = [v.const_value.numpy() for v in node.inputs[1:] if v is not None and v.const_value is not None
                       and v.const_value.numpy().dtype.kind == "f" and v.const_value.numpy().size >= 3]
-            if scales and scales[-1].size >= 3:
-                s /= max(float(scales[-1][-1]), 1.0)
+            if scales and scales[-1].size >= 4:
+                s = [s[0] / max(float(scales[-1][-2]), 1.0), s[1] / max(float(scales[-1][-1]), 1.0)]
         elif node.op_type in ("GlobalAveragePool", "GlobalMaxPool", "Flatten", "Reshape"):
             continue
-        best = max(best, s)
+        best = [max(best[0], s[0]), max(best[1], s[1])]
         for out in node.outputs:
-            stride[id(out)] = s
-    return 1 << max(0, int(round(math.log2(best))))
+            stride[id(out)] = (s[0], s[1])
+    h, w = (1 << max(0, int(round(math.log2(b)))) for b in best)
+    return h, w
 
 
 # ---------------------------------------------------------------------------- range
@@ -227,7 +243,10 @@ def infer_range(model: ir.Model, shape: tuple[int, ...], seed: int = 0) -> tuple
     from . import natural
 
     session, bn = _probe_session(model)
-    u = natural.images(PROBE_IMAGES, shape, seed, text_share=0.0, soft_share=0.0)
+    if session is None:
+        return CONVENTIONS["0..1"], "no convolution to judge by: the most common range assumed", {}
+    count = int(np.clip(PROBE_IMAGES * DEFAULT_SIZE ** 2 // (shape[1] * shape[2]), PROBE_IMAGES, PROBE_MAX))
+    u = natural.images(count, shape, seed, text_share=0.0, soft_share=0.0)
     scores = {}
     batch = fixed_batch(model) or len(u)
     for name, conv in CONVENTIONS.items():
@@ -266,6 +285,8 @@ def _probe_session(model: ir.Model):
             var = onnx.numpy_helper.to_array(consts[node.input[4]])
             bn.append((node.input[0], mean, np.sqrt(var + 1e-5)))
     names = [b[0] for b in bn] if bn else firsts
+    if not names:
+        return None, []
     del proto.graph.output[:]
     for name in names:
         proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
@@ -312,4 +333,5 @@ def resolve(model: ir.Model, input_shape: tuple[int, ...] | None = None, input_r
 
 
 __all__ = ["CONVENTIONS", "Convention", "InputSpec", "resolve", "infer_shape", "infer_range", "network_stride",
+           "network_strides",
            "describe"]
