@@ -100,6 +100,7 @@ def _bad(tmp_path, resnet20_bn):
     cases["bits"] = ([resnet20_bn, "--wbits", "9"], "wbits must be an integer number of bits in 2..8")
     cases["abits"] = ([resnet20_bn, "--abits", "1"], "abits must be an integer number of bits in 2..8")
     cases["latency and prune"] = ([resnet20_bn, "--latency", "0.7", "--prune", "0.3"], "give prune or latency")
+    cases["time budget"] = ([resnet20_bn, "--time-budget", "soon"], "time_budget must be a duration")
     relu = tmp_path / "relu.onnx"
     x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])
     y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])
@@ -112,7 +113,8 @@ def _bad(tmp_path, resnet20_bn):
 
 
 @pytest.mark.parametrize("case", ["not onnx", "truncated", "missing external data", "ratio", "negative ratio",
-                                  "bits", "abits", "latency and prune", "nothing compressible", "missing file"])
+                                  "bits", "abits", "latency and prune", "time budget", "nothing compressible",
+                                  "missing file"])
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path, resnet20_bn, case):
     args, message = _bad(tmp_path, resnet20_bn)[case]
     src = args[0]

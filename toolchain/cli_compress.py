@@ -15,7 +15,7 @@ _RANGES = ("0..1", "0..255", "-1..1", "imagenet", "caffe")   # inputs.CONVENTION
 # CLI option name -> recipe field
 _FIELDS = {
     "prune": "prune", "latency": "latency", "prune_scope": "prune_scope", "criterion": "criterion",
-    "joint_steps": "joint_steps", "augment": "augment", "fit_budget": "fit_budget",
+    "joint_steps": "joint_steps", "augment": "augment", "fit_budget": "fit_budget", "time_budget": "time_budget",
     "channel_multiple": "channel_multiple", "wbits": "wbits", "abits": "abits", "clip": "clip",
     "depthwise_wbits": "depthwise_wbits",
     "compensation": "compensation", "bias_correction": "bias_correction",
@@ -108,6 +108,10 @@ def _what_options() -> list:
                      help="auto: for models costlier per image than a CIFAR ResNet-56, fewer synthetic images "
                           "and joint steps in proportion (at least 32 and 50), so compression takes minutes, "
                           "not hours; full: --synthetic and --joint-steps as given."),
+        click.option("--time-budget", default=None, metavar="DURATION",
+                     help="Finish in about this long (90s, 5m, 1h): synthetic images, generator steps and joint "
+                          "steps are scaled down to fit, from this model's measured cost here; the summary says "
+                          "what was given up. Replaces --fit-budget's scaling."),
         click.option("--augment/--no-augment", default=Recipe.augment, show_default=True,
                      help="Also fit on mirrored and shifted copies of the synthetic images."),
         click.option("--max-activation-loss", callback=_loss_db, default=str(Recipe.max_activation_loss),

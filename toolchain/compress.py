@@ -107,6 +107,7 @@ class Context:
     acts: dict = field(default_factory=dict)
     measure: bool = True                     # time float and compressed model (the measure pass)
     float_bytes: bytes | None = None         # the float model as loaded, serialized, for the measure pass
+    started: float = field(default_factory=time.perf_counter)   # when compress() began (the time budget)
 
 
 def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = silent,

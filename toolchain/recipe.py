@@ -79,6 +79,9 @@ class Recipe:
     joint_steps: int = 300              # Adam steps fitting each pruned group with its consumers (0 = off)
     fit_budget: str = "auto"            # auto: models costlier per image than a CIFAR ResNet-56 get fewer
                                         # synthetic images and joint steps, in proportion; full: as given
+    time_budget: float | None = None    # seconds (or "5m", "90s") for the whole compression: images, generator
+                                        # and joint steps scaled down to fit it here (budget.py); replaces
+                                        # fit_budget's scaling
     seed: int = 0
     input_shape: list[int] | None = None  # one input sample (C, H, W); None: the model's, or chosen where symbolic
     input_range: str | None = None        # the input's value convention (inputs.CONVENTIONS); None: inferred
@@ -128,6 +131,10 @@ class Recipe:
             raise UserError(f"synthetic must be a non-negative number of images, got {self.synthetic!r}")
         if self.fit_budget not in BUDGETS:
             raise UserError(f"fit_budget must be one of {', '.join(BUDGETS)}, got {self.fit_budget!r}")
+        if self.time_budget is not None:
+            from .budget import parse_duration
+
+            self.time_budget = parse_duration(self.time_budget)
         if self.input_shape is not None:
             if not isinstance(self.input_shape, (list, tuple)) or not self.input_shape or \
                     not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in self.input_shape):

@@ -16,12 +16,15 @@ def synthesise(ctx: Context) -> None:
     (mirrored and shifted copies, thinned to what memory holds)."""
     recipe, summary, spec = ctx.recipe, ctx.summary, ctx.spec
     n_synthetic, ctx.joint_steps, budget_note = fitting_work(recipe, ctx.macs_before)
+    gen_steps = recipe.synthetic_steps
     wants_fit = n_synthetic > 0 and needs_images(recipe, ctx.analysis.layers)
     ranges_only = wants_fit and ranges_only_recipe(recipe, ctx.analysis.layers)
     if ranges_only:      # nothing refitted: the fit sets ranges on RANGE_IMAGES images, so only those are made
         from ..passes.fit import RANGE_IMAGES
 
         n_synthetic = min(n_synthetic, RANGE_IMAGES)
+    if wants_fit and recipe.time_budget is not None:
+        n_synthetic, gen_steps, ctx.joint_steps, budget_note = _within_budget(ctx, n_synthetic)
     if n_synthetic > 0 and not wants_fit and ctx.caller_images is None:
         summary.headline.append("weights of 8 bits and more only: rounded to nearest, no synthetic images needed "
                                 "(fitting them on synthetic images lost more on real photos than rounding does)")
@@ -36,7 +39,7 @@ def synthesise(ctx: Context) -> None:
         from ..synth import generate
 
         try:
-            ctx.synthetic = generate(ctx.model, n_synthetic, steps=recipe.synthetic_steps, seed=recipe.seed,
+            ctx.synthetic = generate(ctx.model, n_synthetic, steps=gen_steps, seed=recipe.seed,
                                      input_shape=spec.shape if spec is not None else ctx.input_shape,
                                      convention=spec.convention if spec is not None else None,
                                      route=recipe.synthetic_route, progress=ctx.progress)
@@ -63,6 +66,45 @@ def synthesise(ctx: Context) -> None:
     if budget_note and synthetic.source != "caller":
         summary.notes.append(budget_note)
     ctx.fit_images = fit_images
+
+
+def _within_budget(ctx: Context, n_synthetic: int) -> tuple[int, int, int, str | None]:
+    """Images, generator steps and joint steps scaled to fit ``recipe.time_budget``
+    (:mod:`..budget`), from this model's measured cost per image pass."""
+    import time
+
+    from .. import budget
+
+    recipe = ctx.recipe
+    shape = ctx.spec.shape if ctx.spec is not None else ctx.input_shape
+    generates = ctx.caller_images is None and _optimises_images(ctx)
+    prunes = any(recipe.for_layer(layer.name, layer.kind).prune for layer in ctx.analysis.layers)
+    asked = budget.Work(n_synthetic, recipe.synthetic_steps, recipe.joint_steps)
+    try:
+        t = budget.seconds_per_image(ctx.model, tuple(shape))
+    except Exception as exc:  # noqa: BLE001  the cost cannot be measured: the recipe's settings, said so
+        return (n_synthetic, recipe.synthetic_steps, recipe.joint_steps,
+                f"time budget not applied: the model's cost could not be measured ({type(exc).__name__})")
+    spent = time.perf_counter() - ctx.started
+    chosen = budget.plan(asked, recipe.time_budget, t, generates=generates, prunes=prunes, spent=spent)
+    if chosen.note is not None:
+        ctx.summary.headline.append(chosen.note)
+    work = chosen.work
+    # the recipe written into the model holds what was done, so that it reproduces the model
+    ctx.recipe = recipe.replace(synthetic=work.images, synthetic_steps=work.gen_steps, joint_steps=work.joint_steps,
+                                time_budget=None, fit_budget="full")
+    return work.images, work.gen_steps, work.joint_steps, None
+
+
+def _optimises_images(ctx: Context) -> bool:
+    """Whether images are made by optimisation (BN statistics or class scores: each
+    generator step a forward and backward pass), not procedural photographs."""
+    route = ctx.recipe.synthetic_route
+    if route != "auto":
+        return route != "natural"
+    if any(node.op_type == "BatchNormalization" for node in ctx.model.graph):
+        return True
+    return ctx.spec is None or getattr(ctx.spec, "convention", None) is None
 
 
 ROUTES = {
