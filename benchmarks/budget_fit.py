@@ -72,6 +72,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="two models, two settings each")
     parser.add_argument("--budgets", default="20s,40s,2m")
+    parser.add_argument("--checks-only", action="store_true",
+                        help="only the budgets against the wall clock (the fit table is kept from the last run)")
     args = parser.parse_args()
 
     from scipy.optimize import nnls
@@ -81,7 +83,7 @@ def main() -> None:
 
     work = tempfile.mkdtemp()
     rows, per_model = [], {}
-    for name, (path, generates) in _models(work, args.quick).items():
+    for name, (path, generates) in ([] if args.checks_only else _models(work, args.quick).items()):
         model = load(path)
         from datafree.toolchain import inputs
 
@@ -94,13 +96,14 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
 
     # wall = T0 + t (G n s_gen [generates] + F n + J s_joint)
-    A = np.array([[1.0, r["t"] * r["synthetic"] * r["synthetic_steps"] * r["generates"], r["t"] * r["synthetic"],
-                   r["t"] * r["joint_steps"]] for r in rows])
-    y = np.array([r["wall"] for r in rows])
-    coef, _ = nnls(A / y[:, None], np.ones_like(y))       # relative error: small and large models count alike
-    fitted = A @ coef
-    for r, p in zip(rows, fitted):
-        r["predicted"] = float(p)
+    coef = None
+    if rows:
+        A = np.array([[1.0, r["t"] * r["synthetic"] * r["synthetic_steps"] * r["generates"], r["t"] * r["synthetic"],
+                       r["t"] * r["joint_steps"]] for r in rows])
+        y = np.array([r["wall"] for r in rows])
+        coef, _ = nnls(A / y[:, None], np.ones_like(y))   # relative error: small and large models count alike
+        for r, p in zip(rows, A @ coef):
+            r["predicted"] = float(p)
 
     checks = []
     for name, (path, _) in _models(work, args.quick).items():
@@ -139,24 +142,40 @@ def _top1(model) -> float | None:
     return float(100 * (logits.argmax(1) == ds.labels).mean())
 
 
+def _commit() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def _write(per_model, rows, coef, checks, args) -> None:
-    t0, g, f, j = (float(c) for c in coef)
     cmd = "python benchmarks/budget_fit.py" + (" --quick" if args.quick else "")
     lines = [
         "# Time budget: cost model and check", "", "```", cmd, "```", "",
-        f"Run {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC on {os.cpu_count()} cores, recipe "
-        "`prune=0.3, wbits=4, abits=8`, empty image cache. Method: the docstring of `benchmarks/budget_fit.py`.",
-        "", "## Fitted constants (`toolchain/budget.py`)", "",
-        f"wall ≈ {t0:.1f} s + t · ({g:.3f} · n · s_gen + {f:.2f} · n + {j:.2f} · s_joint)", "",
-        "| model | t (ms per image pass) | n | s_gen | s_joint | wall s | predicted s | stages |",
-        "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        stages = ", ".join(f"{k} {v:.1f}" for k, v in r["timings"].items() if k != "total" and v >= 0.5)
-        lines.append(f"| {r['model']} | {1e3 * r['t']:.2f} | {r['synthetic']} | "
-                     f"{r['synthetic_steps'] if r['generates'] else '– (procedural)'} | {r['joint_steps']} | "
-                     f"{r['wall']:.1f} | {r['predicted']:.1f} | {stages} |")
+        f"Method: the docstring of `benchmarks/budget_fit.py`. Recipe `prune=0.3, wbits=4, abits=8`, empty image "
+        f"cache, {os.cpu_count()} cores.", ""]
+    if coef is None:        # --checks-only: the fit as last measured
+        old = OUT.read_text()
+        lines += old[old.index("## Fitted constants"):old.index("## Budgets against")].rstrip().splitlines()
+    else:
+        t0, g, f, j = (float(c) for c in coef)
+        lines += [
+            "## Fitted constants (`toolchain/budget.py`)", "",
+            f"Run {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, code {_commit()}.", "",
+            f"wall ≈ {t0:.1f} s + t · ({g:.3f} · n · s_gen + {f:.2f} · n + {j:.2f} · s_joint)", "",
+            "| model | t (ms per image pass) | n | s_gen | s_joint | wall s | predicted s | stages |",
+            "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            stages = ", ".join(f"{k} {v:.1f}" for k, v in r["timings"].items() if k != "total" and v >= 0.5)
+            lines.append(f"| {r['model']} | {1e3 * r['t']:.2f} | {r['synthetic']} | "
+                         f"{r['synthetic_steps'] if r['generates'] else '– (procedural)'} | {r['joint_steps']} | "
+                         f"{r['wall']:.1f} | {r['predicted']:.1f} | {stages} |")
     lines += ["", "## Budgets against the wall clock", "",
-              "Top-1 on the 1,000 dev images for the trained ResNet-20 (the others have random weights).", "",
+              f"Run {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, code {_commit()}. Top-1 on the 1,000 dev images for the trained ResNet-20 (the others have random weights).", "",
               "| model | budget s | wall s | images, generator steps, joint steps | top-1 | summary |",
               "|---|---|---|---|---|---|"]
     for c in checks:
