@@ -274,37 +274,6 @@ def test_activation_floor_does_not_act_on_outputs_too_weak_to_judge_by(tmp_path)
     assert "not applied" in res.note()
 
 
-def test_activation_floor_judges_class_scores_even_where_the_weights_lose_much(tmp_path):
-    """Class scores are scored at their logits, which every input excites: with the
-    weights keeping less than TRUSTED_DB of them, a tensor whose grid wrecks the scores
-    still stays float (a text-line recogniser's case)."""
-    from datafree.toolchain import ingest
-    from datafree.toolchain.passes import floor
-    from datafree.toolchain.passes.qdq import ActQuant
-
-    class Scores(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
-            self.fc = torch.nn.Linear(8, 5)
-
-        def forward(self, x):
-            return self.fc(torch.relu(self.conv(x)).mean((2, 3))).softmax(1)
-
-    module = zoo.randomize(Scores(), seed=4)
-    model = load(zoo.export_model(module, tmp_path, "scores", input_shape=(1, 3, 8, 8)))
-    reference = ingest.to_ir(model)
-    layers = G.analyse(model).layers
-    fc = next(la for la in layers if la.node.op_type in ("Gemm", "MatMul"))
-    fc.set_w_oc(fc.w_oc() * 0.8)                      # the "weights" keep ~14 dB of the logits
-    x = np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32)
-    conv = next(la for la in layers if la.node.op_type == "Conv")
-    wrecked = {conv.node.inputs[0].name: ActQuant(2, 4.0, 0, True)}    # a 2-bit grid 4 wide
-    res = floor.activation_floor(model, reference, layers, wrecked, x)
-    assert res.class_scores and res.weights_db < floor.TRUSTED_DB and not res.untrusted, (res.weights_db, res.before_db)
-    assert res.kept_float == [conv.node.inputs[0].name] and res.acts == {}
-
-
 def test_activation_floor_reads_class_scores_by_their_top_class_and_allows_for_scatter():
     """Softmax outputs and [N, C] score vectors are class scores (enough at ENOUGH_CLASS_DB);
     maps and boxes are not. The upper SQNR allows one standard error of the per-input
@@ -321,6 +290,13 @@ def test_activation_floor_reads_class_scores_by_their_top_class_and_allows_for_s
 
     assert floor._class_scores(value(["N", 10]))
     assert floor._class_scores(value(["N", "T", 97], "Softmax"))
+    # a Softmax over an inner axis as exporters write it: Reshape -> Softmax -> Reshape
+    logits = ir.Value(name="logits", shape=ir.Shape(["NT", 97]))
+    flat = ir.Value(name="flat", shape=ir.Shape(["NT", 97]))
+    ir.Node("", "Softmax", inputs=[logits], outputs=[flat])
+    probs = ir.Value(name="probs", shape=ir.Shape(["N", "T", 97]))
+    ir.Node("", "Reshape", inputs=[flat, ir.Value(name="shape")], outputs=[probs])
+    assert floor._class_scores(probs) and floor._scored(probs) == "logits"
     assert not floor._class_scores(value(["N", 1]))
     assert not floor._class_scores(value(["N", 84, 8400]))
     assert not floor._class_scores(value(["N", 1, "H", "W"], "Sigmoid"))

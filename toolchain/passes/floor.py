@@ -20,13 +20,9 @@ keeping more float would cost integer kernels (speed, the reason to quantize
 activations at all) for nothing a user sees.  Boxes, maps and embeddings are read by
 value: ``ENOUGH_DB``.
 
-Where the weights alone already keep less than ``TRUSTED_DB`` of a map, box or embedding
-output on those inputs, it is too weak to judge by (a text detector's map on images
-where it finds no text): nothing is dropped, and the note says so.  Class scores are
-always judged: scored at their logits, which every input excites (a text-line
-recogniser's per-character logits keep only 13 dB under 8-bit weights on procedural
-photographs, yet its 8-bit activations cost 14 dB on real text lines, and the floor
-recovers 8 of them).
+Where the weights alone already keep less than ``TRUSTED_DB`` of the output on those
+inputs, their outputs are too weak to judge by (a text detector's map on images where
+it finds no text): nothing is dropped, and the note says so.
 
 How: the output SQNR (each output's error energy over its own energy, averaged over
 the outputs, in dB: detectors' box and score outputs count alike; an output made by a
@@ -101,11 +97,23 @@ def _units(layers: list[Layer], acts: dict[str, ActQuant]) -> dict[str, list[str
     return units
 
 
+LAYOUT_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity")
+
+
+def _maker(value: ir.Value) -> ir.Node | None:
+    """The node that computes an output's values, looking through layout-only nodes (an
+    exporter writes a Softmax over an inner axis as Reshape → Softmax → Reshape)."""
+    node = value.producer()
+    while node is not None and node.op_type in LAYOUT_OPS and node.domain in ("", "ai.onnx") and node.inputs:
+        node = node.inputs[0].producer()
+    return node
+
+
 def _scored(value: ir.Value) -> str:
     """The value an output is scored at: a Sigmoid's or Softmax's input (the logits) where
     the output is one, since a saturated map or distribution hides its errors (a text map
     on images where no text is found is all near zero); else the output itself."""
-    node = value.producer()
+    node = _maker(value)
     if node is not None and node.op_type in ("Sigmoid", "Softmax") and node.domain in ("", "ai.onnx"):
         return node.inputs[0].name
     return value.name
@@ -114,7 +122,7 @@ def _scored(value: ir.Value) -> str:
 def _class_scores(value: ir.Value) -> bool:
     """Whether an output is class scores, read by its largest entry: a Softmax's (or
     LogSoftmax's) output, or one score vector per input (``[N, C]``, C > 1 where known)."""
-    node = value.producer()
+    node = _maker(value)
     if node is not None and node.op_type in ("Softmax", "LogSoftmax") and node.domain in ("", "ai.onnx"):
         return True
     shape = value.shape
@@ -212,7 +220,7 @@ def activation_floor(model: ir.Model, reference: ir.Model, layers: list[Layer], 
     res.before_db = res.after_db = ev.sqnr(acts)
     before_upper = ev.sqnr(acts, upper=True)
     res.target_db = min(enough_db, res.weights_db - loss_db)
-    if res.weights_db < TRUSTED_DB and not ev.class_scores:   # too weak on these inputs to judge by: nothing dropped
+    if res.weights_db < TRUSTED_DB:       # outputs too weak on these inputs to judge by: nothing dropped
         res.untrusted = True
         return res
     if before_upper >= res.target_db:  # short by less than the inputs scatter: no kernel given up for it
