@@ -68,6 +68,26 @@ def test_cache_hit_returns_the_same_set_without_generating(bn_model, tmp_path, m
     assert len(list(tmp_path.glob("synth-*.npz"))) == 2
 
 
+def test_a_larger_set_makes_only_the_chunks_the_cache_lacks(bn_model, tmp_path, monkeypatch):
+    """Chunks are cached one by one: asking for 5 images after 4 (chunks of 2) makes only
+    the third chunk, and the set is the one made without a cache."""
+    synth.generate(bn_model, 4, steps=2, batch_size=2, cache_dir=tmp_path)
+    fresh = synth.generate(bn_model, 5, steps=2, batch_size=2, cache=False)
+    made = []
+    original = synth._Generator.optimised_chunk
+
+    def counting(self, count, start, index, **kw):
+        made.append((index, count))
+        return original(self, count, start, index, **kw)
+
+    monkeypatch.setattr(synth._Generator, "optimised_chunk", counting)
+    more = synth.generate(bn_model, 5, steps=2, batch_size=2, cache_dir=tmp_path)
+    assert made == [(2, 1)]
+    assert np.array_equal(more.images, fresh.images) and np.array_equal(more.targets, fresh.targets)
+    fewer = synth.generate(bn_model, 2, steps=2, batch_size=2, cache_dir=tmp_path)
+    assert made == [(2, 1)] and np.array_equal(fewer.images, fresh.images[:2])     # all from the cache
+
+
 def test_cache_dir_from_environment(bn_model, tmp_path, monkeypatch):
     monkeypatch.setenv("DATAFREE_CACHE", str(tmp_path / "env"))
     synth.generate(bn_model, 2, steps=1, batch_size=2)

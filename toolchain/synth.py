@@ -40,7 +40,9 @@ from real images' (see benchmarks/synth_quality.py).
 
 Images are generated chunk by chunk (``batch_size`` at a time, each chunk seeded
 from ``(seed, chunk index)``), so memory is bounded by one chunk and the first k
-chunks do not depend on ``n``.
+chunks do not depend on ``n``.  The cache holds each chunk on its own, so a second
+compression of the same model asking for more or fewer images (4-bit weights after
+8-bit activations only, a time budget) makes only the chunks it lacks.
 """
 
 from __future__ import annotations
@@ -109,14 +111,15 @@ def generate(model: ir.Model, n: int, *, steps: int = DEFAULT_STEPS, seed: int =
     shape = sample_shape(model, input_shape)
     if convention is None:
         convention = _convention(model, shape, seed)
-    path = None
+    chunks = None
     if cache:
         extra = {"convention": convention.name} if convention is not None and not convention.standardised else {}
         if route != "auto":
             extra["route"] = route
-        key = cache_key(model, n=n, steps=steps, seed=seed, batch_size=batch_size, shape=shape, **extra)
-        path = _cache_root(cache_dir) / f"synth-{key[:40]}.npz"
-        cached = _load(path)
+        key = cache_key(model, steps=steps, seed=seed, batch_size=batch_size, shape=shape, **extra)
+        root = _cache_root(cache_dir)
+        chunks = _ChunkCache(lambda index, count: root / f"synth-{key[:40]}-{index}-{count}.npz")
+        cached = chunks.whole(n, batch_size)
         if cached is not None:
             progress(STAGE, n, n)
             return cached
@@ -126,10 +129,34 @@ def generate(model: ir.Model, n: int, *, steps: int = DEFAULT_STEPS, seed: int =
         raise
     except UserError as exc:  # an op the differentiable copy does not know
         raise CannotSynthesise(str(exc)) from None
-    result = generator.run(n, steps=steps, seed=seed, batch_size=batch_size, progress=progress)
-    if path is not None:
-        _save(path, result)
-    return result
+    return generator.run(n, steps=steps, seed=seed, batch_size=batch_size, progress=progress, chunks=chunks)
+
+
+class _ChunkCache:
+    """Chunks of generated images on disk, one file per (chunk index, size): a chunk does
+    not depend on how many images were asked for, so a later call for more (or fewer)
+    images of the same model and settings, e.g. W4A8 after W8A8, reuses what was made."""
+
+    def __init__(self, path_of):
+        self.path_of = path_of
+
+    def get(self, index: int, count: int) -> SyntheticSet | None:
+        return _load(self.path_of(index, count))
+
+    def put(self, index: int, count: int, chunk: SyntheticSet) -> None:
+        _save(self.path_of(index, count), chunk)
+
+    def whole(self, n: int, batch_size: int) -> SyntheticSet | None:
+        """The ``n`` images if every chunk is on disk."""
+        parts = []
+        for index, start in enumerate(range(0, n, batch_size)):
+            part = self.get(index, min(batch_size, n - start))
+            if part is None:
+                return None
+            parts.append(part)
+        return SyntheticSet(images=np.concatenate([p.images for p in parts]),
+                            targets=np.concatenate([p.targets for p in parts]), source=parts[0].source,
+                            seed=parts[0].seed)
 
 
 def augmented(images: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -364,40 +391,48 @@ class _Generator:
                 on_step(step + 1)
         return x.detach(), target
 
-    def run(self, n: int, *, steps: int, seed: int, batch_size: int, progress: ProgressFn) -> SyntheticSet:
-        if self.source == "natural":
-            return self.natural(n, seed=seed, batch_size=batch_size, progress=progress)
+    def run(self, n: int, *, steps: int, seed: int, batch_size: int, progress: ProgressFn,
+            chunks: _ChunkCache | None = None) -> SyntheticSet:
+        """``n`` images, chunk by chunk; chunks already in ``chunks`` are read, new ones written."""
+        natural = self.source == "natural"
+        width = 0 if natural else self.num_classes
         images = np.empty((n, *self.shape), dtype=np.float32)
-        targets = np.empty((n, self.num_classes), dtype=np.float32)
+        targets = np.empty((n, width), dtype=np.float32)
         progress(STAGE, 0, n)
-        with _deterministic():
+        if not natural:
             batch_size = min(batch_size, self.max_batch)
-            for index, start in enumerate(range(0, n, batch_size)):
-                count = min(batch_size, n - start)
-                every = max(1, steps // 10)
-
-                def on_step(step, start=start, count=count):
-                    if step % every == 0 and step < steps:
-                        progress(STAGE, start + count * step // steps, n)
-
-                x, y = self.chunk(count, start, steps=steps, seed=_chunk_seed(seed, index), on_step=on_step)
-                images[start:start + count] = x.numpy()
-                targets[start:start + count] = y.numpy()
-                progress(STAGE, start + count, n)
+        for index, start in enumerate(range(0, n, batch_size)):
+            count = min(batch_size, n - start)
+            part = chunks.get(index, count) if chunks is not None else None
+            if part is None:
+                make = self.natural_chunk if natural else self.optimised_chunk
+                x, y = make(count, start, index, steps=steps, seed=seed, n=n, progress=progress)
+                part = SyntheticSet(images=x, targets=y, source=self.source, seed=seed)
+                if chunks is not None:
+                    chunks.put(index, count, part)
+            images[start:start + count] = part.images
+            targets[start:start + count] = part.targets
+            progress(STAGE, start + count, n)
         return SyntheticSet(images=images, targets=targets, source=self.source, seed=seed)
 
-    def natural(self, n: int, *, seed: int, batch_size: int, progress: ProgressFn) -> SyntheticSet:
+    def optimised_chunk(self, count: int, start: int, index: int, *, steps: int, seed: int, n: int,
+                        progress: ProgressFn) -> tuple[np.ndarray, np.ndarray]:
+        every = max(1, steps // 10)
+
+        def on_step(step):
+            if step % every == 0 and step < steps:
+                progress(STAGE, start + count * step // steps, n)
+
+        with _deterministic():
+            x, y = self.chunk(count, start, steps=steps, seed=_chunk_seed(seed, index), on_step=on_step)
+        return x.numpy(), y.numpy()
+
+    def natural_chunk(self, count: int, start: int, index: int, *, seed: int, **_) -> tuple[np.ndarray, np.ndarray]:
         """Procedural photographs in the model's input range (no optimisation)."""
         from . import natural
 
-        images = np.empty((n, *self.shape), dtype=np.float32)
-        progress(STAGE, 0, n)
-        for start in range(0, n, batch_size):
-            count = min(batch_size, n - start)
-            u = natural.images(count, self.shape, seed=_chunk_seed(seed, start // batch_size), soft_share=0.0)
-            images[start:start + count] = self.convention.apply(u)
-            progress(STAGE, start + count, n)
-        return SyntheticSet(images=images, targets=np.zeros((n, 0), np.float32), source=self.source, seed=seed)
+        u = natural.images(count, self.shape, seed=_chunk_seed(seed, index), soft_share=0.0)
+        return self.convention.apply(u), np.zeros((count, 0), np.float32)
 
     def evaluate(self, images: np.ndarray, targets: np.ndarray, batch_size: int = 64) -> dict[str, float]:
         """Mean loss terms and top-1 agreement with the target class, for measurements."""
