@@ -165,6 +165,7 @@ def test_synthetic_fit_beats_closed_form_on_pruned_resnet20(resnet20_bn, dev_ima
     (300e6, Recipe(), (128, 150)),                           # 2x: in proportion
     (1.82e9, Recipe(), (32, 50)),                            # ResNet-18 at 224: the floors
     (1.82e9, Recipe(fit_budget="full"), (256, 300)),
+    (1.82e9, Recipe(time_budget="5m"), (256, 300)),        # the time budget scales instead (budget.py)
     (1.82e9, Recipe(synthetic=0), (0, 300)),
     (1.82e9, Recipe(synthetic=16, joint_steps=10), (16, 10)),  # never more than asked
     (None, Recipe(), (256, 300)),                            # MACs unknown (symbolic sizes)

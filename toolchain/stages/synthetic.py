@@ -154,9 +154,10 @@ def fitting_work(recipe: Recipe, macs: int | None) -> tuple[int, int, str | None
     when they were cut.  Generation and fitting cost grow with MACs x images x steps: a
     ResNet-18 at 224 x 224 (1.8 G MACs) with 256 images took over 25 minutes just to
     generate them.  With ``fit_budget = "auto"`` a model k times costlier than the
-    reference gets 1/k of both (never fewer than 32 images and 50 steps)."""
+    reference gets 1/k of both (never fewer than 32 images and 50 steps); a
+    ``time_budget`` replaces this scaling (:func:`_within_budget`)."""
     n, steps = recipe.synthetic, recipe.joint_steps
-    if recipe.fit_budget != "auto" or not macs or macs <= REFERENCE_MACS or n == 0:
+    if recipe.fit_budget != "auto" or recipe.time_budget is not None or not macs or macs <= REFERENCE_MACS or n == 0:
         return n, steps, None
     k = macs / REFERENCE_MACS
     n2 = min(n, max(MIN_IMAGES, round(n / k)))
