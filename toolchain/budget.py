@@ -136,14 +136,11 @@ def seconds_per_image(model, shape: tuple[int, ...], batch: int = 8, repeats: in
     import numpy as np
     import torch
 
+    from .inputs import fixed_batch
     from .torchgraph import TorchGraph
 
     net = TorchGraph(model).eval()
-    for p in net.buffers():
-        p.requires_grad_(False)
-    dims = model.graph.inputs[0].shape
-    fixed = dims[0] if dims is not None and len(dims) and isinstance(dims[0], int) else None
-    batch = fixed or batch
+    batch = fixed_batch(model) or batch
     x = torch.from_numpy(np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32))
     times = []
     for _ in range(repeats + 1):      # the first pass warms up and is not counted

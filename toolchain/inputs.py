@@ -119,8 +119,8 @@ def infer_shape(model: ir.Model, given: tuple[int, ...] | None = None) -> tuple[
     meta = _metadata_size(model)
     if meta is not None and h is None and w is None:
         return (c, *meta), "the exporter's imgsz metadata"
-    stride = network_stride(model)
     sh, sw = network_strides(model)
+    stride = max(sh, sw)
     if h is None and w is None and sh > sw:
         h = max(TEXT_LINE_HEIGHT, _round_up(sh * 3 // 4, 16))
         w = _round_up(TEXT_LINE_ASPECT * h, sw)

@@ -98,13 +98,17 @@ def _within_budget(ctx: Context, n_synthetic: int) -> tuple[int, int, int, str |
 
 def _optimises_images(ctx: Context) -> bool:
     """Whether images are made by optimisation (BN statistics or class scores: each
-    generator step a forward and backward pass), not procedural photographs."""
-    route = ctx.recipe.synthetic_route
-    if route != "auto":
-        return route != "natural"
-    if any(node.op_type == "BatchNormalization" for node in ctx.model.graph):
+    generator step a forward and backward pass), not procedural photographs, by the
+    generator's own routing rule (a classifier assumed: it only decides between
+    optimising routes)."""
+    from ..synth_model import RouteRefused, _route
+
+    has_bn = any(node.op_type == "BatchNormalization" for node in ctx.model.graph)
+    image = ctx.spec is not None and ctx.spec.convention is not None
+    try:
+        return _route(ctx.recipe.synthetic_route, has_bn, True, image) != "natural"
+    except (RouteRefused, CannotSynthesise):   # generate() says why; the budget prices the optimising route
         return True
-    return ctx.spec is None or getattr(ctx.spec, "convention", None) is None
 
 
 ROUTES = {
