@@ -21,6 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from . import graph as G
+from . import heap
 from .passes.planning import plan_pruning  # noqa: F401  (compress.plan_pruning)
 from .progress import ProgressFn, silent
 from .recipe import METADATA_KEY, Recipe
@@ -131,12 +132,13 @@ def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = sil
                   input_shape=input_shape if input_shape is not None else
                   (tuple(recipe.input_shape) if recipe.input_shape is not None else None))
     t_start = time.perf_counter()
-    stages.load.load(ctx, source)
-    ctx.summary.timings["load"] = time.perf_counter() - t_start
-    for name, run in (stages.DYNAMIC if ctx.recipe.dynamic is not None else stages.STATIC):
-        t = time.perf_counter()
-        run(ctx)
-        ctx.summary.timings[name] = ctx.summary.timings.get(name, 0.0) + time.perf_counter() - t
+    with heap.reused():
+        stages.load.load(ctx, source)
+        ctx.summary.timings["load"] = time.perf_counter() - t_start
+        for name, run in (stages.DYNAMIC if ctx.recipe.dynamic is not None else stages.STATIC):
+            t = time.perf_counter()
+            run(ctx)
+            ctx.summary.timings[name] = ctx.summary.timings.get(name, 0.0) + time.perf_counter() - t
     return _finish(ctx, t_start)
 
 
