@@ -120,6 +120,33 @@ def test_global_allocation_spends_the_uniform_budget_where_cheapest(resnet_group
     assert (first.channels - flat[first.name]) / first.channels > (last.channels - flat[last.name]) / last.channels
 
 
+def test_global_allocation_weighs_channels_by_their_macs_where_sizes_are_symbolic(resnet_groups):
+    """With height and width symbolic, channels are weighed at the input size assumed, as
+    they are where the size is fixed: the same channels go (not only those of the few
+    layers whose size the graph fixes, e.g. after a global pool)."""
+    from types import SimpleNamespace
+
+    import onnx
+
+    from datafree.toolchain.stages.load import positions_at
+
+    model, a = resnet_groups
+    proto = onnx.load(MODELS / "resnet20_bn.onnx")
+    for d in list(proto.graph.input[0].type.tensor_type.shape.dim)[2:]:
+        d.Clear()
+        d.dim_param = "size"
+    del proto.graph.value_info[:]
+    sym = load(proto)
+    sa = G.analyse(sym)
+    assert sum(l.spatial_out() is None for l in sa.layers) > 10
+    positions = positions_at(sym, SimpleNamespace(shape=(3, 32, 32)), sa)
+    flat = lambda groups: {g.name: np.ones(g.channels) for g in groups}  # noqa: E731
+    static = prune.global_allocation(a.prunable, flat(a.prunable), 0.3)
+    assert prune.global_allocation(sa.prunable, flat(sa.prunable), 0.3, positions=positions) == static
+    assert {g.name: prune.channel_macs(g, positions) for g in sa.prunable} == \
+        {g.name: prune.channel_macs(g) for g in a.prunable}
+
+
 def test_removal_costs_are_relative_to_the_energy_given():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((400, 12))

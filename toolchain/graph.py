@@ -175,9 +175,12 @@ class Layer:
             return int(np.prod(shape[1:-1])) if len(shape) > 2 else 1
         return int(np.prod(shape[2:]))
 
-    def macs(self) -> int | None:
-        """Multiply-accumulates per sample."""
+    def macs(self, positions: dict[str, int] | None = None) -> int | None:
+        """Multiply-accumulates per sample; where the shapes are symbolic, at the output
+        positions ``positions`` gives for this layer (the input size assumed), else None."""
         s = self.spatial_out()
+        if s is None and positions:
+            s = positions.get(self.name)
         if s is None:
             return None
         w = self.w_oc()

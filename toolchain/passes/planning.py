@@ -11,9 +11,11 @@ from ..stats import output_mean
 from . import prune
 
 
-def plan_pruning(analysis: G.Analysis, recipe: Recipe,
-                 output_stats: dict | None = None) -> list[prune.PrunePlan]:
-    """Which channels of which group go: ratio per layer (or global rank), then the criterion."""
+def plan_pruning(analysis: G.Analysis, recipe: Recipe, output_stats: dict | None = None,
+                 positions: dict[str, int] | None = None) -> list[prune.PrunePlan]:
+    """Which channels of which group go: ratio per layer (or global rank), then the criterion.
+    ``positions``: output positions per layer at the input size assumed, where shapes are
+    symbolic (the global allocation weighs channels by their MACs there)."""
     groups = [g for g in analysis.prunable if not recipe.for_layer(g.name).skip]
     ratios = {g.name: recipe.for_layer(g.name).prune for g in groups}
     groups = [g for g in groups if ratios[g.name] and ratios[g.name] > 0]
@@ -36,7 +38,8 @@ def plan_pruning(analysis: G.Analysis, recipe: Recipe,
                     st.consumers, g.channels, int(0.9 * g.channels), energy=st.energy)
             else:
                 curves[g.name] = prune.score_curve(scores[g.name])
-        keep_n = prune.global_allocation(ranked, curves, recipe.prune, recipe.channel_multiple)
+        keep_n = prune.global_allocation(ranked, curves, recipe.prune, recipe.channel_multiple,
+                                         positions=positions)
         for g in groups:
             if g.name in overridden:
                 keep_n[g.name] = prune.n_keep(g.channels, ratios[g.name], recipe.channel_multiple)

@@ -82,21 +82,23 @@ def choose(scores: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(order[:keep]), np.sort(order[keep:])
 
 
-def channel_macs(group: PruneGroup) -> float:
+def channel_macs(group: PruneGroup, positions: dict[str, int] | None = None) -> float:
     """MACs per image one channel of ``group`` costs: its producer and carried depthwise
-    rows plus the consumers' input slices (1 where a shape is unknown)."""
+    rows plus the consumers' input slices, counted at the input size assumed where shapes
+    are symbolic (``positions``: ``Layer.macs``); 1 where a size is still unknown."""
     total = 0.0
     for layer in [group.producer] + group.depthwise:
-        m = layer.macs()
+        m = layer.macs(positions)
         total += (m or 0) / max(layer.out_channels, 1)
     for c in group.consumers:
-        m = c.layer.macs()
+        m = c.layer.macs(positions)
         total += (m or 0) * c.stride / max(c.layer.in_channels, 1)
     return total or 1.0
 
 
 def global_allocation(groups: list[PruneGroup], curves: dict[str, np.ndarray], ratio: float,
-                      multiple: int | str = 1, cap: float = 0.9) -> dict[str, int]:
+                      multiple: int | str = 1, cap: float = 0.9,
+                      positions: dict[str, int] | None = None) -> dict[str, int]:
     """Channels kept per group when pruning removes the MACs a uniform ``ratio`` would,
     taken where they cost least.
 
@@ -105,10 +107,12 @@ def global_allocation(groups: list[PruneGroup], curves: dict[str, np.ndarray], r
     cheapest per MAC saved, until the MACs saved reach the uniform plan's; no group loses
     more than ``cap`` of its channels.  With ``multiple`` > 1 (or ``"auto"``, per group:
     :func:`group_multiple`), channels go that many at a time so every count stays a
-    multiple the vector units like.
+    multiple the vector units like.  ``positions``: output positions per layer at the input
+    size assumed, where shapes are symbolic (without them every such channel would count as
+    one MAC, and the budget would be met by the few layers whose size is known).
     """
     multiples = {g.name: group_multiple(g.channels, multiple) for g in groups}
-    per_channel = {g.name: channel_macs(g) for g in groups}
+    per_channel = {g.name: channel_macs(g, positions) for g in groups}
     budget = sum((g.channels - n_keep(g.channels, ratio)) * per_channel[g.name] for g in groups)
     removed = {g.name: 0 for g in groups}
     limit = {g.name: min(int(cap * g.channels), len(curves[g.name])) for g in groups}

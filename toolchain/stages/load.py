@@ -90,10 +90,7 @@ def positions_at(model: ir.Model, spec, analysis: G.Analysis) -> dict[str, int]:
 
 def layer_macs(layer: G.Layer, positions: dict[str, int]) -> int | None:
     """Multiply-accumulates per sample; at the assumed input size where shapes are symbolic."""
-    m = layer.macs()
-    if m is None and layer.name in positions:
-        m = int(positions[layer.name] * layer.w_oc().size)
-    return m
+    return layer.macs(positions)
 
 
 def uncompressed_constants(model: ir.Model, analysis: G.Analysis, total: int, share: float = 0.01) -> list[str]:
