@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import threading
 from collections.abc import Iterator
@@ -38,8 +39,9 @@ _lock = threading.Lock()
 _depth = 0
 
 
+@functools.cache
 def _glibc():
-    """The C library when it is glibc (it has ``gnu_get_libc_version``), else None."""
+    """The C library when it is glibc (it has ``gnu_get_libc_version``), else None; looked up once."""
     if os.name != "posix":
         return None
     try:

@@ -39,7 +39,7 @@ def load(ctx: Context, source) -> None:
     if (ctx.measure or ctx.recipe.latency is not None) and spec is not None and weight_bytes(model) <= MEASURE_BYTES:
         ctx.float_bytes = ir.to_proto(model).SerializeToString()    # the float model, as the measure pass times it
     ctx.positions = positions_at(model, spec, analysis)
-    ctx.before = {l.name: (l.out_channels, layer_macs(l, ctx.positions), l.params(), l.op, l.kind) for l in analysis.layers}
+    ctx.before = {l.name: (l.out_channels, l.macs(ctx.positions), l.params(), l.op, l.kind) for l in analysis.layers}
     ctx.macs_before = sum(m for _, m, *_ in ctx.before.values() if m is not None)
     ctx.bytes_before = weight_bytes(model)
     ctx.moments = {l.name: l.preact_moments() for l in analysis.layers}
@@ -86,11 +86,6 @@ def positions_at(model: ir.Model, spec, analysis: G.Analysis) -> dict[str, int]:
     except Exception:    # counting MACs is never worth failing over: they stay unknown
         return {}
     return {l.name: s for l in G.analyse(static).layers if (s := l.spatial_out()) is not None}
-
-
-def layer_macs(layer: G.Layer, positions: dict[str, int]) -> int | None:
-    """Multiply-accumulates per sample; at the assumed input size where shapes are symbolic."""
-    return layer.macs(positions)
 
 
 def uncompressed_constants(model: ir.Model, analysis: G.Analysis, total: int, share: float = 0.01) -> list[str]:

@@ -17,7 +17,6 @@ from ..passes.planning import kept_channels, pruned_regions
 from ..passes.shortcut import ShortcutAsConvPass
 from ..progress import ProgressFn
 from ..recipe import LAYERS_KEY, Recipe
-from .load import layer_macs
 from .prune import refresh_shapes
 
 
@@ -130,7 +129,7 @@ def layer_input_name(layer: G.Layer) -> str | None:
 
 
 def macs_after(layer: G.Layer, macs_before: int | None, before, positions: dict[str, int]) -> int | None:
-    m = layer_macs(layer, positions)
+    m = layer.macs(positions)
     if m is not None:
         return m
     if macs_before is None:
