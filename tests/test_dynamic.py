@@ -438,3 +438,30 @@ def test_confident_probes_without_class_targets_are_all_probes():
     probes = np.arange(10, 20)
     for targets in (None, np.zeros((40, 0), np.float32), np.zeros(40, np.float32)):
         np.testing.assert_array_equal(_confident_probes(targets, 40, probes, seed=0), probes)
+
+
+@pytest.mark.parametrize("groups", ["stage", "3"])
+def test_plan_weighs_layers_by_their_macs_where_sizes_are_symbolic(model, synthetic, groups):
+    """With height and width symbolic, layers are grouped and priced at the input size
+    assumed, as they are where the size is fixed (not by the few sizes the graph fixes)."""
+    from types import SimpleNamespace
+
+    from datafree.toolchain import graph as G
+    from datafree.toolchain.passes.dynamic.plan import make_plan
+    from datafree.toolchain.stages.load import positions_at
+
+    proto = onnx.load(MODEL)
+    for d in list(proto.graph.input[0].type.tensor_type.shape.dim)[2:]:
+        d.Clear()
+        d.dim_param = "size"
+    del proto.graph.value_info[:]
+    sym = load(proto)
+    positions = positions_at(sym, SimpleNamespace(shape=(3, 32, 32)), G.analyse(sym))
+    assert len(positions) > 10
+    config = DynamicConfig(bits=(4, 8), target_bits=6, mode="upfront", groups=groups)
+    images = synthetic.images[:8]
+    fixed, symbolic = make_plan(model, config, images), make_plan(sym, config, images, positions)
+    assert symbolic.groups == fixed.groups and len(fixed.groups) == 3
+    np.testing.assert_array_equal(symbolic.group_macs, fixed.group_macs)
+    assert [l.macs for l in symbolic.layers] == [l.macs for l in fixed.layers]
+    assert symbolic.stem.macs == fixed.stem.macs > 0

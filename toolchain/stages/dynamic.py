@@ -27,4 +27,4 @@ def dynamic(ctx: Context) -> None:
             params_before=before[layer.name][2], params_after=layer.params(), note="dynamic"))
     ctx.model, ctx.summary.dynamic = apply_dynamic(ctx.model, ctx.recipe.dynamic, synthetic=ctx.synthetic,
                                                    progress=ctx.progress, seed=ctx.recipe.seed,
-                                                   augment=ctx.recipe.augment)
+                                                   augment=ctx.recipe.augment, positions=ctx.positions)

@@ -173,7 +173,7 @@ def _upfront_instead(plan: Plan, config: DynamicConfig, all_cfgs: np.ndarray, im
 
 
 def fit_dynamic(model: ir.Model, config: DynamicConfig, *, synthetic=None, progress: ProgressFn = silent,
-                seed: int = 0, augment: bool = True) -> DynamicResult:
+                seed: int = 0, augment: bool = True, positions: dict[str, int] | None = None) -> DynamicResult:
     """Plan, simulate, train and write the dynamic model (see :func:`apply_dynamic`)."""
     t0 = time.perf_counter()
     images, targets = _synthetic_images(model, synthetic, progress)
@@ -183,7 +183,7 @@ def fit_dynamic(model: ir.Model, config: DynamicConfig, *, synthetic=None, progr
     all_probes = probe_idx
     progress(STAGE, 0, 4)
 
-    plan = make_plan(model, config, images[train_idx])
+    plan = make_plan(model, config, images[train_idx], positions)
     progress(STAGE, 1, 4)
     all_cfgs = enumerate_configs(plan.candidates, len(plan.groups))
     logits, fp, pooled = simulate(plan, all_cfgs, images)
@@ -253,7 +253,8 @@ def fit_dynamic(model: ir.Model, config: DynamicConfig, *, synthetic=None, progr
 
 
 def apply_dynamic(model: ir.Model, config: DynamicConfig, *, synthetic=None,
-                  progress: ProgressFn = silent, seed: int = 0, augment: bool = True) -> tuple[ir.Model, dict]:
+                  progress: ProgressFn = silent, seed: int = 0, augment: bool = True,
+                  positions: dict[str, int] | None = None) -> tuple[ir.Model, dict]:
     """The dynamic-precision model of ``model`` (not modified) and its statistics.
 
     ``synthetic``: a ``SyntheticSet`` (or an image array, NCHW float32 in the
@@ -262,9 +263,11 @@ def apply_dynamic(model: ir.Model, config: DynamicConfig, *, synthetic=None,
     ``augment`` both parts gain mirrored and shifted copies.  Statistics:
     candidate configurations with their average bits / BOPs / probe loss, the
     histogram of chosen configurations and the expected average bits and BOPs on
-    the probes, the selector's parameters / MACs / BOPs (and % of the model's).
+    the probes, the selector's parameters / MACs / BOPs (and % of the model's).  ``positions``:
+    output positions per layer at the input size assumed, where shapes are symbolic.
     """
-    result = fit_dynamic(model, config, synthetic=synthetic, progress=progress, seed=seed, augment=augment)
+    result = fit_dynamic(model, config, synthetic=synthetic, progress=progress, seed=seed, augment=augment,
+                         positions=positions)
     return ir.serde.deserialize_model(result.model), result.stats
 
 
@@ -279,9 +282,8 @@ def selector_cost(plan: Plan, selector: Selector, spatial: int) -> dict:
 def _stats(plan: Plan, selector: Selector, choice: np.ndarray, cfg_bits: np.ndarray, probe_losses: np.ndarray,
            fp: np.ndarray, cfg_logits: np.ndarray, mu: float, config: DynamicConfig) -> dict:
     cascade = config.mode == "cascade"
-    feat_shape = next((v.type.tensor_type.shape for v in plan.base.graph.value_info if v.name == plan.features), None)
-    spatial = int(np.prod([d.dim_value for d in feat_shape.dim[2:]])) if feat_shape is not None and \
-        all(d.dim_value for d in feat_shape.dim[2:]) and not cascade else 1
+    # the upfront selector pools the stem's output: its positions (at the size assumed)
+    spatial = plan.stem.macs // plan.stem.w_int.size if plan.stem.macs and not cascade else 1
     cost = selector_cost(plan, selector, spatial)
     bops = plan.bops(plan.configs)
     first = plan.configs[0] if cascade else None

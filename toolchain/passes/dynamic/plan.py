@@ -128,13 +128,11 @@ def _conv_attrs(layer: Layer) -> dict:
     return out
 
 
-def _group_of(layers: list[Layer], mode: str) -> list[int]:
+def _group_of(layers: list[Layer], mode: str, positions: dict[str, int] | None = None) -> list[int]:
+    """Group per layer: by output size ("stage") or into ``mode`` groups of about equal MACs,
+    counted at the input size assumed where shapes are symbolic (``positions``)."""
     if mode == "stage":
-        sizes = []
-        for l in layers:
-            shape = l.node.outputs[0].shape
-            spatial = tuple(shape[2:]) if l.op == "Conv" and shape is not None else None
-            sizes.append(spatial)
+        sizes = [(l.spatial_out() or (positions or {}).get(l.name)) if l.op == "Conv" else None for l in layers]
         stages: list = []
         for s in sizes:
             if s is not None and s not in stages:
@@ -152,7 +150,7 @@ def _group_of(layers: list[Layer], mode: str) -> list[int]:
         raise UserError(f"dynamic.groups must be 'stage' or a number of groups, got {mode!r}") from None
     if not 1 <= n <= len(layers):
         raise UserError(f"dynamic.groups: {n} groups for {len(layers)} dynamic layers")
-    macs = np.array([l.macs() or 1 for l in layers], np.float64)
+    macs = np.array([l.macs(positions) or 1 for l in layers], np.float64)
     cum = (np.cumsum(macs) - macs / 2) / macs.sum()
     return [min(int(c * n), n - 1) for c in cum]
 
@@ -213,8 +211,11 @@ def run_values(model: onnx.ModelProto, images: np.ndarray, outputs: list[str], f
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def make_plan(model: ir.Model, config: DynamicConfig, images: np.ndarray) -> Plan:
-    """Fold BN, choose the stem and groups, quantize weights, calibrate activations."""
+def make_plan(model: ir.Model, config: DynamicConfig, images: np.ndarray,
+              positions: dict[str, int] | None = None) -> Plan:
+    """Fold BN, choose the stem and groups, quantize weights, calibrate activations.
+    ``positions``: output positions per layer at the input size assumed, where shapes are
+    symbolic (groups and bit costs weigh layers by their MACs)."""
     candidates = tuple(int(b) for b in config.bits)
     folded = _fold(ir.serde.deserialize_model(ir.serde.serialize_model(model)))
     analysis = analyse(folded)
@@ -222,7 +223,7 @@ def make_plan(model: ir.Model, config: DynamicConfig, images: np.ndarray) -> Pla
     if len(layers) < 2:
         raise NotCompressible("dynamic precision needs at least two Conv/Gemm layers with constant weights")
     stem, rest = layers[0], layers[1:]
-    groups = _group_of(rest, config.groups)
+    groups = _group_of(rest, config.groups, positions)
     n_groups = max(groups) + 1
 
     base = ir.serde.serialize_model(folded)
@@ -236,7 +237,7 @@ def make_plan(model: ir.Model, config: DynamicConfig, images: np.ndarray) -> Pla
                                          runs_at=(max(candidates),) if group < 0 else None)
         return DynLayer(name=layer.name, op=layer.op, group=group, input=layer.node.inputs[0].name,
                         w_int=w_int, w_scale=w_scale, scale_table=table, bias=layer.bias_array().astype(np.float32),
-                        macs=int(layer.macs() or 0), attrs=_conv_attrs(layer) if layer.op == "Conv" else {})
+                        macs=int(layer.macs(positions) or 0), attrs=_conv_attrs(layer) if layer.op == "Conv" else {})
 
     dyn = [entry(l, g) for l, g in zip(rest, groups)]
     stem_entry = entry(stem, -1)
