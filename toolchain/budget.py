@@ -136,12 +136,13 @@ def seconds_per_image(model, shape: tuple[int, ...], batch: int = 8, repeats: in
     import numpy as np
     import torch
 
+    from . import device as dev
     from .inputs import fixed_batch
     from .torchgraph import TorchGraph
 
     net = TorchGraph(model).eval()
     batch = fixed_batch(model) or batch
-    x = torch.from_numpy(np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32))
+    x = dev.tensor(np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32))
     times = []
     for _ in range(repeats + 1):      # the first pass warms up and is not counted
         xg = x.clone().requires_grad_(True)
@@ -150,6 +151,8 @@ def seconds_per_image(model, shape: tuple[int, ...], batch: int = 8, repeats: in
         loss = sum(v.float().square().mean() for v in out.values() if v.is_floating_point() and v.requires_grad)
         if isinstance(loss, torch.Tensor):
             loss.backward()
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
         times.append(time.perf_counter() - start)
     return float(np.median(times[1:])) / batch
 

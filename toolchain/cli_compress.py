@@ -126,6 +126,10 @@ def _how_options() -> list:
     """Dynamic precision, the input, and how to run and report."""
     return [
         click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda",
+                     help="Where torch makes the synthetic images and fits (cuda:N for one GPU of several); "
+                          "auto: a CUDA GPU when torch finds one, else the CPU. The same results up to float "
+                          "rounding."),
         click.option("--int4/--no-int4", default=True, show_default=True,
                      help="Store <= 4-bit weights packed as INT4 (opset 21): half the size, the same "
                           "integer kernels in onnxruntime; --no-int4 stores the same values as INT8 (opset 13+)."),
@@ -209,7 +213,8 @@ def run_compress(ctx: click.Context, params: dict, source) -> None:
     if params["dry_run"]:
         recipe = recipe.replace(synthetic=0, dynamic=None)
     with progress_bar(quiet=params["as_json"]) as progress:
-        result = compress(source, recipe, progress=progress, input_shape=input_shape, measure=params["measure"])
+        result = compress(source, recipe, progress=progress, input_shape=input_shape, measure=params["measure"],
+                          device=params["device"])
         extra = result.summary.dynamic
     if not params["dry_run"]:
         save(result.model, params["output"], external_data=params["external_data"])

@@ -56,13 +56,14 @@ class Summary:
     headline: list[str] = field(default_factory=list)          # what matters first: input assumed, image route
     inputs: dict = field(default_factory=dict)                 # the input size and range assumed, and why
     speed: dict = field(default_factory=dict)                  # measured time vs the float model, per batch
+    device: str = ""                                           # where torch ran (generation, fitting)
 
     def to_dict(self) -> dict:
         import dataclasses
 
         return {"layers": [dataclasses.asdict(r) for r in self.rows], "skipped": self.skipped,
                 "totals": self.totals, "timings": self.timings, "notes": self.notes,
-                "headline": self.headline, "inputs": self.inputs, "speed": self.speed,
+                "headline": self.headline, "inputs": self.inputs, "speed": self.speed, "device": self.device,
                 **({"dynamic": self.dynamic} if self.dynamic else {})}
 
 
@@ -113,7 +114,7 @@ class Context:
 
 def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = silent,
              images: np.ndarray | None = None, input_shape: tuple[int, ...] | None = None,
-             measure: bool = True) -> CompressResult:
+             measure: bool = True, device: str = "auto") -> CompressResult:
     """Compress ``source`` (path, ModelProto or ir.Model; never modified) as ``recipe`` says.
 
     ``images``: fit on these (N x input shape, preprocessed) instead of generating
@@ -121,18 +122,23 @@ def compress(source, recipe: Recipe | None = None, *, progress: ProgressFn = sil
     compressor itself never needs.  ``recipe.synthetic`` must then be > 0.
     ``input_shape``: the input size synthetic images get where the model's is symbolic.
     ``measure``: time the float and the compressed model in a plain onnxruntime session
-    (a few seconds; the ratios go into the summary).
+    (a few seconds; the ratios go into the summary).  ``device``: where torch generates
+    images and fits (:func:`.device.resolve`: ``auto`` takes CUDA when there is one);
+    the same results up to float rounding, and the summary says where it ran.
     Where no synthetic images can be made (symbolic size and no ``input_shape``, no BN
     statistics and no class output), the closed form is used and the summary says why.
     """
+    from . import device as dev
     from . import stages
 
     recipe = recipe or Recipe()
+    where = dev.resolve(device)
     ctx = Context(recipe=recipe, progress=progress, caller_images=images, measure=measure,
                   input_shape=input_shape if input_shape is not None else
                   (tuple(recipe.input_shape) if recipe.input_shape is not None else None))
+    ctx.summary.device = dev.describe(where)
     t_start = time.perf_counter()
-    with heap.reused():
+    with heap.reused(), dev.using(where):
         stages.load.load(ctx, source)
         ctx.summary.timings["load"] = time.perf_counter() - t_start
         for name, run in (stages.DYNAMIC if ctx.recipe.dynamic is not None else stages.STATIC):

@@ -84,7 +84,8 @@ def print_summary(summary, output=None, *, dry_run: bool = False, dynamic: dict 
         out.print(f"MACs {_fmt_m(tot['macs_before'])} → {_fmt_m(tot['macs_after'])}"
                   f" ({100 * (1 - tot['macs_after'] / mb):.1f} % fewer)" if mb else "")
         out.print(f"weights {tot['weight_bytes_before'] / 1024:.0f} KiB → {tot['weight_bytes_after'] / 1024:.0f} KiB"
-                  f"   time {summary.timings.get('total', 0):.1f} s")
+                  f"   time {summary.timings.get('total', 0):.1f} s"
+                  + (f" on {summary.device}" if summary.device else ""))
     if summary.skipped:
         by_reason: dict[str, list[str]] = {}
         for name, why in summary.skipped.items():   # one line per kind of reason: node names left out

@@ -61,6 +61,7 @@ import onnx_ir as ir
 import torch
 import torch.nn.functional as F
 
+from . import device as dev
 from .errors import CannotSynthesise, UserError, format_dims
 from .inputs import Convention
 from .progress import ProgressFn, silent
@@ -294,11 +295,12 @@ class _Generator:
         try:
             self.similarity, self.num_classes = _class_similarity(model)
             with torch.no_grad():
-                probe = self.net.run(torch.zeros((1, *shape)), capture=[self.logits_name])[self.logits_name]
+                probe = self.net.run(torch.zeros((1, *shape), device=self.net.device),
+                                     capture=[self.logits_name])[self.logits_name]
             # class targets only where the output is one score per class (not an image, a sequence, boxes)
             self.classifier = probe.numel() == self.num_classes
         except CannotSynthesise:
-            self.similarity, self.num_classes, self.classifier = torch.eye(1), 1, False
+            self.similarity, self.num_classes, self.classifier = torch.eye(1, device=self.net.device), 1, False
         self.source = _route(route, bool(bns), self.classifier, convention is not None)
         self.bns = bns if self.source == "bn-statistics" else []
         self.preacts = [] if self.bns else _conv_outputs(model)
@@ -306,11 +308,12 @@ class _Generator:
 
     # targets ---------------------------------------------------------------
     def targets(self, count: int, gen: torch.Generator, start: int) -> torch.Tensor:
-        k = self.num_classes
-        classes = (torch.arange(start, start + count) % k)[torch.randperm(count, generator=gen)]
+        k, cpu = self.num_classes, torch.device("cpu")      # drawn on the CPU: the same on any device
+        classes = (torch.arange(start, start + count, device=cpu) % k)[torch.randperm(count, generator=gen, device=cpu)]
         lo, hi = (math.log(t) for t in TAU_RANGE)
-        tau = torch.exp(lo + (hi - lo) * torch.rand(count, generator=gen, dtype=torch.float64)).float()
-        return torch.softmax(self.similarity[classes] / tau[:, None], dim=1)
+        tau = torch.exp(lo + (hi - lo) * torch.rand(count, generator=gen, dtype=torch.float64, device=cpu)).float()
+        on = self.similarity.device
+        return torch.softmax(self.similarity[classes.to(on)] / tau[:, None].to(on), dim=1)
 
     # losses ----------------------------------------------------------------
     def losses(self, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -366,7 +369,7 @@ class _Generator:
         gen = torch.Generator().manual_seed(seed)
         target = self.targets(count, gen, start)
         down = INIT_DOWNSCALE if self.bns else OUTPUT_ONLY_INIT_DOWNSCALE
-        x = _initial_images(count, self.shape, gen, down)
+        x = _initial_images(count, self.shape, gen, down).to(self.net.device)
         lr = LR if self.bns else OUTPUT_ONLY_LR
         if self.convention is not None and not self.convention.standardised:
             mean, std = self.convention.moments()     # the same start, in the model's own range
@@ -380,9 +383,9 @@ class _Generator:
                 group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
             xa = x
             if jitter:
-                shifts = [int(torch.randint(-j, j + 1, (1,), generator=gen)) for j in jitter]
+                shifts = [int(torch.randint(-j, j + 1, (1,), generator=gen, device="cpu")) for j in jitter]
                 xa = torch.roll(xa, shifts=shifts, dims=list(range(2, 2 + spatial)))
-                if spatial == 2 and bool(torch.rand(1, generator=gen) < 0.5):
+                if spatial == 2 and bool(torch.rand(1, generator=gen, device="cpu") < 0.5):
                     xa = torch.flip(xa, dims=[3])
             opt.zero_grad(set_to_none=True)
             self.total(self.losses(xa, target)).backward()
@@ -425,7 +428,7 @@ class _Generator:
 
         with _deterministic():
             x, y = self.chunk(count, start, steps=steps, seed=_chunk_seed(seed, index), on_step=on_step)
-        return x.numpy(), y.numpy()
+        return dev.numpy(x), dev.numpy(y)
 
     def natural_chunk(self, count: int, start: int, index: int, *, seed: int, **_) -> tuple[np.ndarray, np.ndarray]:
         """Procedural photographs in the model's input range (no optimisation)."""
@@ -440,8 +443,8 @@ class _Generator:
         agree = 0
         with torch.no_grad():
             for start in range(0, len(images), batch_size):
-                x = torch.from_numpy(images[start:start + batch_size])
-                y = torch.from_numpy(targets[start:start + batch_size])
+                x = dev.tensor(images[start:start + batch_size])
+                y = dev.tensor(targets[start:start + batch_size])
                 terms = self.losses(x, y)
                 agree += int((terms.pop("logits").argmax(1) == y.argmax(1)).sum())
                 for k, v in terms.items():
@@ -452,11 +455,12 @@ class _Generator:
 
 
 def _initial_images(count: int, shape: tuple[int, ...], gen: torch.Generator, down: int) -> torch.Tensor:
-    """Unit-variance Gaussian noise, drawn at 1/down of the size and upsampled (smooth)."""
+    """Unit-variance Gaussian noise, drawn at 1/down of the size and upsampled (smooth);
+    on the CPU, as ``gen`` is (the same start on any device)."""
     if len(shape) != 3 or down <= 1:
-        return torch.randn((count, *shape), generator=gen)
+        return torch.randn((count, *shape), generator=gen, device="cpu")
     low = [max(1, s // down) for s in shape[1:]]
-    x = torch.randn((count, shape[0], *low), generator=gen)
+    x = torch.randn((count, shape[0], *low), generator=gen, device="cpu")
     x = F.interpolate(x, size=list(shape[1:]), mode="bilinear", align_corners=False)
     return x / x.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
 
@@ -469,7 +473,7 @@ def _max_batch(net: TorchGraph, model: ir.Model, shape: tuple[int, ...]) -> int:
         return 1 << 30
     try:
         with torch.no_grad():
-            net.run(torch.zeros((fixed + 1, *shape)))
+            net.run(torch.zeros((fixed + 1, *shape), device=net.device))
     except Exception:  # the graph hard-codes its batch size
         return fixed
     return 1 << 30

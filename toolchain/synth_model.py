@@ -10,6 +10,7 @@ import onnx_ir as ir
 import torch
 import torch.nn.functional as F
 
+from . import device as dev
 from .errors import CannotSynthesise, UserError
 from .graph import analyse
 from .recipe import SYNTHETIC_ROUTES
@@ -79,13 +80,13 @@ def _class_similarity(model: ir.Model) -> tuple[torch.Tensor, int]:
     layer = _classifier(model)
     if layer is not None:
         w = layer.w_oc()
-        w = torch.from_numpy(w.reshape(w.shape[0], -1).astype(np.float32))
+        w = dev.tensor(w.reshape(w.shape[0], -1).astype(np.float32))
         if not isinstance(k, int) or k == w.shape[0]:
             w = F.normalize(w, dim=1)
             return w @ w.T, w.shape[0]
     if not isinstance(k, int):
         raise CannotSynthesise("cannot tell the number of classes: the first output has no static last axis")
-    return torch.eye(k), k
+    return torch.eye(k, device=dev.current()), k
 
 
 def _conv_outputs(model: ir.Model) -> list[str]:

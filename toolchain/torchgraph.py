@@ -4,7 +4,9 @@
 ``ingest.load`` leaves it in, with torch functional ops.  Initializers become
 buffers read fresh from the ``ir.Model`` when the module is built (float types as
 float32, integer types kept), so a module built after a pass changed weights sees
-the change.  Every floating-point value is float32 inside the module.
+the change.  Every floating-point value is float32 inside the module.  The module
+lives on the device of the run (:mod:`.device`) when it is built; inputs are moved
+there, and the values it makes (constants, shapes) are made there.
 
 Why our own interpreter rather than onnx2torch: it has to run the graphs ingest
 produces (dynamo exports with Pad-19, opset 21 Q/DQ with int4) and expose every
@@ -25,6 +27,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from . import device as dev
 from .errors import UserError
 from .torchops import (  # noqa: F401
     _INT_RANGES,
@@ -72,6 +75,8 @@ class TorchGraph(torch.nn.Module):
         for node in graph:
             self._steps.append(self._compile(node))
         self._last_use = self._last_uses()
+        self.device = dev.current()
+        self.to(self.device)
 
     def _compile(self, node: ir.Node) -> _Step:
         if node.domain not in ("", "ai.onnx") or node.op_type not in _OPS:
@@ -148,7 +153,7 @@ class TorchGraph(torch.nn.Module):
         for name, x in inputs.items():
             if name not in self.input_names:
                 raise UserError(f"model has no input named {name!r} (inputs: {', '.join(self.input_names)})")
-            x = torch.as_tensor(x)
+            x = torch.as_tensor(x, device=self.device)
             if x.is_floating_point() and x.dtype != torch.float32:
                 x = x.float()
             hook = all_hooks.get(name)

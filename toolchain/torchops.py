@@ -15,6 +15,7 @@ import onnx_ir as ir
 import torch
 import torch.nn.functional as F
 
+from . import device as dev
 from .errors import UserError
 from .torchops_nn import (
     _avgpool,
@@ -64,7 +65,7 @@ def _to_torch(array: np.ndarray, dt: ir.DataType | None = None) -> Tensor:
         array = np.asarray(array, dtype=np.float32)
     elif dt in (ir.DataType.INT4, ir.DataType.UINT4, ir.DataType.UINT16, ir.DataType.UINT32, ir.DataType.UINT64):
         array = np.asarray(array).astype(np.int64)
-    return torch.from_numpy(np.array(array, copy=True)).to(target)
+    return torch.as_tensor(np.array(array, copy=True), device=dev.current()).to(target)
 
 
 # ------------------------------------------------------------------------- ops
@@ -222,7 +223,7 @@ def _logsoftmax(x, *, attrs):
 def _shape(x, *, attrs):
     dims = list(x.shape)
     start, end = attrs.get("start", 0), attrs.get("end")
-    return torch.tensor(dims[start:end] if end is not None else dims[start:], dtype=torch.int64)
+    return torch.tensor(dims[start:end] if end is not None else dims[start:], dtype=torch.int64, device=x.device)
 
 
 def _gather(x, idx, *, attrs):
@@ -253,13 +254,13 @@ def _constant(*, attrs):
             t = attrs[key]
             return _to_torch(t.numpy(), t.dtype)
     if "value_float" in attrs:
-        return torch.tensor(float(attrs["value_float"]), dtype=torch.float32)
+        return torch.tensor(float(attrs["value_float"]), dtype=torch.float32, device=dev.current())
     if "value_floats" in attrs:
-        return torch.tensor(list(attrs["value_floats"]), dtype=torch.float32)
+        return torch.tensor(list(attrs["value_floats"]), dtype=torch.float32, device=dev.current())
     if "value_int" in attrs:
-        return torch.tensor(int(attrs["value_int"]), dtype=torch.int64)
+        return torch.tensor(int(attrs["value_int"]), dtype=torch.int64, device=dev.current())
     if "value_ints" in attrs:
-        return torch.tensor(list(attrs["value_ints"]), dtype=torch.int64)
+        return torch.tensor(list(attrs["value_ints"]), dtype=torch.int64, device=dev.current())
     raise UserError("cannot build a differentiable copy: Constant without a supported value")
 
 
@@ -270,9 +271,9 @@ def _expand(x, shape, *, attrs):
 def _constant_of_shape(shape, *, attrs):
     t = attrs.get("value")
     if t is None:
-        return torch.zeros(_ints(shape), dtype=torch.float32)
+        return torch.zeros(_ints(shape), dtype=torch.float32, device=shape.device)
     v = _to_torch(t.numpy(), t.dtype).reshape(-1)[0]
-    return torch.full(_ints(shape), v.item(), dtype=v.dtype)
+    return torch.full(_ints(shape), v.item(), dtype=v.dtype, device=shape.device)
 
 
 def _where(c, a, b, *, attrs):
@@ -280,7 +281,7 @@ def _where(c, a, b, *, attrs):
 
 
 def _range(start, limit, delta, *, attrs):
-    return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype)
+    return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype, device=start.device)
 
 
 def _tile(x, reps, *, attrs):
@@ -370,7 +371,7 @@ _OPS: dict[str, Callable] = {
     "Squeeze": _squeeze, "Unsqueeze": _unsqueeze, "Concat": _concat, "Split": _split,
     "Slice": _slice, "Pad": _pad, "Resize": _resize, "Upsample": _upsample,
     "Softmax": _softmax, "LogSoftmax": _logsoftmax, "Shape": _shape,
-    "Size": lambda x, *, attrs: torch.tensor(x.numel(), dtype=torch.int64),
+    "Size": lambda x, *, attrs: torch.tensor(x.numel(), dtype=torch.int64, device=x.device),
     "Gather": _gather, "Cast": _cast, "Identity": _identity, "Dropout": _dropout,
     "Constant": _constant, "Where": _where, "Expand": _expand, "ConstantOfShape": _constant_of_shape,
     "Equal": lambda a, b, *, attrs: a == b, "Less": lambda a, b, *, attrs: a < b,

@@ -33,6 +33,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from .. import device as dev
 from ..graph import Layer, analyse
 from ..progress import ProgressFn, silent
 from ..quant import act_qparams, act_range_grid, weight_scales
@@ -79,7 +80,7 @@ def fit_sequential(model: ir.Model, reference: ir.Model, layers: list[Layer], im
     refit = _to_refit(todo, recipe, kept, regions)
     if not refit and len(images) > RANGE_IMAGES:     # only ranges to set: a few images hold their values
         images = images[np.linspace(0, len(images) - 1, RANGE_IMAGES).round().astype(np.int64)]
-    x_all = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+    x_all = dev.tensor(np.ascontiguousarray(images, dtype=np.float32))
     ref_outs = [ref_layers[l.name].node.outputs[0].name for l in todo if l.name in refit]
     by_name = {l.name: l for l in layers}
     layer_nodes = {id(l.node) for l in layers}
@@ -158,7 +159,7 @@ class _Reference:
         """Layer ``name``'s output, sliced to the channels pruning kept."""
         Y = self.value(self.layers[name].node.outputs[0].name)
         if self.kept and name in self.kept:
-            idx = torch.from_numpy(self.kept[name])
+            idx = torch.as_tensor(self.kept[name], device=Y.device)
             Y = Y[..., idx] if self.by_name[name].op in ("Gemm", "MatMul") else Y[:, idx]
         return Y
 
@@ -186,7 +187,7 @@ def fitting_budget(model: ir.Model, layers: list[Layer], images: np.ndarray,
 
     names = sorted({l.node.inputs[0].name for l in layers} | {l.output.name for l in layers})
     with torch.no_grad():
-        got = TorchGraph(model).eval().run(torch.from_numpy(np.ascontiguousarray(images[:1])), capture=names)
+        got = TorchGraph(model).eval().run(dev.tensor(np.ascontiguousarray(images[:1])), capture=names)
     per_image = max((4.0 * v.numel() for v in got.values() if v.is_floating_point()), default=0.0)
     keep = int(budget // per_image) if per_image else len(images)
     if keep >= len(images):
@@ -233,7 +234,8 @@ def _range_after(x: torch.Tensor, bits: int, fn, others: list[torch.Tensor], n: 
     values.  Both ends shrunk together (as :func:`stats.mse_range`), then each alone."""
     with torch.no_grad():
         flat = x.reshape(-1).double()
-        idx = torch.randint(0, flat.numel(), (min(n, flat.numel()),), generator=torch.Generator().manual_seed(0))
+        idx = torch.randint(0, flat.numel(), (min(n, flat.numel()),), generator=torch.Generator().manual_seed(0),
+                            device="cpu").to(flat.device)
         xs = flat[idx]
         rest = [o.reshape(-1).double()[idx] for o in others]
         ref = fn(xs, *rest)
@@ -358,9 +360,9 @@ def _bytes(graph, names: list[str], x_all: torch.Tensor) -> float:
 def _sample(x: torch.Tensor, n: int = 200_000) -> np.ndarray:
     flat = x.reshape(-1)
     if flat.numel() > n:
-        idx = torch.randint(0, flat.numel(), (n,))
-        flat = flat[idx]
-    return flat.double().numpy()
+        idx = torch.randint(0, flat.numel(), (n,), device="cpu")      # the same draws on any device
+        flat = flat[idx.to(flat.device)]
+    return dev.numpy(flat.double())
 
 
 def _fake_quant_hook(scale: float, zp: int, bits: int, signed: bool):
@@ -385,23 +387,23 @@ def fit_layer(layer: Layer, X: torch.Tensor, Y: torch.Tensor, wbits: int | None,
         return _nearest(layer, wbits, recipe)
     if not all(torch.isfinite(t).all() for t in (st.G, st.C, st.x_sum, st.y_sum)):
         raise FitFailed("its input or output statistics are not finite")
-    W0 = torch.from_numpy(w0.reshape(shape[0], -1).T.astype(np.float64))     # features x out
+    W0 = dev.tensor(w0.reshape(shape[0], -1).T.astype(np.float64))     # features x out
     W = ridge_refit(st, W0, layer.bias is not None or layer.op != "MatMul", ridge)
     if not torch.isfinite(W).all():
         raise FitFailed("its least-squares refit is not finite")
     q = scale = None
     if wbits is not None:
         H = centred_gram(st)
-        scale = weight_scales(W.T.numpy(), wbits, recipe.clip)
-        Wq, q = gptq(W.T.clone(), H, wbits, torch.from_numpy(scale.astype(np.float64)))
+        scale = weight_scales(dev.numpy(W.T), wbits, recipe.clip)
+        Wq, q = gptq(W.T.clone(), H, wbits, dev.tensor(scale.astype(np.float64)))
         W = Wq.T
-    layer.set_w_oc(W.T.numpy().reshape(shape).astype(np.float32))
+    layer.set_w_oc(dev.numpy(W.T).reshape(shape).astype(np.float32))
     if layer.op != "MatMul":
         b = (st.y_sum - st.x_sum @ W) / st.n
-        layer.set_bias(b.numpy().astype(np.float32))
+        layer.set_bias(dev.numpy(b).astype(np.float32))
     if wbits is None:
         return None
-    return WeightQuant(bits=wbits, q=q.numpy().astype(np.int8).reshape(shape), scale=scale.astype(np.float32))
+    return WeightQuant(bits=wbits, q=dev.numpy(q).astype(np.int8).reshape(shape), scale=scale.astype(np.float32))
 
 
 def _nearest(layer: Layer, wbits: int | None, recipe: Recipe) -> WeightQuant | None:

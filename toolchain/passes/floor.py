@@ -45,6 +45,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from .. import device as dev
 from ..graph import Layer
 from .qdq import ActQuant
 
@@ -145,7 +146,7 @@ def _errors(ref: list[torch.Tensor], out: list[torch.Tensor]) -> np.ndarray:
         if energy <= 0:
             continue
         n = r64.shape[0]
-        per.append(((r64 - o64) ** 2).reshape(n, -1).sum(1).numpy() / (energy / n))
+        per.append(dev.numpy(((r64 - o64) ** 2).reshape(n, -1).sum(1)) / (energy / n))
     return np.mean(per, axis=0) if per else np.zeros(1)
 
 
@@ -167,7 +168,7 @@ class _Evaluator:
 
         self.graph = TorchGraph(model).eval()
         ref_graph = TorchGraph(reference).eval()
-        self.x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+        self.x = dev.tensor(np.ascontiguousarray(images, dtype=np.float32))
         self.names = [_scored(v) for v in model.graph.outputs]
         self.class_scores = all(_class_scores(v) for v in model.graph.outputs)
         self.chunk = CHUNK

@@ -16,6 +16,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from .. import device as dev
 from ..graph import Layer, set_const, single_consumer
 from .solvers import CHUNK, _plain_columns, _stats, _targets, centred_gram
 
@@ -45,7 +46,7 @@ def consumer_statistics(model: ir.Model, groups, images: np.ndarray, layers: lis
 
     graph = TorchGraph(model).eval()
     step = max(1, -(-len(images) // STATS_IMAGES))
-    x_all = torch.from_numpy(np.ascontiguousarray(images[::step], dtype=np.float32))
+    x_all = dev.tensor(np.ascontiguousarray(images[::step], dtype=np.float32))
     out: dict[str, GroupStats] = {}
     layer_nodes = {id(l.node) for l in layers}
     for g in groups:
@@ -67,7 +68,7 @@ def consumer_statistics(model: ir.Model, groups, images: np.ndarray, layers: lis
             if p is not None:
                 W = W * (np.abs(p["gamma"]) / np.sqrt(p["var"] + p["eps"]))[None, :]
             block = W.shape[0] // g.channels
-            entries.append((centred_gram(st).numpy(), W, block))
+            entries.append((dev.numpy(centred_gram(st)), W, block))
             V = _targets(c.layer, V).double()                     # rows x channels
             end_energy += float(((V - V.mean(0)) ** 2).sum(1).mean()) * st.n
         if entries:
@@ -118,7 +119,7 @@ def fit_region(model: ir.Model, x_in: torch.Tensor, in_name: str, layers: list[L
         if layer.bias is None and layer.op != "MatMul":
             layer.set_bias(np.zeros(layer.out_channels, np.float32))
     values = [v for l in layers for v in (l.weight, l.bias) if v is not None]
-    start = {v.name: torch.from_numpy(np.array(v.const_value.numpy(), dtype=np.float32)) for v in values}
+    start = {v.name: dev.tensor(np.array(v.const_value.numpy(), dtype=np.float32)) for v in values}
     params = {n: t.clone().requires_grad_(True) for n, t in start.items()}
     scale = {n: float(torch.sqrt((t ** 2).mean()).clamp_min(1e-8)) for n, t in start.items()}
     opt = torch.optim.Adam([{"params": [params[n]], "lr": lr * scale[n]} for n in params])
@@ -131,13 +132,13 @@ def fit_region(model: ir.Model, x_in: torch.Tensor, in_name: str, layers: list[L
 
     def full(feeds) -> float:
         with torch.no_grad():
-            return sum(float(loss_of(torch.arange(s, min(s + CHUNK, len(x_in))), feeds)) *
+            return sum(float(loss_of(torch.arange(s, min(s + CHUNK, len(x_in)), device=x_in.device), feeds)) *
                        min(CHUNK, len(x_in) - s) for s in range(0, len(x_in), CHUNK)) / len(x_in)
 
     before = full(start)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
-        idx = torch.randint(0, len(x_in), (min(batch, len(x_in)),), generator=gen)
+        idx = torch.randint(0, len(x_in), (min(batch, len(x_in)),), generator=gen, device="cpu").to(x_in.device)
         opt.zero_grad()
         loss_of(idx, params).backward()
         opt.step()
@@ -146,7 +147,7 @@ def fit_region(model: ir.Model, x_in: torch.Tensor, in_name: str, layers: list[L
     after = full(fitted)
     if after < before:
         for v in values:
-            set_const(v, fitted[v.name].numpy().astype(v.const_value.numpy().dtype))
+            set_const(v, dev.numpy(fitted[v.name]).astype(v.const_value.numpy().dtype))
     return before, min(after, before)
 
 

@@ -83,7 +83,7 @@ def _stats(layer: Layer, X: torch.Tensor, Y: torch.Tensor | None, max_rows: int 
         t = _targets(layer, Y[s:s + CHUNK]) if Y is not None else f[:, :0]
         keep = max(1, int(round(max_rows * len(f) / _rows_total(layer, X))))
         if len(f) > keep:
-            idx = torch.randperm(len(f), generator=gen)[:keep]
+            idx = torch.randperm(len(f), generator=gen, device="cpu")[:keep].to(f.device)
             f, t = f[idx], t[idx]
         part = _Stats(G=(f.T @ f).double(), C=(f.T @ t).double(), x_sum=f.double().sum(0),
                       y_sum=t.double().sum(0), yy=float((t.double() ** 2).sum()), n=f.shape[0])
@@ -125,7 +125,7 @@ def ridge_refit(st: _Stats, W0: torch.Tensor, with_bias: bool, ridge: float = RI
     # shrink toward W0 more when rows are few per feature (d/n): no overfitting on small sets
     d = G.shape[0]
     lam = (ridge + (d / max(st.n, 1) if ridge > 0 else 0.0)) * float(torch.diagonal(G).mean().clamp_min(1e-12))
-    A = G + lam * torch.eye(G.shape[0], dtype=G.dtype)
+    A = G + lam * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
     return torch.linalg.solve(A, C + lam * W0)
 
 
@@ -185,7 +185,7 @@ def _inverse_cholesky(H: torch.Tensor, damp: float, tries: int = 6) -> torch.Ten
         raise FitFailed("its input statistics are not finite")
     d = H.shape[0]
     base = float(torch.diagonal(H).mean().clamp_min(1e-12))
-    eye = torch.eye(d, dtype=H.dtype)
+    eye = torch.eye(d, dtype=H.dtype, device=H.device)
     for k in range(tries):
         L, info = torch.linalg.cholesky_ex(H + damp * 10 ** k * base * eye)
         if int(info) == 0:
@@ -221,7 +221,7 @@ def nested_gptq(W: torch.Tensor, H: torch.Tensor, scales: dict[int, torch.Tensor
 
     lo = torch.full_like(W, -math.inf)          # float values every fitted bit-width allows
     hi = torch.full_like(W, math.inf)
-    err_fitted = torch.zeros(W.shape[0], dtype=torch.float64)
+    err_fitted = torch.zeros(W.shape[0], dtype=torch.float64, device=W.device)
     err_nearest = torch.zeros_like(err_fitted)
     Q = None
     for bits in sorted(scales):

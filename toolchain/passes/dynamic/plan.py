@@ -8,11 +8,11 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
-import torch
 from onnx import helper
 
 from datafree.ops import domain, reference
 
+from ... import device as dev
 from ...errors import NotCompressible, UserError
 from ...graph import Layer, analyse
 from ...quant import act_qparams, quantize_weight, weight_scales
@@ -166,12 +166,12 @@ def _weights(layer: Layer, candidates: tuple[int, ...], x: np.ndarray | None = N
     table = np.ones((top + 1, w.shape[0]), np.float32)
     for b in candidates:
         table[b] = weight_scales(w, b)
-    gram = fit.input_gram(layer, torch.from_numpy(np.ascontiguousarray(x, np.float32))) if x is not None else None
+    gram = fit.input_gram(layer, dev.tensor(np.ascontiguousarray(x, np.float32))) if x is not None else None
     if gram is None:
         return quantize_weight(w, top, table[top])[0], table[top], table
-    scales = {b: torch.from_numpy(table[b].astype(np.float64)) for b in (runs_at or candidates)}
-    q = fit.nested_gptq(torch.from_numpy(w.reshape(w.shape[0], -1).astype(np.float64)), gram, scales)
-    return q.numpy().reshape(w.shape).astype(np.int8), table[top], table
+    scales = {b: dev.tensor(table[b].astype(np.float64)) for b in (runs_at or candidates)}
+    q = fit.nested_gptq(dev.tensor(w.reshape(w.shape[0], -1).astype(np.float64)), gram, scales)
+    return dev.numpy(q).reshape(w.shape).astype(np.int8), table[top], table
 
 
 def _calibrate(plan_layers: list[DynLayer], acts: dict[str, np.ndarray], candidates: tuple[int, ...]) -> None:

@@ -80,16 +80,20 @@ def pareto(avg_bits: np.ndarray, loss: np.ndarray, limit: int = MAX_CONFIGS) -> 
 
 def train_selector(pooled: np.ndarray, losses: np.ndarray, cfg_bits: np.ndarray, target: float, *,
                    steps: int, seed: int = 0) -> Selector:
-    """Hard Gumbel-softmax (straight-through) on fixed per-config losses [n, K]."""
+    """Hard Gumbel-softmax (straight-through) on fixed per-config losses [n, K]; on the CPU
+    whatever the device of the run (a network of a few thousand weights: launching its
+    steps on a GPU would cost more than they do)."""
     import torch
 
     torch.manual_seed(seed)
+    cpu = torch.device("cpu")
     mu, sd = pooled.mean(axis=0), pooled.std(axis=0) + 1e-6
-    x = torch.from_numpy(((pooled - mu) / sd).astype(np.float32))
-    L = torch.from_numpy(losses.astype(np.float32))
-    bits = torch.from_numpy(cfg_bits.astype(np.float32))
+    x = torch.as_tensor(((pooled - mu) / sd).astype(np.float32), device=cpu)
+    L = torch.as_tensor(losses.astype(np.float32), device=cpu)
+    bits = torch.as_tensor(cfg_bits.astype(np.float32), device=cpu)
     C, K = x.shape[1], L.shape[1]
-    net = torch.nn.Sequential(torch.nn.Linear(C, HIDDEN), torch.nn.ReLU(), torch.nn.Linear(HIDDEN, K))
+    net = torch.nn.Sequential(torch.nn.Linear(C, HIDDEN, device=cpu), torch.nn.ReLU(),
+                              torch.nn.Linear(HIDDEN, K, device=cpu))
     opt = torch.optim.Adam(net.parameters(), lr=SELECTOR_LR)
     for step in range(max(1, steps)):
         tau = max(0.3, 1.0 - step / max(1, steps))
