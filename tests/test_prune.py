@@ -222,3 +222,90 @@ def test_per_channel_constants_are_sliced_right_at_high_ratios(tmp_path):
         assert scale.shape == (kept,)
         assert np.isin(scale, np.linspace(0.5, 2.0, 16, dtype=np.float32)).all()
         assert zoo.run(result.model, zoo.images(2)).shape == (2, 8, 32, 32)
+
+
+class _SEBlock(nn.Module):
+    """An inverted residual with a squeeze-and-excitation gate, as MobileNetV3 has it."""
+
+    def __init__(self, c: int = 8, hidden: int = 24, squeeze: int = 8):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, 1, 1), nn.ReLU())
+        self.expand = nn.Sequential(nn.Conv2d(c, hidden, 1), nn.BatchNorm2d(hidden), nn.Hardswish())
+        self.dw = nn.Sequential(nn.Conv2d(hidden, hidden, 3, 1, 1, groups=hidden), nn.BatchNorm2d(hidden),
+                                nn.Hardswish())
+        self.reduce, self.gate = nn.Conv2d(hidden, squeeze, 1), nn.Conv2d(squeeze, hidden, 1)
+        self.project = nn.Conv2d(hidden, c, 1)
+        self.head = nn.Conv2d(c, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.dw(self.expand(x))
+        g = torch.nn.functional.hardsigmoid(self.gate(torch.relu(self.reduce(y.mean((2, 3), keepdim=True)))))
+        return self.head(x + self.project(y * g))
+
+
+def _se_model(tmp_path, bias_apart: bool):
+    """The SE block exported with BN folded; ``bias_apart``: the gate conv's bias as a
+    separate per-channel Add (as paddle2onnx writes convolutions)."""
+    torch.manual_seed(0)
+    module = _SEBlock().eval()
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    path = tmp_path / "se.onnx"
+    torch.onnx.export(module, (torch.zeros(1, 3, 16, 16),), str(path), dynamo=False, opset_version=17)
+    proto = onnx.load(path)
+    if bias_apart:
+        conv = next(n for n in proto.graph.node if n.op_type == "Conv" and "gate" in n.name)
+        bias = conv.input.pop()
+        init = next(i for i in proto.graph.initializer if i.name == bias)
+        init.dims[:] = [1, init.dims[0], 1, 1]
+        out = conv.output[0]
+        conv.output[0] = out + "_nobias"
+        at = list(proto.graph.node).index(conv) + 1
+        proto.graph.node.insert(at, onnx.helper.make_node("Add", [out + "_nobias", bias], [out], name="gate_bias"))
+    return load(proto)
+
+
+@pytest.mark.parametrize("bias_apart", [False, True])
+def test_squeeze_excitation_gate_is_pruned_with_the_channels_it_gates(tmp_path, bias_apart):
+    """The expand conv's channels go through the depthwise conv, the SE gate's own conv
+    (its output rows) and the product: removed together, the kept channels compute
+    exactly what they did with the removed ones cut off at the layers that read them."""
+    x = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
+
+    def group_of(model):
+        a = G.analyse(model)
+        g = next(g for g in a.groups if "expand" in g.name)
+        return a, g
+
+    masked, pruned_model = _se_model(tmp_path, bias_apart), _se_model(tmp_path, bias_apart)
+    a, g = group_of(pruned_model)
+    assert g.prunable, g.reason
+    assert [gate.name for gate in g.gates] == [next(l.name for l in a.layers if "gate" in l.name)]
+    assert {c.layer.name.split("/")[1] for c in g.consumers} == {"project", "reduce"}
+    gate_group = next(h for h in a.groups if h.producer is g.gates[0])
+    assert not gate_group.prunable and "channel gate" in gate_group.reason
+    pruned = np.array([1, 4, 5, 11, 17, 20, 21, 23])
+    keep = np.setdiff1d(np.arange(g.channels), pruned)
+    for model, group in ((masked, group_of(masked)[1]), (pruned_model, g)):
+        for c in group.consumers:             # cut the removed channels off where they are read
+            w = prune.consumer_in_weight(c)
+            w[:, pruned] = 0
+            prune.set_consumer_in_weight(c, w)
+    prune.apply(prune.PrunePlan(group=g, keep=keep, pruned=pruned))
+    gate = g.gates[0]
+    assert gate.out_channels == len(keep) and g.depthwise[0].out_channels == len(keep)
+    np.testing.assert_allclose(zoo.run(pruned_model, x), zoo.run(masked, x), rtol=1e-5, atol=1e-5)
+
+
+def test_se_block_is_pruned_by_compress_and_runs(tmp_path):
+    path = tmp_path / "se_full.onnx"
+    onnx.save(__import__("onnx_ir").serde.serialize_model(_se_model(tmp_path, True)), path)
+    result = compress(path, Recipe(prune=0.3, wbits=None, synthetic=0))
+    dw = next(n for n in result.model.graph if n.op_type == "Conv" and n.attributes["group"].value > 1)
+    assert dw.attributes["group"].value < 24          # the SE-gated channels lost some
+    assert result.summary.totals["macs_after"] < 0.85 * result.summary.totals["macs_before"]
+    x = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    assert np.isfinite(zoo.run(result.model, x)).all()

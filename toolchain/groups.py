@@ -31,6 +31,9 @@ class PruneGroup:
     producer: Layer
     members: list[ir.Node] = field(default_factory=list)       # passthrough nodes to slice
     depthwise: list[Layer] = field(default_factory=list)       # depthwise layers carried along
+    gates: list[Layer] = field(default_factory=list)           # layers making a per-channel gate of the
+                                                               # channels from the channels (an SE block's
+                                                               # last conv): their outputs carried along
     consumers: list[Consumer] = field(default_factory=list)
     reason: str | None = None                                  # why it cannot be pruned
 
@@ -63,6 +66,10 @@ def build_groups(model: ir.Model, layers: list[Layer]) -> list[PruneGroup]:
         if g.reason is None and not g.consumers:
             g.reason = "no layer reads these channels"
         groups.append(g)
+    gated = {id(gate.node): g for g in groups if g.prunable for gate in g.gates}
+    for g in groups:
+        if not g.prunable and id(g.producer.node) in gated:
+            g.reason = f"a channel gate: pruned with the channels it gates ({gated[id(g.producer.node)].name!r})"
     return groups
 
 
@@ -129,6 +136,13 @@ def _step(group, node, idx, value, stride, C, by_node, tracked, frontier) -> str
             return _follow(node, stride, tracked, frontier)
         if const_array(other) is not None:
             return _const_operand(group, node, other_idx, C, stride, tracked, frontier)
+        found = _gate_of(other, C, by_node, tracked) if op == "Mul" and stride == 1 else None
+        if found is not None:                     # y * gate(pool(y)): a squeeze-and-excitation block
+            gate, per_channel = found
+            if gate not in group.gates:
+                group.gates.append(gate)
+                group.members.extend(n for n in per_channel if n not in group.members)
+            return _follow(node, stride, tracked, frontier)
         return f"channels meet another tensor in {where} (residual: channels tied across layers)"
     if _channels_last(group):
         return f"channels (last axis) feed {where}"
@@ -147,6 +161,53 @@ def _step(group, node, idx, value, stride, C, by_node, tracked, frontier) -> str
     if op in ("Flatten", "Reshape", "Squeeze") and idx == 0:
         return _flatten(group, node, value, stride, C, tracked, frontier)
     return f"channels feed {where}"
+
+
+def _through_elementwise(value: ir.Value, C: int | None = None, depth: int = 8) -> tuple[ir.Node | None, list]:
+    """The first node up from ``value`` that is not elementwise with constants (an
+    activation, x * 0.2 + 0.5, Clip, a bias added per channel): the layer or pool it comes
+    from, and the nodes passed whose constants hold one value per channel.  With ``C``,
+    such a constant must hold ``C`` values (else the node is returned as the stop)."""
+    per_channel = []
+    for _ in range(depth):
+        p = value.producer()
+        if p is None or p.domain not in ("", "ai.onnx"):
+            return None, []
+        live = [v for v in p.inputs if v is not None and const_array(v) is None]
+        consts = [const_array(v) for v in p.inputs if v is not None and const_array(v) is not None]
+        if p.op_type not in UNARY_ACTS and p.op_type not in BINARY or len(live) != 1:
+            return p, per_channel
+        wide = [c for c in consts if c.size != 1]
+        if wide:
+            if p.op_type not in BINARY or any(sum(d != 1 for d in c.shape) != 1 or
+                                              (C is not None and c.size != C) for c in wide):
+                return p, per_channel
+            per_channel.append(p)
+        value = live[0]
+    return None, []
+
+
+def _gate_of(value: ir.Value, C: int, by_node: dict[int, Layer],
+             tracked: set[int]) -> tuple[Layer, list] | None:
+    """The layer making ``value`` as a squeeze-and-excitation gate of the tracked channels
+    (pool(y) → conv → activation → conv (this layer, C outputs) → activation), and the
+    nodes after it with per-channel constants (a bias added apart): its output channels are
+    the group's, so they go with them; the first conv reads the group's channels (pooled)
+    and is one of its consumers.  None when ``value`` is anything else."""
+    end, per_channel = _through_elementwise(value, C)
+    expand = by_node.get(id(end))
+    if expand is None or expand.kind != "conv" or expand.groups != 1 or expand.out_channels != C:
+        return None
+    end, _ = _through_elementwise(expand.node.inputs[0])
+    reduce = by_node.get(id(end))
+    if reduce is None or reduce.kind != "conv" or reduce.groups != 1 or reduce.in_channels != C:
+        return None
+    pool = reduce.node.inputs[0].producer()
+    if pool is None or pool.op_type not in ("GlobalAveragePool", "ReduceMean") or id(pool.inputs[0]) not in tracked:
+        return None
+    if pool.op_type == "ReduceMean" and (_reduce_axes(pool) is None or 1 in _reduce_axes(pool)):
+        return None
+    return expand, [n for n in per_channel if n not in (expand.bn, *expand.act)]
 
 
 def _derived_from(value: ir.Value, tracked: set[int], depth: int = 8) -> bool:

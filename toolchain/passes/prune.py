@@ -83,11 +83,11 @@ def choose(scores: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def channel_macs(group: PruneGroup, positions: dict[str, int] | None = None) -> float:
-    """MACs per image one channel of ``group`` costs: its producer and carried depthwise
-    rows plus the consumers' input slices, counted at the input size assumed where shapes
-    are symbolic (``positions``: ``Layer.macs``); 1 where a size is still unknown."""
+    """MACs per image one channel of ``group`` costs: its producer and carried depthwise and
+    gate rows plus the consumers' input slices, counted at the input size assumed where
+    shapes are symbolic (``positions``: ``Layer.macs``); 1 where a size is still unknown."""
     total = 0.0
-    for layer in [group.producer] + group.depthwise:
+    for layer in [group.producer] + group.depthwise + group.gates:
         m = layer.macs(positions)
         total += (m or 0) / max(layer.out_channels, 1)
     for c in group.consumers:
@@ -259,6 +259,8 @@ def apply(plan: PrunePlan) -> None:
     for dw in g.depthwise:
         _slice_out(dw, keep)
         dw.node.attributes["group"] = _int_attr("group", len(keep))
+    for gate in g.gates:
+        _slice_out(gate, keep)
     for node in g.members:
         _slice_member(node, keep, channels)
     for c in g.consumers:
