@@ -175,12 +175,17 @@ class Layer:
             return int(np.prod(shape[1:-1])) if len(shape) > 2 else 1
         return int(np.prod(shape[2:]))
 
-    def macs(self, positions: dict[str, int] | None = None) -> int | None:
-        """Multiply-accumulates per sample; where the shapes are symbolic, at the output
-        positions ``positions`` gives for this layer (the input size assumed), else None."""
+    def spatial_at(self, positions: dict[str, int] | None = None) -> int | None:
+        """Output positions per sample; where the shapes are symbolic, those ``positions``
+        gives for this layer (at the input size assumed), else None."""
         s = self.spatial_out()
         if s is None and positions:
             s = positions.get(self.name)
+        return s
+
+    def macs(self, positions: dict[str, int] | None = None) -> int | None:
+        """Multiply-accumulates per sample, at :meth:`spatial_at` positions (None where unknown)."""
+        s = self.spatial_at(positions)
         if s is None:
             return None
         w = self.w_oc()

@@ -42,6 +42,11 @@ class PruneGroup:
         return self.producer.name
 
     @property
+    def carried(self) -> list[Layer]:
+        """Layers whose output channels go with the producer's: depthwise convs and gates."""
+        return self.depthwise + self.gates
+
+    @property
     def prunable(self) -> bool:
         return self.reason is None
 
@@ -205,7 +210,8 @@ def _gate_of(value: ir.Value, C: int, by_node: dict[int, Layer],
     pool = reduce.node.inputs[0].producer()
     if pool is None or pool.op_type not in ("GlobalAveragePool", "ReduceMean") or id(pool.inputs[0]) not in tracked:
         return None
-    if pool.op_type == "ReduceMean" and (_reduce_axes(pool) is None or 1 in _reduce_axes(pool)):
+    axes = _reduce_axes(pool) if pool.op_type == "ReduceMean" else None
+    if pool.op_type == "ReduceMean" and (axes is None or 1 in axes):
         return None
     return expand, [n for n in per_channel if n not in (expand.bn, *expand.act)]
 

@@ -23,7 +23,7 @@ def quantize_closed_form(layers: list[G.Layer], recipe: Recipe, moments: dict, p
                          groups: list[PruneGroup] = ()):
     """Round to nearest; bias correction and (if asked) UDFC's s̃ folded into the next layers."""
     producers = _input_producers(layers)
-    by_producer = {g.name: g for g in groups if not g.depthwise and not g.gates}
+    by_producer = {g.name: g for g in groups if not g.carried}
     weights = {}
     for i, layer in enumerate(layers):
         progress("quantize", i, len(layers))

@@ -68,13 +68,12 @@ def prune_group(plan: prune.PrunePlan, recipe: Recipe, moments: dict, summary) -
     mom = moments.get(producer.name)
     direct = all(c.layer.node.inputs[0] is producer.output for c in g.consumers)
     # the Gaussian model knows the layer's own activation; anything else in between voids it
-    carried = g.depthwise + g.gates
-    mean_before = output_mean(producer, mom) if mom is not None and direct and not carried else None
+    mean_before = output_mean(producer, mom) if mom is not None and direct and not g.carried else None
     w_before = {c.layer.name: prune.consumer_in_weight(c) for c in g.consumers}
-    if recipe.compensation and not carried:
+    if recipe.compensation and not g.carried:
         S = prune.closed_form_coefficients(producer, plan.keep, plan.pruned)
         prune.compensate_consumers(g, plan.keep, plan.pruned, S)
-    elif carried:
+    elif g.carried:
         summary.notes.append(f"{g.name}: {'depthwise layers' if g.depthwise else 'a channel gate'} in between, "
                              "no closed-form compensation")
     if recipe.bias_correction and mean_before is not None:
@@ -107,15 +106,14 @@ def alignment_note(plans: list[prune.PrunePlan], block: int = 4) -> list[str]:
 def kept_channels(plans: list[prune.PrunePlan]) -> dict[str, np.ndarray]:
     kept = {}
     for p in plans:
-        for layer in [p.group.producer] + p.group.depthwise + p.group.gates:
+        for layer in [p.group.producer] + p.group.carried:
             kept[layer.name] = p.keep
     return kept
 
 
 def pruned_regions(plans: list[prune.PrunePlan]) -> dict[str, tuple[list[str], list[str]]]:
     """Per pruned producer: the depthwise and gate layers carried with it and its consumers."""
-    return {p.group.producer.name: ([d.name for d in p.group.depthwise + p.group.gates],
-                                    [c.layer.name for c in p.group.consumers])
+    return {p.group.producer.name: ([d.name for d in p.group.carried], [c.layer.name for c in p.group.consumers])
             for p in plans if len(p.pruned)}
 
 

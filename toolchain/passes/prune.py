@@ -87,7 +87,7 @@ def channel_macs(group: PruneGroup, positions: dict[str, int] | None = None) -> 
     gate rows plus the consumers' input slices, counted at the input size assumed where
     shapes are symbolic (``positions``: ``Layer.macs``); 1 where a size is still unknown."""
     total = 0.0
-    for layer in [group.producer] + group.depthwise + group.gates:
+    for layer in [group.producer] + group.carried:
         m = layer.macs(positions)
         total += (m or 0) / max(layer.out_channels, 1)
     for c in group.consumers:

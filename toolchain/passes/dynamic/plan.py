@@ -132,7 +132,7 @@ def _group_of(layers: list[Layer], mode: str, positions: dict[str, int] | None =
     """Group per layer: by output size ("stage") or into ``mode`` groups of about equal MACs,
     counted at the input size assumed where shapes are symbolic (``positions``)."""
     if mode == "stage":
-        sizes = [(l.spatial_out() or (positions or {}).get(l.name)) if l.op == "Conv" else None for l in layers]
+        sizes = [l.spatial_at(positions) if l.op == "Conv" else None for l in layers]
         stages: list = []
         for s in sizes:
             if s is not None and s not in stages:
