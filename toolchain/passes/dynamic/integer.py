@@ -68,12 +68,12 @@ def write_config(model: ir.Model, plan: Plan, config) -> tuple[dict[str, int], s
     return bits, _share_weights(model, layers, dyn, bits, weights)
 
 
-def config_proto(plan: Plan, config) -> tuple[onnx.ModelProto, dict[str, int], set[str]]:
-    """:func:`write_config` on a copy of ``plan.base``, in graph order, serialized."""
+def config_model(plan: Plan, config) -> tuple[ir.Model, dict[str, int], set[str]]:
+    """:func:`write_config` on a copy of ``plan.base``, in graph order."""
     model = ir.serde.deserialize_model(plan.base)
     bits, stored = write_config(model, plan, config)
     ir.passes.common.TopologicalSortPass()(model)
-    return ir.serde.serialize_model(model), bits, stored
+    return model, bits, stored
 
 
 def _quantize_inputs(model: ir.Model, layers, dyn: dict[str, DynLayer], bits: dict[str, int],
@@ -169,7 +169,8 @@ def build_fixed(plan: Plan, config, extra_outputs: list[str] = ()) -> onnx.Model
         from .writing import fake_quant_fixed
 
         return fake_quant_fixed(plan, config, extra_outputs)
-    proto, _, _ = config_proto(plan, config)
+    model, _, _ = config_model(plan, config)
+    proto = ir.serde.serialize_model(model)
     for name in extra_outputs:
         proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     return proto

@@ -6,112 +6,126 @@ import json
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+import onnx_ir as ir
 
 from datafree.ops import domain, functions, reference, schemas
 from datafree.ops.selector import Selector
 
-from ...graph import UniqueNames
+from ...graph import UniqueNames, add_initializer
 from .integer import build_fixed
 from .plan import BITS_OUTPUT, METADATA_KEY, DynLayer, Plan, run_values, config_key
 
 
 # -------------------------------------------------------------- graph writing
-def _inputs_used(graph: onnx.GraphProto) -> set[str]:
-    """Every value a node of ``graph`` or of its subgraphs (If branches) reads."""
-    return {i for n in domain.all_nodes(graph) for i in n.input}
+def _node(op: str, inputs: list, outputs: list, name: str | None = None, domain_: str = "",
+          **attrs) -> ir.Node:
+    """A node reading ``inputs`` (values) and making ``outputs`` (values, or names of new
+    ones); its attributes in name order, as ``onnx.helper.make_node`` writes them."""
+    return ir.Node(domain_, op, inputs, attributes=[ir.convenience.convert_attribute(k, v)
+                                                    for k, v in sorted(attrs.items())],
+                   outputs=[o if isinstance(o, ir.Value) else ir.Value(name=o) for o in outputs], name=name)
+
+
+def with_outputs(model: ir.Model, names: list[str] = ()) -> onnx.ModelProto:
+    """``model`` serialized, with the values ``names`` as extra outputs (their shapes
+    left open: they are read at whatever batch the session runs)."""
+    values = {v.name: v for n in model.graph.all_nodes() for v in n.outputs}
+    for name in names:
+        values[name].shape = None
+        model.graph.outputs.append(values[name])
+    return ir.serde.serialize_model(model)
+
+
+def batch_dim(model: ir.Model) -> int | str:
+    """The first input's batch size: its symbol, its fixed size, or ``"N"``."""
+    shape = model.graph.inputs[0].shape
+    if shape is not None and len(shape):
+        d = shape[0]
+        if isinstance(d, int) and d:
+            return d
+        if isinstance(d, ir.SymbolicDim) and d.value:
+            return d.value
+    return "N"
 
 
 class _Writer:
-    """Edits a copy of the BN-folded float model (ModelProto) into a quantized one."""
+    """Edits a copy of the BN-folded float model (an ``ir.Model``) into a quantized one."""
 
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: Plan, model: ir.Model | None = None):
         self.plan = plan
-        self.model = onnx.ModelProto()
-        self.model.CopyFrom(plan.base)
+        self.model = model or ir.serde.deserialize_model(plan.base)
         self.graph = self.model.graph
-        self.inits: list[onnx.TensorProto] = []
-        taken = {v for n in self.graph.node for v in (*n.input, *n.output)}
-        taken |= {i.name for i in self.graph.initializer} | {i.name for i in self.graph.input}
-        self.name = UniqueNames.avoiding(taken)
+        self.name = UniqueNames(self.graph)
 
-    def const(self, base: str, array: np.ndarray) -> str:
-        name = self.name(base)
-        self.inits.append(numpy_helper.from_array(np.array(array, order="C"), name))
-        return name
+    def const(self, base: str, array: np.ndarray) -> ir.Value:
+        return add_initializer(self.graph, base, np.array(array, order="C"), names=self.name)
 
-    def node_of(self, layer: DynLayer) -> tuple[int, onnx.NodeProto]:
-        return next((i, n) for i, n in enumerate(self.graph.node) if n.name == layer.name)
+    def node_of(self, layer: DynLayer) -> ir.Node:
+        return next(n for n in self.graph if n.name == layer.name)
 
-    def static_quant(self, layer: DynLayer, bits: int, x: str | None = None,
-                     prefix: str = "") -> tuple[list[onnx.NodeProto], str]:
-        """Fake-quantize the layer input (or ``x``) at ``bits`` with standard ops, and use the result."""
+    def value(self, name: str) -> ir.Value:
+        return next(v for n in self.graph for v in n.outputs if v.name == name)
+
+    def static_quant(self, layer: DynLayer, bits: int, x: ir.Value) -> list[ir.Node]:
+        """Fake-quantize ``x`` (the layer's input) at ``bits`` with standard ops."""
         a = layer.act
         lo, hi = reference.act_grid(bits, a.signed)
-        p = f"{prefix}{layer.name}/aq{bits}"
+        p = f"{layer.name}/aq{bits}"
         s = self.const(p + "/scale", np.float32(a.scale[bits]))
         z = self.const(p + "/zp", np.float32(a.zero_point[bits]))
         qmin, qmax = self.const(p + "/qmin", np.float32(lo)), self.const(p + "/qmax", np.float32(hi))
         t = [self.name(f"{p}/t{i}") for i in range(5)]
         out = self.name(p + "/out")
-        nodes = [helper.make_node("Div", [x or layer.input, s], [t[0]], name=self.name(p + "/div")),
-                 helper.make_node("Round", [t[0]], [t[1]], name=self.name(p + "/round")),
-                 helper.make_node("Add", [t[1], z], [t[2]], name=self.name(p + "/add")),
-                 helper.make_node("Clip", [t[2], qmin, qmax], [t[3]], name=self.name(p + "/clip")),
-                 helper.make_node("Sub", [t[3], z], [t[4]], name=self.name(p + "/sub")),
-                 helper.make_node("Mul", [t[4], s], [out], name=self.name(p + "/mul"))]
-        return nodes, out
+        steps = [("Div", [s], t[0], "/div"), ("Round", [], t[1], "/round"), ("Add", [z], t[2], "/add"),
+                 ("Clip", [qmin, qmax], t[3], "/clip"), ("Sub", [z], t[4], "/sub"), ("Mul", [s], out, "/mul")]
+        nodes = []
+        for op, rest, o, suffix in steps:
+            nodes.append(_node(op, [x, *rest], [o], name=self.name(p + suffix)))
+            x = nodes[-1].outputs[0]
+        return nodes
 
     def fixed_layer(self, layer: DynLayer, bits: int, bias: np.ndarray | None = None) -> None:
-        idx, node = self.node_of(layer)
-        nodes, xq = self.static_quant(layer, bits)
+        node = self.node_of(layer)
+        nodes = self.static_quant(layer, bits, node.inputs[0])
         w = self.const(f"{layer.name}/w{bits}", layer.weight(bits) if layer.op == "Conv" else
                        self._gemm_weight(node, layer.weight(bits)))
-        node.input[0], node.input[1] = xq, w
+        node.replace_input_with(0, nodes[-1].outputs[0])
+        node.replace_input_with(1, w)
         if bias is not None:
             b = self.const(f"{layer.name}/bias{bits}", bias.astype(np.float32))
-            if len(node.input) > 2:
-                node.input[2] = b
-            else:
-                node.input.append(b)
-        for k, n in enumerate(nodes):
-            self.graph.node.insert(idx + k, n)
+            if len(node.inputs) < 3:
+                node.resize_inputs(3)
+            node.replace_input_with(2, b)
+        self.graph.insert_before(node, nodes)
 
     @staticmethod
-    def _gemm_weight(node: onnx.NodeProto, w_oc: np.ndarray) -> np.ndarray:
-        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-        return w_oc if trans_b else np.ascontiguousarray(w_oc.T)
+    def _gemm_weight(node: ir.Node, w_oc: np.ndarray) -> np.ndarray:
+        return w_oc if node.attributes.get_int("transB", 0) else np.ascontiguousarray(w_oc.T)
 
-    def dynamic_layer(self, layer: DynLayer, bits_value: str, cache: dict, bias: np.ndarray | None = None) -> None:
-        idx, node = self.node_of(layer)
+    def dynamic_layer(self, layer: DynLayer, bits: ir.Value, cache: dict, bias: np.ndarray | None = None) -> None:
+        node = self.node_of(layer)
         a, p = layer.act, layer.name
         new = []
         key = (layer.input, layer.group)
         if key not in cache:
-            xq = self.name(f"{p}/dynquant")
-            new.append(helper.make_node(
-                "DynQuant", [layer.input, bits_value, self.const(p + "/act_scale", a.scale),
-                             self.const(p + "/act_zero_point", a.zero_point)],
-                [xq], domain=domain.DOMAIN, name=self.name(p + "/DynQuant"), signed=int(a.signed)))
-            cache[key] = xq
-        ins = [cache[key], bits_value, self.const(p + "/w_int", layer.w_int),
+            new.append(_node("DynQuant", [node.inputs[0], bits, self.const(p + "/act_scale", a.scale),
+                                          self.const(p + "/act_zero_point", a.zero_point)],
+                             [self.name(f"{p}/dynquant")], name=self.name(p + "/DynQuant"),
+                             domain_=domain.DOMAIN, signed=int(a.signed)))
+            cache[key] = new[-1].outputs[0]
+        ins = [cache[key], bits, self.const(p + "/w_int", layer.w_int),
                self.const(p + "/w_scale", layer.w_scale), self.const(p + "/scale_table", layer.scale_table),
                self.const(p + "/bias", layer.bias if bias is None else bias.astype(np.float32))]
         op = "DynQConv" if layer.op == "Conv" else "DynQGemm"
-        repl = helper.make_node(op, ins, [node.output[0]], domain=domain.DOMAIN, name=node.name,
-                                **(layer.attrs if layer.op == "Conv" else {}))
-        del self.graph.node[idx]
-        for k, n in enumerate(new + [repl]):
-            self.graph.node.insert(idx + k, n)
+        repl = _node(op, ins, [node.outputs[0].name], name=node.name, domain_=domain.DOMAIN,
+                     **(layer.attrs if layer.op == "Conv" else {}))
+        ir.convenience.replace_nodes_and_values(self.graph, node, [node], new + [repl], node.outputs, repl.outputs)
 
-    def finish(self, extra_outputs: list[str] = ()) -> onnx.ModelProto:
-        self.graph.initializer.extend(self.inits)
-        used = _inputs_used(self.graph)
-        keep = [t for t in self.graph.initializer if t.name in used]
-        del self.graph.initializer[:]
-        self.graph.initializer.extend(keep)
-        for name in extra_outputs:
-            self.graph.output.append(helper.make_empty_tensor_value_info(name))
+    def finish(self) -> ir.Model:
+        """The model, without the initializers nothing reads any more."""
+        for name, v in list(self.graph.initializers.items()):
+            if not v.uses() and not v.is_graph_output():
+                del self.graph.initializers[name]
         return self.model
 
 
@@ -122,7 +136,7 @@ def fake_quant_fixed(plan: Plan, config, extra_outputs: list[str] = ()) -> onnx.
     w.fixed_layer(plan.stem, plan.max_bits, biases.get(plan.stem.name))
     for layer in plan.layers:
         w.fixed_layer(layer, int(config[layer.group]), biases.get(layer.name))
-    return w.finish(extra_outputs)
+    return with_outputs(w.finish(), extra_outputs)
 
 
 def correct_biases(plan: Plan, config, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -157,37 +171,43 @@ def build_dynamic(plan: Plan, selector: Selector) -> onnx.ModelProto:
     schemas.register()
     w = _Writer(plan)
     w.fixed_layer(plan.stem, plan.max_bits)
-    stem_idx, _ = w.node_of(plan.stem)
-    # the selector right after the stem's activation
-    feat_idx = next(i for i, n in enumerate(w.graph.node) if plan.features in n.output)
     config = w.name("config")
-    sel = helper.make_node("BitSelect", [plan.features, w.const("selector/W1", selector.w1),
-                                         w.const("selector/b1", selector.b1), w.const("selector/W2", selector.w2),
-                                         w.const("selector/b2", selector.b2),
-                                         w.const("selector/bits_table", plan.configs.astype(np.float32))],
-                           [config, BITS_OUTPUT], domain=domain.DOMAIN, name=w.name("selector/BitSelect"))
+    sel = _node("BitSelect", [w.value(plan.features), w.const("selector/W1", selector.w1),
+                              w.const("selector/b1", selector.b1), w.const("selector/W2", selector.w2),
+                              w.const("selector/b2", selector.b2),
+                              w.const("selector/bits_table", plan.configs.astype(np.float32))],
+                [config, BITS_OUTPUT], name=w.name("selector/BitSelect"), domain_=domain.DOMAIN)
     nodes = [sel]
-    group_bits = []
-    for g in range(len(plan.groups)):
-        out = w.name(f"bits/group{g}")
-        nodes.append(helper.make_node("Gather", [BITS_OUTPUT, w.const(f"bits/index{g}", np.int64(g))], [out],
-                                      axis=1, name=w.name(f"bits/Gather{g}")))
-        group_bits.append(out)
-    for k, n in enumerate(nodes):
-        w.graph.node.insert(feat_idx + 1 + k, n)
+    for g in range(len(plan.groups)):      # the selector right after the stem's activation
+        nodes.append(_node("Gather", [sel.outputs[1], w.const(f"bits/index{g}", np.int64(g))],
+                           [w.name(f"bits/group{g}")], name=w.name(f"bits/Gather{g}"), axis=1))
+    w.graph.insert_after(w.value(plan.features).producer(), nodes)
     cache: dict = {}
     for layer in plan.layers:
-        w.dynamic_layer(layer, group_bits[layer.group], cache)
+        w.dynamic_layer(layer, nodes[1 + layer.group].outputs[0], cache)
     model = w.finish()
-    model.graph.output.append(helper.make_tensor_value_info(BITS_OUTPUT, TensorProto.FLOAT,
-                                                            [_batch_dim(model), len(plan.groups)]))
-    domain.add_opset_import(model)
-    functions.attach(model, plan.candidates)
+    bits_output(model, sel.outputs[1], len(plan.groups))
     meta = {"candidates": list(plan.candidates), "groups": plan.groups, "group_macs": plan.group_macs.tolist(),
             "configs": plan.configs.astype(int).tolist(), "stem": plan.stem.name, "stem_bits": plan.max_bits,
             "bits_output": BITS_OUTPUT}
-    model.metadata_props.append(onnx.StringStringEntryProto(key=METADATA_KEY, value=json.dumps(meta)))
-    return model
+    return with_functions(model, plan, meta)
+
+
+def bits_output(model: ir.Model, bits: ir.Value, n_groups: int) -> None:
+    """The selector's bits per group, [batch, groups], as the model's last output."""
+    bits.type = ir.TensorType(ir.DataType.FLOAT)
+    bits.shape = ir.Shape([batch_dim(model), n_groups])
+    model.graph.outputs.append(bits)
+
+
+def with_functions(model: ir.Model, plan: Plan, meta: dict) -> onnx.ModelProto:
+    """``model`` serialized with the ai.datafree opset, the function bodies of its ops
+    (:mod:`datafree.ops.functions`, shared with the runtime) and the plan in its metadata."""
+    proto = ir.serde.serialize_model(model)
+    domain.add_opset_import(proto)
+    functions.attach(proto, plan.candidates)
+    proto.metadata_props.append(onnx.StringStringEntryProto(key=METADATA_KEY, value=json.dumps(meta)))
+    return proto
 
 
 def confidence_features(logits: np.ndarray) -> np.ndarray:
@@ -195,14 +215,3 @@ def confidence_features(logits: np.ndarray) -> np.ndarray:
     minus the second largest, [n, 1] (as TopK, Slice and Sub compute it in the graph)."""
     top = -np.sort(-np.asarray(logits, np.float32), axis=1)
     return top[:, :1] - top[:, 1:2]
-
-
-def _batch_dim(model: onnx.ModelProto):
-    dims = model.graph.input[0].type.tensor_type.shape.dim
-    if dims and dims[0].dim_param:
-        return dims[0].dim_param
-    if dims and dims[0].dim_value:
-        return dims[0].dim_value
-    return "N"
-
-
