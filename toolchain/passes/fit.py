@@ -124,19 +124,30 @@ def fit_sequential(model: ir.Model, reference: ir.Model, layers: list[Layer], im
                 notes.append(f"{layer.name}: not fitted, {exc}: rounded to nearest")
         if fitted is not None:
             weights[layer.name] = fitted
-        points = [v.name for v in kernel_points(layer)] if recipe.integer_kernels else []
-        wanted = [n for n in points + [layer.output.name] if n in plan and n not in acts]
-        collected: dict[str, torch.Tensor] = {}
-        graph = TorchGraph(model).eval() if wanted else None
-        for out_name in wanted:
-            collected[out_name] = _collect_after(graph, in_name, X, out_name, hooks, x_all)
-            after = None
-            if out_name in points:
-                after = _after_activation(graph, out_name, points, layer.output.name, collected) or \
-                    ((lambda v: v), [])
-            _set_range(out_name, collected[out_name], plan[out_name], acts, hooks, after)
+        _output_ranges(model, layer, X, plan, acts, hooks, x_all, recipe.integer_kernels)
     progress("fit layers", len(todo), len(todo))
     return weights, acts
+
+
+def _output_ranges(model: ir.Model, layer: Layer, X: torch.Tensor, plan: dict, acts: dict[str, ActQuant],
+                   hooks: dict, x_all: torch.Tensor, integer_kernels: bool) -> None:
+    """The ranges ``plan`` wants after ``layer`` (its output; with ``integer_kernels``
+    the points where onnxruntime's kernels requantize), measured on the model as fitted
+    so far from the layer's input ``X``."""
+    from ..torchgraph import TorchGraph
+
+    in_name = layer.node.inputs[0].name
+    points = [v.name for v in kernel_points(layer)] if integer_kernels else []
+    wanted = [n for n in points + [layer.output.name] if n in plan and n not in acts]
+    collected: dict[str, torch.Tensor] = {}
+    graph = TorchGraph(model).eval() if wanted else None
+    for out_name in wanted:
+        collected[out_name] = _collect_after(graph, in_name, X, out_name, hooks, x_all)
+        after = None
+        if out_name in points:
+            after = _after_activation(graph, out_name, points, layer.output.name, collected) or \
+                ((lambda v: v), [])
+        _set_range(out_name, collected[out_name], plan[out_name], acts, hooks, after)
 
 
 class _Reference:
