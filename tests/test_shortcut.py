@@ -69,16 +69,18 @@ def test_option_a_shortcut_becomes_a_selection_conv_with_the_same_outputs():
     assert {i.name for i in out.graph.initializer} == {"w", conv.input[1]}
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(pads=(0, 4, 1, 0, 0, 4, 0, 0)),                 # spatial padding too
-    dict(pad_value=1.0),                                 # padded with ones
+@pytest.mark.parametrize("kwargs, why", [
+    (dict(pads=(0, 4, 1, 0, 0, 4, 0, 0)), "it pads more than the channel axis"),     # spatial padding too
+    (dict(pad_value=1.0), "its pad value is not a constant zero"),                   # padded with ones
 ])
-def test_other_slices_and_pads_stay(kwargs):
+def test_other_slices_and_pads_stay_and_say_why(kwargs, why):
     proto = _shortcut_model(**kwargs)
     proto.graph.node[-2].input[0] = "p"     # Add(p, p): valid whatever shape the pad gives
-    out, modified = _rewritten(proto)
-    assert not modified
-    assert [n.op_type for n in out.graph.node].count("Pad") == 1
+    model = ingest.load(proto)
+    shortcuts = ShortcutAsConvPass()
+    assert not shortcuts(model).modified
+    assert shortcuts.refused == {"pad": why}
+    assert [n.op_type for n in model.graph].count("Pad") == 1
 
 
 def test_an_offset_slice_stays_in_front_of_the_conv():

@@ -36,14 +36,20 @@ INT64_MAX = np.iinfo(np.int64).max
 
 
 class ShortcutAsConvPass(ir.passes.InPlacePass):
-    """Rewrite every matched ``[Slice ...] → Pad`` shortcut; see the module docstring."""
+    """Rewrite every matched ``[Slice ...] → Pad`` shortcut (see the module docstring);
+    ``refused``: every other Pad, and why."""
+
+    def __init__(self):
+        super().__init__()
+        self.refused: dict[str, str] = {}      # Pad node name -> why it was left as it is
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph, names, modified = model.graph, None, False
         quantized = stores_quantized_weights(graph)
         for pad in [n for n in graph if n.op_type == "Pad" and n.domain in ("", "ai.onnx")]:
-            match = _match(pad)
+            match, why = _match(pad)
             if match is None:
+                self.refused[pad.name or pad.outputs[0].name] = why
                 continue
             x, strides, before, after, grid = match
             names = names or UniqueNames(graph)
@@ -102,42 +108,44 @@ def _selection_weight(graph: ir.Graph, names: UniqueNames, base: str, w: np.ndar
 
 
 def _match(pad: ir.Node):
-    """(input, strides, channels padded before, after, activation grid or None) for a zero
-    channel-pad of a strided spatial subsampling starting at 0, else None.  Through the
-    Q/DQ pairs that requantize each Slice's output on its input's grid."""
+    """((input, strides, channels padded before, after, activation grid or None), None) for
+    a zero channel-pad of a strided spatial subsampling starting at 0, else (None, why not).
+    Through the Q/DQ pairs that requantize each Slice's output on its input's grid."""
     if attr(pad, "mode", "constant") != "constant":
-        return None
+        return None, f"mode {attr(pad, 'mode', 'constant')!r}: only a constant pad adds zero channels"
     if len(pad.inputs) > 2 and pad.inputs[2] is not None:
         value = const_array(pad.inputs[2])
         if value is None or np.any(value != 0):
-            return None
+            return None, "its pad value is not a constant zero"
     pads = const_array(pad.inputs[1]) if len(pad.inputs) > 1 and pad.inputs[1] is not None else None
     x = pad.inputs[0]
     shape = x.shape
-    if pads is None or shape is None or len(shape) < 3 or x.dtype != ir.DataType.FLOAT:
-        return None
+    if pads is None:
+        return None, "its pads are not constant"
+    if shape is None or len(shape) < 3 or x.dtype != ir.DataType.FLOAT:
+        return None, "its input is not a float tensor of known rank with spatial axes"
     rank = len(shape)
     axes = list(range(rank))
     if len(pad.inputs) > 3 and pad.inputs[3] is not None:
         given = const_array(pad.inputs[3])
         if given is None:
-            return None
+            return None, "its axes are not constant"
         axes = [int(a) % rank for a in given.reshape(-1)]
     pads = pads.reshape(-1).astype(np.int64)
     if len(pads) != 2 * len(axes):
-        return None
+        return None, "its pads do not match its axes"
     begin = dict(zip(axes, pads[:len(axes)].tolist()))
     end = dict(zip(axes, pads[len(axes):].tolist()))
     if any(v != 0 for a, v in [*begin.items(), *end.items()] if a != 1):
-        return None
+        return None, "it pads more than the channel axis"
     before, after = begin.get(1, 0), end.get(1, 0)
     if before < 0 or after < 0 or before + after == 0:
-        return None
+        return None, "it adds no channels (or crops them)"
     strides = [1] * (rank - 2)
     grid = _grid(x)
     if grid is not None and grid.bits != 8:
-        # onnxruntime would fuse a 4-bit one into a QLinearConv that rejects 4-bit inputs
-        return None
+        return None, (f"its input is on a {grid.bits}-bit grid: onnxruntime would fuse the selection into a "
+                      "QLinearConv that rejects inputs narrower than 8 bits")
     while True:
         p = x.producer()
         if grid is not None and _grid(x) == grid and p.inputs[0].producer() is not None and \
@@ -155,14 +163,14 @@ def _match(pad: ir.Node):
             strides[axis - 2] *= step
         x = p.inputs[0]
     if x.shape is None or not isinstance(x.shape[1], int) or x.dtype != ir.DataType.FLOAT:
-        return None
+        return None, "the tensor it widens has no known channel count"
     p = x.producer()
     if x.const_value is not None or x.is_initializer() or \
             (p is not None and p.op_type == "DequantizeLinear" and p.inputs[0].is_initializer()):
-        return None          # a padded constant, not a shortcut
+        return None, "it pads a constant, not a shortcut"
     if p is not None and p.op_type == "DequantizeLinear" and _grid(x) != grid:
-        return None          # a dequantized tensor whose grid changes on the way: leave it
-    return x, strides, before, after, grid
+        return None, "the tensor is requantized on another grid on the way"
+    return (x, strides, before, after, grid), None
 
 
 def _grid(value: ir.Value) -> ActQuant | None:
