@@ -181,7 +181,8 @@ def test_a_weight_only_model_counts_as_quantized(tmp_path):
 def test_layers_before_silu_and_hardswish_run_on_integer_kernels(integer_kernels, tmp_path):
     """A conv followed by SiLU or HardSwish: with integer_kernels its output is quantized
     (8 bits, uint8) before the activation, the SiLU's gate too, so every conv fuses into
-    QLinearConv and the SiLU into QLinearSigmoid and QLinearMul; without, they run in float."""
+    QLinearConv, the SiLU into QLinearSigmoid and QLinearMul and the HardSwish into
+    QLinearAdd and QLinearMul (passes/hard_gates.py); without, they run in float."""
     _, path = zoo.build("silu_net", tmp_path)
     result = compress(path, Recipe(synthetic=0, wbits=8, abits=8, integer_kernels=integer_kernels))
     proto = ir.serde.serialize_model(result.model)
@@ -193,7 +194,9 @@ def test_layers_before_silu_and_hardswish_run_on_integer_kernels(integer_kernels
     ops = Counter(n.op_type for n in optimized.graph.node)
     if integer_kernels:
         assert ops["QLinearConv"] == 2 and not {"Conv", "FusedConv"} & set(ops)
-        assert ops["QLinearSigmoid"] == 1 and ops["QLinearMul"] == 1
+        assert ops["QLinearSigmoid"] == 1 and ops["QLinearMul"] == 2 and ops["QLinearAdd"] == 1
+        assert "HardSwish" not in ops
+        assert any(n.startswith("1 HardSigmoid / HardSwish run as") for n in result.summary.notes)
     else:
         assert ops["QLinearConv"] == 0 and ops["Conv"] + ops["FusedConv"] == 2
     x = zoo.images(8)

@@ -14,6 +14,7 @@ from ..errors import UserError
 from ..passes import qdq
 from ..passes.closed_form import activation_ranges_closed_form, quantize_closed_form
 from ..passes.planning import kept_channels, pruned_regions
+from ..passes.hard_gates import REFUSED_FLOAT_INPUT, IntegerHardGatesPass
 from ..passes.shortcut import ShortcutAsConvPass
 from ..progress import ProgressFn
 from ..recipe import LAYERS_KEY, Recipe
@@ -82,7 +83,8 @@ def probe_images(spec, recipe: Recipe, n: int = 32, soft_share: float = 0.0) -> 
 
 
 def write(ctx: Context) -> None:
-    """Q/DQ written, shortcuts as selection convs, the per-layer rows and bits in the metadata."""
+    """Q/DQ written, shortcuts as selection convs, HardSigmoid / HardSwish on integer kernels, the
+    per-layer rows and bits in the metadata."""
     model, recipe, summary, weights, acts = ctx.model, ctx.recipe, ctx.summary, ctx.weights, ctx.acts
     pointed = [l for l in ctx.analysis.layers if recipe.integer_kernels and l.act and
                any(v.name in acts for v in qdq.kernel_points(l))]
@@ -93,6 +95,8 @@ def write(ctx: Context) -> None:
                              "one rounding fewer, slower)")
     qdq.emit(model, ctx.analysis.layers, weights, acts, int4=recipe.int4)
     ShortcutAsConvPass()(model)
+    if recipe.integer_kernels and acts:
+        _hard_gates(model, summary)
     refresh_shapes(model)
     per_layer = {}
     for layer in ctx.analysis.layers:
@@ -115,6 +119,22 @@ def write(ctx: Context) -> None:
                              "small filters lose the most at fewer bits and hold few of the model's weights "
                              "(depthwise_wbits in a recipe, --depthwise-wbits, to change it)")
     model.metadata_props[LAYERS_KEY] = json.dumps(per_layer, sort_keys=True)
+
+
+def _hard_gates(model: ir.Model, summary: Summary) -> None:
+    """HardSigmoid / HardSwish between quantized tensors as integer Add and Mul (passes/hard_gates.py)."""
+    gates = IntegerHardGatesPass()
+    gates(model)
+    if gates.rewritten:
+        summary.notes.append(f"{len(gates.rewritten)} HardSigmoid / HardSwish run as onnxruntime's integer Add and "
+                             "Mul (it has no integer kernel for them; --no-integer-kernels keeps them float)")
+    left: dict[str, list[str]] = {}
+    for name, why in gates.refused.items():
+        if why != REFUSED_FLOAT_INPUT:           # activations left float there: nothing to say
+            left.setdefault(why, []).append(name)
+    for why, nodes in left.items():
+        summary.notes.append(f"{len(nodes)} HardSigmoid / HardSwish stay float ({', '.join(nodes[:3])}"
+                             f"{', ...' if len(nodes) > 3 else ''}): {why}")
 
 
 def layer_input_name(layer: G.Layer) -> str | None:

@@ -1,0 +1,97 @@
+"""HardSigmoid / HardSwish between quantized tensors rewritten as integer Add and Mul:
+the codes stay within one step of the float op's, onnxruntime fuses every node into
+QLinearAdd / QLinearMul, and what cannot be rewritten says why."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from datafree.toolchain.passes.hard_gates import REFUSED_FLOAT_INPUT, IntegerHardGatesPass
+
+CODES = np.arange(256, dtype=np.uint8).reshape(1, 1, 16, 16)
+
+
+def _gate_model(op: str, attrs: dict, x_grid: tuple[float, int], y_grid: tuple[float, int],
+                dequantized_input: bool = True) -> onnx.ModelProto:
+    """codes → DequantizeLinear → op → QuantizeLinear → codes (opset 17)."""
+    inits = [numpy_helper.from_array(np.float32(x_grid[0]), "xs"), numpy_helper.from_array(np.uint8(x_grid[1]), "xz"),
+             numpy_helper.from_array(np.float32(y_grid[0]), "ys"), numpy_helper.from_array(np.uint8(y_grid[1]), "yz")]
+    nodes = [helper.make_node("DequantizeLinear", ["x", "xs", "xz"], ["xf"], name="dq")] if dequantized_input else \
+        [helper.make_node("Identity", ["x"], ["xf"], name="id")]
+    nodes += [helper.make_node(op, ["xf"], ["g"], name="gate", **attrs),
+              helper.make_node("QuantizeLinear", ["g", "ys", "yz"], ["y"], name="q")]
+    dtype = TensorProto.UINT8 if dequantized_input else TensorProto.FLOAT
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", dtype, [1, 1, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, [1, 1, 16, 16])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _rewritten(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, IntegerHardGatesPass]:
+    model = ir.serde.deserialize_model(proto)
+    gates = IntegerHardGatesPass()
+    gates(model)
+    return ir.serde.serialize_model(model), gates
+
+
+def _run(proto: onnx.ModelProto, x: np.ndarray, optimized: bool, path=None) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if not optimized:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if path is not None:
+        options.optimized_model_filepath = str(path)
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+# op, attributes, input grid (scale, zero point), output grid: HardSwish over -3.5 .. 8, the
+# SE gate's HardSigmoid at torch's slope and at ONNX's default one, onto the gate's 1/255 grid
+CASES = [("HardSwish", {}, (11.5 / 255, 78), (8.4 / 255, 11)),
+         ("HardSigmoid", {"alpha": 1 / 6, "beta": 0.5}, (12.0 / 255, 128), (1 / 255, 0)),
+         ("HardSigmoid", {"alpha": 0.2, "beta": 0.5}, (9.0 / 255, 100), (1 / 255, 0))]
+
+
+@pytest.mark.parametrize("op, attrs, x_grid, y_grid", CASES, ids=["hardswish", "hardsigmoid", "hardsigmoid-0.2"])
+def test_codes_stay_within_one_step_and_fuse_into_integer_kernels(op, attrs, x_grid, y_grid, tmp_path):
+    proto = _gate_model(op, attrs, x_grid, y_grid)
+    new, gates = _rewritten(proto)
+    assert gates.rewritten == ["gate"] and not gates.refused
+    assert op not in {n.op_type for n in new.graph.node}
+    before = _run(proto, CODES, optimized=False).astype(np.int32)
+    after = _run(new, CODES, optimized=False).astype(np.int32)
+    assert np.abs(after - before).max() <= 1 and np.mean(after != before) < 0.25
+    fused = _run(new, CODES, optimized=True, path=tmp_path / "optimized.onnx").astype(np.int32)
+    assert np.abs(fused - before).max() <= 1
+    ops = Counter(n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node)
+    assert ops["QLinearAdd"] == 1 and ops["QLinearMul"] == (op == "HardSwish")
+    assert not {op, "Add", "Mul"} & set(ops)
+
+
+def test_hardsigmoid_output_requantized_at_8_bits_keeps_its_codes():
+    """The gate's own QuantizeLinear goes: its readers dequantize the ramp's codes at 1/255."""
+    proto = _gate_model("HardSigmoid", {"alpha": 1 / 6, "beta": 0.5}, (12.0 / 255, 128), (1 / 255, 0))
+    proto.graph.node.append(helper.make_node("DequantizeLinear", ["y", "ys", "yz"], ["yf"], name="read"))
+    proto.graph.output[0].CopyFrom(helper.make_tensor_value_info("yf", TensorProto.FLOAT, [1, 1, 16, 16]))
+    new, _ = _rewritten(proto)
+    assert [n.op_type for n in new.graph.node].count("QuantizeLinear") == 1
+    before, after = _run(proto, CODES, optimized=False), _run(new, CODES, optimized=False)
+    assert np.abs(after - before).max() <= 1 / 255 + 1e-6
+
+
+def test_what_is_not_rewritten_says_why():
+    _, gates = _rewritten(_gate_model("HardSwish", {}, (0.05, 0), (0.05, 0), dequantized_input=False))
+    assert gates.refused == {"gate": REFUSED_FLOAT_INPUT} and not gates.rewritten
+    _, gates = _rewritten(_gate_model("HardSigmoid", {"alpha": -0.2, "beta": 0.5}, (0.05, 0), (1 / 255, 0)))
+    assert "not a saturating ramp" in gates.refused["gate"]
+    proto = _gate_model("HardSwish", {}, (0.05, 0), (0.05, 0))
+    proto.graph.node[-1].CopyFrom(helper.make_node("Relu", ["g"], ["y_float"], name="relu"))
+    proto.graph.output[0].CopyFrom(helper.make_tensor_value_info("y_float", TensorProto.FLOAT, [1, 1, 16, 16]))
+    _, gates = _rewritten(proto)
+    assert "stays float" in gates.refused["gate"]
