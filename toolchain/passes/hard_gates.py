@@ -20,22 +20,41 @@ quantized at 8 bits has that grid anyway); a HardSwish output moves by at most o
 of its own grid.  A HardSigmoid whose output was quantized at 8 bits keeps its codes:
 the QuantizeLinear after it goes and its readers dequantize ``t`` at 1/255.
 
-Contract: an in-place pass over a model whose Q/DQ are written; it rewrites every
-``HardSigmoid``/``HardSwish`` whose input is dequantized from an 8-bit container and
-whose output is quantized again, and says for every other one why not (``refused``).
+Exporters write these gates three ways, all matched: the operators themselves;
+``HardSigmoid`` of a convolution's output plus a per-channel bias written apart
+(paddle2onnx), whose bias joins the offset (quantized per tensor on the container's
+grid); and HardSwish spelled out as ``x · Clip(x + 3, 0, 6) / 6``.
+
+Contract: an in-place pass over a model whose Q/DQ are written; it rewrites every such
+gate whose input is dequantized from an 8-bit container (a HardSwish also needs its
+output quantized again) and says for every other one why not (``refused``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx_ir as ir
 
-from ..graph import UniqueNames, add_initializer, attr
+from ..graph import UniqueNames, add_initializer, attr, const_array, single_consumer
 from .qdq import remove_unused
 
-OPS = ("HardSigmoid", "HardSwish")
 REFUSED_FLOAT_INPUT = "its input is float (not dequantized)"
 CODES = {ir.DataType.UINT8: (0, 255), ir.DataType.INT8: (-128, 127)}   # container: (zero point, top code)
+DEFAULT_OPS = ("", "ai.onnx")
+
+
+@dataclass
+class _Gate:
+    """``clip(alpha·(x + offset), 0, 1)``, times ``x`` where ``swish``, replacing ``out``."""
+    x: ir.Value                   # the dequantized input
+    offset: np.ndarray            # scalar, or per channel (broadcasting against x)
+    alpha: float
+    swish: bool
+    out: ir.Value
+    nodes: list[ir.Node]          # the nodes it replaces (the last one makes ``out``)
+    container: ir.DataType | None = None
 
 
 class IntegerHardGatesPass(ir.passes.InPlacePass):
@@ -50,76 +69,130 @@ class IntegerHardGatesPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         names = None
-        for node in [n for n in graph if n.op_type in OPS and n.domain in ("", "ai.onnx")]:
-            container, why = _match(node)
-            if why is not None:
-                self.refused[node.name or node.outputs[0].name] = why
+        for node in [n for n in graph if n.domain in DEFAULT_OPS and n.op_type in ("HardSigmoid", "HardSwish", "Clip")]:
+            if node.graph is None:                       # replaced with an earlier gate
+                continue
+            gate, why = _match(node)
+            if gate is None:
+                if why is not None:
+                    self.refused[node.name or node.outputs[0].name] = why
                 continue
             names = names or UniqueNames(graph)
-            _rewrite(graph, names, node, container)
+            _rewrite(graph, names, gate)
             self.rewritten.append(node.name or node.outputs[0].name)
         if self.rewritten:
             remove_unused(model)
         return ir.passes.PassResult(model, bool(self.rewritten))
 
 
-def _alpha_beta(node: ir.Node) -> tuple[float, float]:
-    if node.op_type == "HardSwish":
-        return 1.0 / 6.0, 0.5
-    return float(attr(node, "alpha", 0.2)), float(attr(node, "beta", 0.5))
-
-
-def _match(node: ir.Node) -> tuple[ir.DataType | None, str | None]:
-    """(the 8-bit container of the input, None), or (None, why not)."""
-    alpha, beta = _alpha_beta(node)
-    if alpha <= 0 or beta <= 0:
-        return None, f"alpha {alpha:g} and beta {beta:g}: the gate is not a saturating ramp up from 0"
-    dq = node.inputs[0].producer()
+def _match(node: ir.Node) -> tuple[_Gate | None, str | None]:
+    """(the gate, None); (None, why not); or (None, None) for a Clip that is no gate."""
+    if node.op_type == "Clip":
+        gate = _spelled_out_hardswish(node)
+        if gate is None:
+            return None, None
+    else:
+        alpha, beta = (1.0 / 6.0, 0.5) if node.op_type == "HardSwish" else \
+            (float(attr(node, "alpha", 0.2)), float(attr(node, "beta", 0.5)))
+        if alpha <= 0:
+            return None, f"alpha {alpha:g}: the gate does not rise with its input"
+        x, offset, nodes = node.inputs[0], np.float32(beta / alpha), [node]
+        add = x.producer()
+        bias = _added_constant(add) if add is not None and single_consumer(x) is node else None
+        if bias is not None and node.op_type == "HardSigmoid":      # a bias written apart from its conv
+            x, offset, nodes = bias[0], (bias[1] + beta / alpha).astype(np.float32), [add, node]
+        gate = _Gate(x, offset, alpha, node.op_type == "HardSwish", node.outputs[0], nodes)
+    dq = gate.x.producer()
     if dq is None or dq.op_type != "DequantizeLinear":
         return None, REFUSED_FLOAT_INPUT
     zero = dq.inputs[2] if len(dq.inputs) > 2 else None
-    container = dq.inputs[0].dtype or (zero.dtype if zero is not None else None)
-    if container not in CODES:
-        return None, f"its input is dequantized from {container or 'an unknown type'}, not an 8-bit container"
-    uses = list(node.outputs[0].uses())
-    if node.outputs[0].is_graph_output() or not uses:
+    gate.container = dq.inputs[0].dtype or (zero.dtype if zero is not None else None)
+    if gate.container not in CODES:
+        return None, f"its input is dequantized from {gate.container or 'an unknown type'}, not an 8-bit container"
+    uses = list(gate.out.uses())
+    if gate.out.is_graph_output() or not uses:
         return None, "its output is a graph output"
-    if node.op_type == "HardSwish" and not all(u.node.op_type == "QuantizeLinear" for u in uses):
+    if gate.swish and not all(u.node.op_type == "QuantizeLinear" for u in uses):
         return None, "its output stays float: no integer Mul to fuse into"
-    return container, None
+    return gate, None
 
 
-def _rewrite(graph: ir.Graph, names: UniqueNames, node: ir.Node, container: ir.DataType) -> None:
-    alpha, beta = _alpha_beta(node)
+def _added_constant(add: ir.Node) -> tuple[ir.Value, np.ndarray] | None:
+    """(x, c) of ``Add(x, c)`` with ``c`` a constant, else None."""
+    if add.op_type != "Add" or add.domain not in DEFAULT_OPS or len(add.inputs) != 2:
+        return None
+    for i in (0, 1):
+        c = const_array(add.inputs[1 - i])
+        if c is not None and add.inputs[i] is not None and const_array(add.inputs[i]) is None:
+            return add.inputs[i], c.astype(np.float32)
+    return None
+
+
+def _spelled_out_hardswish(clip: ir.Node) -> _Gate | None:
+    """``Div(Mul(x, Clip(Add(x, c), 0, M)), M)`` (or the Mul by 1/M), as exporters write
+    HardSwish below opset 14: ``x · clip((x + c)/M, 0, 1)``."""
+    lo = const_array(clip.inputs[1]) if len(clip.inputs) > 1 and clip.inputs[1] is not None else attr(clip, "min")
+    hi = const_array(clip.inputs[2]) if len(clip.inputs) > 2 and clip.inputs[2] is not None else attr(clip, "max")
+    add = clip.inputs[0].producer()
+    if lo is None or hi is None or float(np.asarray(lo)) != 0.0 or float(np.asarray(hi)) <= 0 or add is None:
+        return None
+    m = float(np.asarray(hi))
+    added = _added_constant(add)
+    mul = single_consumer(clip.outputs[0])
+    if added is None or added[1].size != 1 or single_consumer(add.outputs[0]) is not clip or mul is None or \
+            mul.op_type != "Mul" or {v for v in mul.inputs} != {added[0], clip.outputs[0]}:
+        return None
+    scale = single_consumer(mul.outputs[0])
+    if scale is None or len(scale.inputs) != 2 or scale.inputs[0] is not mul.outputs[0]:
+        return None
+    k = const_array(scale.inputs[1])
+    if k is None or k.size != 1 or not ((scale.op_type == "Div" and np.isclose(float(k.reshape(())), m)) or
+                                        (scale.op_type == "Mul" and np.isclose(float(k.reshape(())) * m, 1.0))):
+        return None
+    return _Gate(added[0], added[1].reshape(()), 1.0 / m, True, scale.outputs[0], [add, clip, mul, scale])
+
+
+def _offset_codes(c: np.ndarray, container: ir.DataType) -> tuple[np.ndarray, float, int]:
+    """``c`` on a per-tensor grid of the container: (codes, scale, zero point).  A positive
+    scalar is exact (the top code); a per-channel vector is rounded to 1/255 of its span."""
     zero, top = CODES[container]
-    np_dt = np.uint8 if container == ir.DataType.UINT8 else np.int8
-    base = node.name or node.outputs[0].name
-    x = node.inputs[0]
+    lo, hi = min(float(c.min()), 0.0), max(float(c.max()), 0.0)
+    scale = (hi - lo) / (top - zero) or 1.0
+    zp = zero + int(round(-lo / scale))
+    codes = np.clip(np.round(c / scale) + zp, zero, top)
+    return codes, scale, zp
 
-    def const(name: str, value, dtype=None) -> ir.Value:
-        return add_initializer(graph, f"{base}/{name}", np.array(value, dtype=dtype or np.float32),
-                               container if dtype is np_dt else None, names=names)
 
-    z = const("zero_point", zero, np_dt)
-    offset = ir.node("DequantizeLinear", [const("offset_code", top, np_dt),
-                                          const("offset_scale", beta / alpha / (top - zero)), z],
+def _rewrite(graph: ir.Graph, names: UniqueNames, gate: _Gate) -> None:
+    zero, top = CODES[gate.container]
+    np_dt = np.uint8 if gate.container == ir.DataType.UINT8 else np.int8
+    last = gate.nodes[-1]
+    base = last.name or gate.out.name
+
+    def const(name: str, value, integer: bool = False) -> ir.Value:
+        array = np.asarray(value, dtype=np_dt if integer else np.float32)
+        return add_initializer(graph, f"{base}/{name}", array, gate.container if integer else None, names=names)
+
+    codes, scale, zp = _offset_codes(np.asarray(gate.offset, np.float64), gate.container)
+    z = const("zero_point", zero, integer=True)
+    offset = ir.node("DequantizeLinear", [const("offset_codes", codes, integer=True), const("offset_scale", scale),
+                                          const("offset_zero_point", zp, integer=True)],
                      name=names(f"{base}/offset"), num_outputs=1)
-    shifted = ir.node("Add", [x, offset.outputs[0]], name=names(f"{base}/Add"), num_outputs=1)
-    t = ir.node("QuantizeLinear", [shifted.outputs[0], const("ramp_scale", 1.0 / (255.0 * alpha)), z],
-                name=names(f"{base}/QuantizeLinear"), num_outputs=1)
-    gate = ir.node("DequantizeLinear", [t.outputs[0], const("gate_scale", 1.0 / 255.0), z],
+    shifted = ir.node("Add", [gate.x, offset.outputs[0]], name=names(f"{base}/Add"), num_outputs=1)
+    ramp = ir.node("QuantizeLinear", [shifted.outputs[0], const("ramp_scale", 1.0 / ((top - zero) * gate.alpha)), z],
+                   name=names(f"{base}/QuantizeLinear"), num_outputs=1)
+    read = ir.node("DequantizeLinear", [ramp.outputs[0], const("gate_scale", 1.0 / (top - zero)), z],
                    name=names(f"{base}/DequantizeLinear"), num_outputs=1)
-    nodes = [offset, shifted, t, gate]
-    if node.op_type == "HardSwish":
-        nodes.append(ir.node("Mul", [x, gate.outputs[0]], name=names(f"{base}/Mul"), num_outputs=1))
+    nodes = [offset, shifted, ramp, read]
+    if gate.swish:
+        nodes.append(ir.node("Mul", [gate.x, read.outputs[0]], name=names(f"{base}/Mul"), num_outputs=1))
     for n in nodes:
         n.outputs[0].name = names(f"{n.name}_output")
-    out = nodes[-1].outputs[0]
-    graph.insert_before(node, nodes)
-    ir.convenience.replace_all_uses_with(node.outputs[0], out)
-    graph.remove(node, safe=True)
-    if node.op_type == "HardSigmoid":
-        _drop_requantization(gate, t, container)
+    graph.insert_before(gate.nodes[0], nodes)
+    ir.convenience.replace_all_uses_with(gate.out, nodes[-1].outputs[0])
+    graph.remove(gate.nodes[::-1], safe=True)
+    if not gate.swish:
+        _drop_requantization(read, ramp, gate.container)
 
 
 def _drop_requantization(gate: ir.Node, t: ir.Node, container: ir.DataType) -> None:
