@@ -118,3 +118,9 @@ def test_what_is_not_rewritten_says_why():
     proto.graph.output[0].CopyFrom(helper.make_tensor_value_info("y_float", TensorProto.FLOAT, [1, 1, 16, 16]))
     _, gates = _rewritten(proto)
     assert "stays float" in gates.refused["gate"]
+    proto = _gate_model("HardSigmoid", {"alpha": 0.2, "beta": 0.5}, (0.05, 0), (0.05, 0))   # gating float values
+    proto.graph.node.insert(-1, helper.make_node("Mul", ["g", "w"], ["gw"], name="apply"))
+    proto.graph.node.insert(0, helper.make_node("Relu", ["xf"], ["w"], name="float_values"))
+    proto.graph.node[-1].input[0] = "gw"
+    _, gates = _rewritten(proto)
+    assert "gates float values" in gates.refused["gate"] and not gates.rewritten

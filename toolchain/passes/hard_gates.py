@@ -114,7 +114,24 @@ def _match(node: ir.Node) -> tuple[_Gate | None, str | None]:
         return None, "its output is a graph output"
     if gate.swish and not all(u.node.op_type == "QuantizeLinear" for u in uses):
         return None, "its output stays float: no integer Mul to fuse into"
+    if not gate.swish and not all(_integer_reader(u.node, gate.out) for u in uses):
+        # a gate read in float gains no kernel, and its rounding scales whole channels alike
+        return None, "it gates float values: no integer Mul to fuse into"
     return gate, None
+
+
+def _integer_reader(node: ir.Node, gate: ir.Value) -> bool:
+    """Whether ``node`` reads the gate as an integer kernel would: a QuantizeLinear, or a Mul
+    of a dequantized tensor whose product is quantized again."""
+    if node.op_type == "QuantizeLinear":
+        return True
+    if node.op_type != "Mul" or len(node.inputs) != 2:
+        return False
+    other = node.inputs[1] if node.inputs[0] is gate else node.inputs[0]
+    producer = other.producer() if other is not None else None
+    uses = list(node.outputs[0].uses())
+    return producer is not None and producer.op_type == "DequantizeLinear" and bool(uses) and \
+        all(u.node.op_type == "QuantizeLinear" for u in uses)
 
 
 def _added_constant(add: ir.Node) -> tuple[ir.Value, np.ndarray] | None:
