@@ -38,6 +38,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..graph import UniqueNames, add_initializer, attr, const_array, single_consumer
+from ..stats import clip_bounds
 from .qdq import remove_unused
 
 REFUSED_FLOAT_INPUT = "its input is float (not dequantized)"
@@ -70,8 +71,6 @@ class IntegerHardGatesPass(ir.passes.InPlacePass):
         graph = model.graph
         names = None
         for node in [n for n in graph if n.domain in DEFAULT_OPS and n.op_type in ("HardSigmoid", "HardSwish", "Clip")]:
-            if node.graph is None:                       # replaced with an earlier gate
-                continue
             gate, why = _match(node)
             if gate is None:
                 if why is not None:
@@ -148,12 +147,10 @@ def _added_constant(add: ir.Node) -> tuple[ir.Value, np.ndarray] | None:
 def _spelled_out_hardswish(clip: ir.Node) -> _Gate | None:
     """``Div(Mul(x, Clip(Add(x, c), 0, M)), M)`` (or the Mul by 1/M), as exporters write
     HardSwish below opset 14: ``x · clip((x + c)/M, 0, 1)``."""
-    lo = const_array(clip.inputs[1]) if len(clip.inputs) > 1 and clip.inputs[1] is not None else attr(clip, "min")
-    hi = const_array(clip.inputs[2]) if len(clip.inputs) > 2 and clip.inputs[2] is not None else attr(clip, "max")
+    lo, m = clip_bounds(clip)
     add = clip.inputs[0].producer()
-    if lo is None or hi is None or float(np.asarray(lo)) != 0.0 or float(np.asarray(hi)) <= 0 or add is None:
+    if lo != 0.0 or not 0.0 < m < np.inf or add is None:
         return None
-    m = float(np.asarray(hi))
     added = _added_constant(add)
     mul = single_consumer(clip.outputs[0])
     if added is None or added[1].size != 1 or single_consumer(add.outputs[0]) is not clip or mul is None or \

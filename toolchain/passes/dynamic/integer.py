@@ -169,8 +169,14 @@ def build_fixed(plan: Plan, config, extra_outputs: list[str] = ()) -> onnx.Model
         from .writing import fake_quant_fixed
 
         return fake_quant_fixed(plan, config, extra_outputs)
-    model, _, _ = config_model(plan, config)
-    proto = ir.serde.serialize_model(model)
-    for name in extra_outputs:
-        proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    return proto
+    return with_outputs(config_model(plan, config)[0], extra_outputs)
+
+
+def with_outputs(model: ir.Model, names: list[str] = ()) -> onnx.ModelProto:
+    """``model`` serialized, with the values ``names`` as extra outputs (their shapes
+    left open: they are read at whatever batch the session runs)."""
+    values = {v.name: v for n in model.graph.all_nodes() for v in n.outputs}
+    for name in names:
+        values[name].shape = None
+        model.graph.outputs.append(values[name])
+    return ir.serde.serialize_model(model)

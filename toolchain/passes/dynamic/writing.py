@@ -12,7 +12,7 @@ from datafree.ops import domain, functions, reference, schemas
 from datafree.ops.selector import Selector
 
 from ...graph import UniqueNames, add_initializer
-from .integer import build_fixed
+from .integer import build_fixed, with_outputs
 from .plan import BITS_OUTPUT, METADATA_KEY, DynLayer, Plan, run_values, config_key
 
 
@@ -24,16 +24,6 @@ def _node(op: str, inputs: list, outputs: list, name: str | None = None, domain_
     return ir.Node(domain_, op, inputs, attributes=[ir.convenience.convert_attribute(k, v)
                                                     for k, v in sorted(attrs.items())],
                    outputs=[o if isinstance(o, ir.Value) else ir.Value(name=o) for o in outputs], name=name)
-
-
-def with_outputs(model: ir.Model, names: list[str] = ()) -> onnx.ModelProto:
-    """``model`` serialized, with the values ``names`` as extra outputs (their shapes
-    left open: they are read at whatever batch the session runs)."""
-    values = {v.name: v for n in model.graph.all_nodes() for v in n.outputs}
-    for name in names:
-        values[name].shape = None
-        model.graph.outputs.append(values[name])
-    return ir.serde.serialize_model(model)
 
 
 def batch_dim(model: ir.Model) -> int | str:
