@@ -28,6 +28,16 @@ def _spelled_out(inits: list) -> list:
             helper.make_node("Div", ["m", "six"], ["g"], name="gate")]
 
 
+def _spelled_out_gate_first(inits: list) -> list:
+    """The same as keras and tf2onnx write it: x · (Clip(x + 3, 0, 6) · 1/6)."""
+    for name, v in (("three", 3.0), ("lo", 0.0), ("six", 6.0), ("sixth", 1 / 6)):
+        inits.append(numpy_helper.from_array(np.float32(v), name))
+    return [helper.make_node("Add", ["xf", "three"], ["a"], name="add"),
+            helper.make_node("Clip", ["a", "lo", "six"], ["c"], name="clip"),
+            helper.make_node("Mul", ["c", "sixth"], ["h"], name="scale"),
+            helper.make_node("Mul", ["h", "xf"], ["g"], name="gate")]
+
+
 def _bias_apart(inits: list) -> list:
     """paddle2onnx's SE gate: a per-channel bias added apart, then HardSigmoid(0.2, 0.5)."""
     inits.append(numpy_helper.from_array(np.array([0.3, -1.2], np.float32).reshape(1, 2, 1, 1), "bias"))
@@ -74,10 +84,11 @@ def _run(proto: onnx.ModelProto, x: np.ndarray, optimized: bool, path=None) -> n
 # ONNX's default one, and after a bias added apart, onto the gate's 1/255 grid
 CASES = [("HardSwish", {}, (11.5 / 255, 78), (8.4 / 255, 11), True),
          (_spelled_out, {}, (11.5 / 255, 78), (8.4 / 255, 11), True),
+         (_spelled_out_gate_first, {}, (11.5 / 255, 78), (8.4 / 255, 11), True),
          ("HardSigmoid", {"alpha": 1 / 6, "beta": 0.5}, (11.3 / 255, 128), (1 / 255, 0), False),
          ("HardSigmoid", {"alpha": 0.2, "beta": 0.5}, (9.0 / 255, 100), (1 / 255, 0), False),
          (_bias_apart, {}, (9.0 / 255, 100), (1 / 255, 0), False)]
-IDS = ["hardswish", "hardswish-spelled-out", "hardsigmoid", "hardsigmoid-0.2", "hardsigmoid-bias-apart"]
+IDS = ["hardswish", "hardswish-spelled-out", "hardswish-spelled-out-gate-first", "hardsigmoid", "hardsigmoid-0.2", "hardsigmoid-bias-apart"]
 
 
 @pytest.mark.parametrize("op, attrs, x_grid, y_grid, swish", CASES, ids=IDS)

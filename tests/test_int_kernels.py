@@ -15,6 +15,7 @@ import pytest
 
 import zoo
 from datafree.runtime import InferenceSession
+from datafree.toolchain import graph as G, ingest
 from datafree.toolchain.compress import compress
 from datafree.toolchain.recipe import Recipe
 from datafree.toolchain.report import cost
@@ -199,6 +200,26 @@ def test_layers_before_silu_and_hardswish_run_on_integer_kernels(integer_kernels
         assert any(n.startswith("1 HardSigmoid / HardSwish run as") for n in result.summary.notes)
     else:
         assert ops["QLinearConv"] == 0 and ops["Conv"] + ops["FusedConv"] == 2
+    x = zoo.images(8)
+    y = _run(session, x)
+    np.testing.assert_allclose(y, _unoptimized(proto, x), rtol=0, atol=0.02 * np.abs(y).max())
+
+
+def test_spelled_out_hardswish_and_its_se_block_run_on_integer_kernels(tmp_path):
+    """HardSwish written as x · Clip(x + 3, 0, 6) / 6 is the layer's activation, as the
+    operator is: its output is quantized, so the squeeze-and-excitation block reading it
+    pools, gates and multiplies on integer kernels, with no float op left in between."""
+    _, path = zoo.build("hswish_se_net", tmp_path)
+    layers, _ = G.find_layers(ingest.load(path))
+    assert [l.act_type for l in layers[:2]] == ["hardswish", "hardswish"]
+    result = compress(path, Recipe(synthetic=0, wbits=8, abits=8))
+    assert any(n.startswith("3 HardSigmoid / HardSwish run as") for n in result.summary.notes)
+    proto = ir.serde.serialize_model(result.model)
+    session, optimized = _plain(proto, tmp_path, "plain")
+    ops = Counter(n.op_type for n in optimized.graph.node)
+    assert ops["QLinearConv"] == 5 and ops["QLinearMul"] == 3 and ops["QLinearAdd"] == 3
+    assert ops["QLinearGlobalAveragePool"] == 1          # the SE block's pool; the head's reads a float Relu
+    assert not {"Conv", "FusedConv", "Clip", "Div", "Mul", "Add", "HardSigmoid", "HardSwish"} & set(ops)
     x = zoo.images(8)
     y = _run(session, x)
     np.testing.assert_allclose(y, _unoptimized(proto, x), rtol=0, atol=0.02 * np.abs(y).max())

@@ -22,6 +22,7 @@ import onnx
 import onnx_ir as ir
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 OPSET = 17
 IMAGE = (1, 3, 32, 32)
@@ -185,6 +186,32 @@ def silu_net(seed: int = 0) -> nn.Module:
                                    nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10)), seed)
 
 
+class SpelledHardswish(nn.Module):
+    """HardSwish written out, as export-minded code does (YOLOv5's ``Hardswish``): it exports
+    as Add, Clip, Mul and Div at any opset."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * F.hardtanh(x + 3.0, 0.0, 6.0) / 6.0
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, c: int, mid: int) -> None:
+        super().__init__()
+        self.reduce, self.expand = nn.Conv2d(c, mid, 1), nn.Conv2d(mid, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = F.adaptive_avg_pool2d(x, 1)
+        return x * F.hardsigmoid(self.expand(F.relu(self.reduce(s))))
+
+
+def hswish_se_net(seed: int = 0) -> nn.Module:
+    """Spelled-out HardSwish after a conv and a depthwise conv, then a squeeze-and-excitation
+    block gated by HardSigmoid (MobileNetV3's block as paddle2onnx and YOLOv5 write it)."""
+    return randomize(nn.Sequential(*_cbr(3, 16, act=SpelledHardswish()), *_cbr(16, 16, groups=16, act=SpelledHardswish()),
+                                   SqueezeExcite(16, 8), *_cbr(16, 24), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                   nn.Linear(24, 10)), seed)
+
+
 def tconv_net(seed: int = 0) -> nn.Module:
     """Strided conv down, ConvTranspose up, conv to a 3-channel image output."""
     return randomize(nn.Sequential(*_cbr(3, 16, 3, 2), nn.ConvTranspose2d(16, 8, 2, 2, bias=False),
@@ -281,6 +308,7 @@ BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "mobilenet_like": mobilenet_like,
     "vgg_like": vgg_like,
     "silu_net": silu_net,
+    "hswish_se_net": hswish_se_net,
     "tconv_net": tconv_net,
     "split_concat_net": split_concat_net,
     "mish_net": mish_net,

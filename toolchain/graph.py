@@ -227,6 +227,78 @@ def add_initializer(graph: ir.Graph, base: str, array: np.ndarray, dtype: ir.Dat
     return value
 
 
+def clip_bounds(node: ir.Node) -> tuple[float, float]:
+    """A Clip's (min, max) from its attributes or constant inputs; ±inf where it has none."""
+    lo = attr(node, "min", None)
+    hi = attr(node, "max", None)
+    if len(node.inputs) > 1 and node.inputs[1] is not None and const_array(node.inputs[1]) is not None:
+        lo = float(const_array(node.inputs[1]))
+    if len(node.inputs) > 2 and node.inputs[2] is not None and const_array(node.inputs[2]) is not None:
+        hi = float(const_array(node.inputs[2]))
+    return (-np.inf if lo is None else float(lo)), (np.inf if hi is None else float(hi))
+
+
+def added_constant(add: ir.Node) -> tuple[ir.Value, np.ndarray] | None:
+    """(x, c) of ``Add(x, c)`` with ``c`` a constant, else None."""
+    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
+        return None
+    for i in (0, 1):
+        c = const_array(add.inputs[1 - i])
+        if c is not None and add.inputs[i] is not None and const_array(add.inputs[i]) is None:
+            return add.inputs[i], c.astype(np.float32)
+    return None
+
+
+@dataclass
+class SpelledHardSwish:
+    """``x · clip((x + offset) / top, 0, 1)`` written with elementary ops; ``nodes`` in graph
+    order, the last one making ``out``."""
+    x: ir.Value
+    offset: float
+    top: float
+    nodes: list[ir.Node]
+    out: ir.Value
+
+
+def spelled_out_hardswish(clip: ir.Node) -> SpelledHardSwish | None:
+    """HardSwish as exporters write it below opset 14 (paddle2onnx, tf2onnx, keras), around
+    ``Clip(Add(x, c), 0, M)``: ``Mul(x, clip) / M`` or ``x · (clip / M)``, the division a
+    ``Div`` by M or a ``Mul`` by 1/M."""
+    if clip.op_type != "Clip":
+        return None
+    lo, m = clip_bounds(clip)
+    add = clip.inputs[0].producer()
+    added = _added_constant_scalar(add) if add is not None and lo == 0.0 and 0.0 < m < np.inf else None
+    if added is None or single_consumer(add.outputs[0]) is not clip:
+        return None
+    x = added[0]
+
+    def divides(node: ir.Node | None, value: ir.Value) -> bool:
+        k = const_array(node.inputs[1]) if node is not None and len(node.inputs) == 2 and \
+            node.inputs[0] is value else None
+        return k is not None and k.size == 1 and (
+            (node.op_type == "Div" and np.isclose(float(k.reshape(())), m)) or
+            (node.op_type == "Mul" and np.isclose(float(k.reshape(())) * m, 1.0)))
+
+    def times_x(node: ir.Node | None, value: ir.Value) -> bool:
+        return node is not None and node.op_type == "Mul" and len(node.inputs) == 2 and \
+            {id(v) for v in node.inputs} == {id(x), id(value)} and x is not value
+
+    first = single_consumer(clip.outputs[0])
+    second = single_consumer(first.outputs[0]) if first is not None else None
+    if not ((times_x(first, clip.outputs[0]) and divides(second, first.outputs[0])) or
+            (divides(first, clip.outputs[0]) and times_x(second, first.outputs[0]))):
+        return None
+    return SpelledHardSwish(x, added[1], m, [add, clip, first, second], second.outputs[0])
+
+
+def _added_constant_scalar(add: ir.Node) -> tuple[ir.Value, float] | None:
+    added = added_constant(add)
+    if added is None or added[1].size != 1:
+        return None
+    return added[0], float(added[1].reshape(()))
+
+
 def _act_chain(value: ir.Value) -> tuple[list[ir.Node], str | None]:
     """Elementwise activation right after ``value`` (Relu, Clip, SiLU = x*Sigmoid(x), ...)."""
     uses = list(value.uses())
@@ -248,6 +320,11 @@ def _act_chain(value: ir.Value) -> tuple[list[ir.Node], str | None]:
                 g, m = nodes[gate], nodes["Mul"]
                 if set(id(x) for x in m.inputs) == {id(value), id(g.outputs[0])} and single_consumer(g.outputs[0]) is m:
                     return [g, m], "silu" if gate == "Sigmoid" else "hardswish"
+        if "Add" in nodes and "Mul" in nodes and single_consumer(nodes["Add"].outputs[0]) is not None:
+            # HardSwish spelled out: x · Clip(x + 3, 0, 6) / 6
+            hs = spelled_out_hardswish(single_consumer(nodes["Add"].outputs[0]))
+            if hs is not None and hs.x is value and np.isclose(hs.offset, 3.0) and np.isclose(hs.top, 6.0):
+                return hs.nodes, "hardswish"
     return [], None
 
 

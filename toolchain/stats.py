@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import erf
 
-from .graph import Layer, attr, const_array
+from .graph import Layer, attr, clip_bounds
 from .quant import act_qparams, fake_quant_act
 
 _GH_T, _GH_W = np.polynomial.hermite.hermgauss(64)
@@ -51,17 +51,6 @@ def act_fn(layer: Layer):
     if t == "softplus":
         return lambda z: np.logaddexp(0, z)
     return None
-
-
-def clip_bounds(node) -> tuple[float, float]:
-    """A Clip's (min, max) from its attributes or constant inputs; ±inf where it has none."""
-    lo = attr(node, "min", None)
-    hi = attr(node, "max", None)
-    if len(node.inputs) > 1 and node.inputs[1] is not None and const_array(node.inputs[1]) is not None:
-        lo = float(const_array(node.inputs[1]))
-    if len(node.inputs) > 2 and node.inputs[2] is not None and const_array(node.inputs[2]) is not None:
-        hi = float(const_array(node.inputs[2]))
-    return (-np.inf if lo is None else float(lo)), (np.inf if hi is None else float(hi))
 
 
 def gaussian_expectation(fn, mean: np.ndarray, std: np.ndarray) -> np.ndarray:

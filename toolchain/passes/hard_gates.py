@@ -23,7 +23,8 @@ the QuantizeLinear after it goes and its readers dequantize ``t`` at 1/255.
 Exporters write these gates three ways, all matched: the operators themselves;
 ``HardSigmoid`` of a convolution's output plus a per-channel bias written apart
 (paddle2onnx), whose bias joins the offset (quantized per tensor on the container's
-grid); and HardSwish spelled out as ``x · Clip(x + 3, 0, 6) / 6``.
+grid); and HardSwish spelled out as ``x · Clip(x + 3, 0, 6) / 6`` or ``x · (Clip(x + 3, 0, 6) / 6)``
+(``graph.spelled_out_hardswish``, which the layer analysis also reads as an activation).
 
 Contract: an in-place pass over a model whose Q/DQ are written; it rewrites every such
 gate whose input is dequantized from an 8-bit container (a HardSwish also needs its
@@ -37,8 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from ..graph import UniqueNames, add_initializer, attr, const_array, single_consumer
-from ..stats import clip_bounds
+from ..graph import UniqueNames, add_initializer, added_constant, attr, single_consumer, spelled_out_hardswish
 from .qdq import remove_unused
 
 REFUSED_FLOAT_INPUT = "its input is float (not dequantized)"
@@ -97,7 +97,7 @@ def _match(node: ir.Node) -> tuple[_Gate | None, str | None]:
             return None, f"alpha {alpha:g}: the gate does not rise with its input"
         x, offset, nodes = node.inputs[0], np.float32(beta / alpha), [node]
         add = x.producer()
-        bias = _added_constant(add) if add is not None and single_consumer(x) is node else None
+        bias = added_constant(add) if add is not None and single_consumer(x) is node else None
         if bias is not None and node.op_type == "HardSigmoid":      # a bias written apart from its conv
             x, offset, nodes = bias[0], (bias[1] + beta / alpha).astype(np.float32), [add, node]
         gate = _Gate(x, offset, alpha, node.op_type == "HardSwish", node.outputs[0], nodes)
@@ -133,37 +133,11 @@ def _integer_reader(node: ir.Node, gate: ir.Value) -> bool:
         all(u.node.op_type == "QuantizeLinear" for u in uses)
 
 
-def _added_constant(add: ir.Node) -> tuple[ir.Value, np.ndarray] | None:
-    """(x, c) of ``Add(x, c)`` with ``c`` a constant, else None."""
-    if add.op_type != "Add" or add.domain not in DEFAULT_OPS or len(add.inputs) != 2:
-        return None
-    for i in (0, 1):
-        c = const_array(add.inputs[1 - i])
-        if c is not None and add.inputs[i] is not None and const_array(add.inputs[i]) is None:
-            return add.inputs[i], c.astype(np.float32)
-    return None
-
-
 def _spelled_out_hardswish(clip: ir.Node) -> _Gate | None:
-    """``Div(Mul(x, Clip(Add(x, c), 0, M)), M)`` (or the Mul by 1/M), as exporters write
-    HardSwish below opset 14: ``x · clip((x + c)/M, 0, 1)``."""
-    lo, m = clip_bounds(clip)
-    add = clip.inputs[0].producer()
-    if lo != 0.0 or not 0.0 < m < np.inf or add is None:
+    hs = spelled_out_hardswish(clip)
+    if hs is None:
         return None
-    added = _added_constant(add)
-    mul = single_consumer(clip.outputs[0])
-    if added is None or added[1].size != 1 or single_consumer(add.outputs[0]) is not clip or mul is None or \
-            mul.op_type != "Mul" or {v for v in mul.inputs} != {added[0], clip.outputs[0]}:
-        return None
-    scale = single_consumer(mul.outputs[0])
-    if scale is None or len(scale.inputs) != 2 or scale.inputs[0] is not mul.outputs[0]:
-        return None
-    k = const_array(scale.inputs[1])
-    if k is None or k.size != 1 or not ((scale.op_type == "Div" and np.isclose(float(k.reshape(())), m)) or
-                                        (scale.op_type == "Mul" and np.isclose(float(k.reshape(())) * m, 1.0))):
-        return None
-    return _Gate(added[0], added[1].reshape(()), 1.0 / m, True, scale.outputs[0], [add, clip, mul, scale])
+    return _Gate(hs.x, np.float32(hs.offset), 1.0 / hs.top, True, hs.out, hs.nodes)
 
 
 def _offset_codes(c: np.ndarray, container: ir.DataType) -> tuple[np.ndarray, float, int]:

@@ -37,9 +37,8 @@ import onnx_ir as ir
 
 from ..ingest import STORED_INTEGERS
 from ..recipe import Recipe
-from ..graph import Layer, UniqueNames, add_initializer, attr, const_array
+from ..graph import Layer, UniqueNames, add_initializer, attr, clip_bounds, const_array
 from ..quant import act_range_grid
-from ..stats import clip_bounds
 from .quantize import WeightQuant
 
 
