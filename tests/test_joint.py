@@ -159,6 +159,44 @@ def test_removal_costs_are_relative_to_the_energy_given():
     np.testing.assert_array_equal(prune.select_by_output([(H, W, 3)], 4, 2), np.sort(order[:2]))
 
 
+def _refit_cost(H: np.ndarray, W: np.ndarray, removed: np.ndarray) -> float:
+    """Output error of removing ``removed`` (block 1) with the rest refitted optimally."""
+    Hinv = np.linalg.inv(H)
+    S = np.asarray(removed)
+    return float(np.trace(W[S].T @ np.linalg.solve(Hinv[np.ix_(S, S)], W[S])))
+
+
+def test_wide_groups_are_ordered_in_chunks_at_nearly_the_greedy_cost():
+    """Beyond ``max_updates`` channels, channels go in equal chunks (one H⁻¹ update each);
+    up to it, one at a time, exactly as before."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2000, 48)) @ rng.standard_normal((48, 48)) * 0.3 + rng.standard_normal((2000, 48))
+    H, W = x.T @ x, rng.standard_normal((48, 16))
+    exact, exact_costs = prune.removal_order([(H, W, 1)], 48, 40, max_updates=40)
+    same, same_costs = prune.removal_order([(H, W, 1)], 48, 40)           # 40 <= MAX_UPDATES
+    np.testing.assert_array_equal(same, exact)
+    np.testing.assert_array_equal(same_costs, exact_costs)
+    chunked, costs = prune.removal_order([(H, W, 1)], 48, 40, max_updates=8)
+    assert len(set(chunked)) == 40 and len(costs) == 40
+    for n in (10, 20, 30, 40):
+        assert _refit_cost(H, W, chunked[:n]) <= 1.1 * _refit_cost(H, W, exact[:n])
+
+
+def test_channel_statistics_are_the_same_captured_group_by_group_or_together(resnet_groups):
+    from datafree.toolchain.passes.regions import consumer_statistics
+
+    model, a = resnet_groups
+    images = zoo.images(8)
+    together = consumer_statistics(model, a.prunable, images, a.layers)
+    apart = consumer_statistics(model, a.prunable, images, a.layers, capture_bytes=1)
+    assert together.keys() == apart.keys() and len(together) >= 5
+    for name, st in together.items():
+        assert st.energy == apart[name].energy
+        for (H1, W1, b1), (H2, W2, b2) in zip(st.consumers, apart[name].consumers):
+            np.testing.assert_array_equal(H1, H2)
+            assert b1 == b2
+
+
 def test_auto_scope_allocates_globally_only_with_output_statistics(resnet_groups):
     model, a = resnet_groups
     recipe = Recipe(prune=0.3, channel_multiple=1)

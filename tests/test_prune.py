@@ -40,6 +40,24 @@ def test_closed_form_matches_brute_force_least_squares(tmp_path):
         np.testing.assert_allclose(S[:, col], best, atol=1e-4)
 
 
+def test_closed_form_without_bn_solves_all_columns_at_once_as_one_by_one(tmp_path):
+    """Without a BN (folded, as most exports are), every pruned channel's system has the
+    same matrix: one solve for all of them gives what one solve per channel gave."""
+    from datafree.toolchain.passes.fold import fold_batchnorm
+
+    path = zoo.export_model(zoo.conv_bn_relu_conv(seed=3), tmp_path, "cbrc")
+    layer = G.analyse(load(path)).layers[1]
+    fold_batchnorm(layer)
+    keep, pruned = np.arange(0, 22), np.arange(22, 32)
+    S = prune.closed_form_coefficients(layer, keep, pruned, alpha1=0.01)
+    w = layer.w_oc().reshape(layer.out_channels, -1).astype(np.float64)
+    K = layer.bias_array().astype(np.float64)
+    A = np.vstack([w[keep].T, 0.1 * K[keep][None, :]])
+    for col, j in enumerate(pruned):
+        one = np.linalg.lstsq(A, np.concatenate([w[j], [0.1 * K[j]]]), rcond=None)[0]
+        np.testing.assert_allclose(S[:, col], one, rtol=0, atol=1e-10 * np.abs(one).max())
+
+
 def _scaled_copy_conv(seed: int = 0) -> nn.Module:
     """Conv-BN-ReLU-Conv whose channel 5 is exactly 0.01 x channel 2 after BN."""
     module = zoo.conv_bn_relu_conv(seed)

@@ -12,10 +12,11 @@ from . import prune
 
 
 def plan_pruning(analysis: G.Analysis, recipe: Recipe, output_stats: dict | None = None,
-                 positions: dict[str, int] | None = None) -> list[prune.PrunePlan]:
+                 positions: dict[str, int] | None = None, progress=None) -> list[prune.PrunePlan]:
     """Which channels of which group go: ratio per layer (or global rank), then the criterion.
     ``positions``: output positions per layer at the input size assumed, where shapes are
-    symbolic (the global allocation weighs channels by their MACs there)."""
+    symbolic (the global allocation weighs channels by their MACs there).  ``progress(done,
+    total)``: called as each group's channels are put in order (the long part on wide models)."""
     groups = [g for g in analysis.prunable if not recipe.for_layer(g.name).skip]
     ratios = {g.name: recipe.for_layer(g.name).prune for g in groups}
     groups = [g for g in groups if ratios[g.name] and ratios[g.name] > 0]
@@ -31,13 +32,17 @@ def plan_pruning(analysis: G.Analysis, recipe: Recipe, output_stats: dict | None
         overridden = {g.name for g in groups if recipe.for_layer(g.name).prune != recipe.prune}
         ranked = [g for g in groups if g.name not in overridden]
         curves = {}
-        for g in ranked:
+        for i, g in enumerate(ranked):
+            if progress is not None:
+                progress(i, len(ranked))
             if output_stats and g.name in output_stats:
                 st = output_stats[g.name]
                 orders[g.name], curves[g.name] = prune.removal_order(
                     st.consumers, g.channels, int(0.9 * g.channels), energy=st.energy)
             else:
                 curves[g.name] = prune.score_curve(scores[g.name])
+        if progress is not None:
+            progress(len(ranked), len(ranked))
         keep_n = prune.global_allocation(ranked, curves, recipe.prune, recipe.channel_multiple,
                                          positions=positions)
         for g in groups:

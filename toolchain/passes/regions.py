@@ -21,6 +21,7 @@ from ..graph import Layer, set_const, single_consumer
 from .solvers import CHUNK, _plain_columns, _stats, _targets, centred_gram
 
 STATS_IMAGES = 512  # at most this many images (evenly spaced) for channel selection
+CAPTURE_BYTES = 1 << 30   # values captured per forward pass for it, at most (a single group may need more)
 
 
 @dataclass
@@ -39,41 +40,64 @@ class GroupStats:
     energy: float
 
 
-def consumer_statistics(model: ir.Model, groups, images: np.ndarray, layers: list[Layer]) -> dict[str, GroupStats]:
+def consumer_statistics(model: ir.Model, groups, images: np.ndarray, layers: list[Layer],
+                        capture_bytes: int = CAPTURE_BYTES) -> dict[str, GroupStats]:
     """:class:`GroupStats` per prune group whose consumers are all plain Conv/Gemm layers
-    (``layers``: every layer of ``model``; a block output is followed up to the next one)."""
+    (``layers``: every layer of ``model``; a block output is followed up to the next one).
+    The values the groups read are captured several groups per forward pass, up to about
+    ``capture_bytes`` at a time (one pass per group made a wide model's channel choice
+    mostly forward passes)."""
     from ..torchgraph import TorchGraph
 
     graph = TorchGraph(model).eval()
     step = max(1, -(-len(images) // STATS_IMAGES))
     x_all = dev.tensor(np.ascontiguousarray(images[::step], dtype=np.float32))
-    out: dict[str, GroupStats] = {}
     layer_nodes = {id(l.node) for l in layers}
-    for g in groups:
-        entries = []
-        end_energy = 0.0
-        for c in g.consumers:
-            name = c.layer.node.inputs[0].name
-            end = _region_end(c.layer.node.outputs[0], graph, g.producer.node.inputs[0].name, layer_nodes)
+    wanted = {g.name: [(c, c.layer.node.inputs[0].name,
+                        _region_end(c.layer.node.outputs[0], graph, g.producer.node.inputs[0].name, layer_nodes))
+                       for c in g.consumers] for g in groups}
+    with torch.no_grad():   # bytes per image of each value, from the first chunk as every pass runs it
+        first = x_all[:CHUNK]
+        probe = graph.run(first, capture=sorted({n for w in wanted.values() for _, *names in w for n in names}))
+    per_image = {n: t.numel() * t.element_size() / len(first) for n, t in probe.items()}
+    del probe
+    out: dict[str, GroupStats] = {}
+    batch: list = []
+    for g in list(groups) + [None]:
+        names = {n for b in batch for _, *pair in wanted[b.name] for n in pair}
+        more = set() if g is None else {n for _, *pair in wanted[g.name] for n in pair}
+        if batch and (g is None or sum(per_image[n] for n in names | more) * len(x_all) > capture_bytes):
             with torch.no_grad():
-                got = _collect_many(graph, x_all, [name, end])
-            X, V = got[name], got[end]
-            w = c.layer.w_oc()
-            if not _plain_columns(c.layer, X):
-                entries = []
-                break
-            st = _stats(c.layer, X, None)
-            W = w.reshape(w.shape[0], -1).T.astype(np.float64)
-            p = c.layer.bn_params()
-            if p is not None:
-                W = W * (np.abs(p["gamma"]) / np.sqrt(p["var"] + p["eps"]))[None, :]
-            block = W.shape[0] // g.channels
-            entries.append((dev.numpy(centred_gram(st)), W, block))
-            V = _targets(c.layer, V).double()                     # rows x channels
-            end_energy += float(((V - V.mean(0)) ** 2).sum(1).mean()) * st.n
-        if entries:
-            out[g.name] = GroupStats(entries, end_energy)
+                got = _collect_many(graph, x_all, sorted(names))
+            for b in batch:
+                stats = _group_stats(b, wanted[b.name], got)
+                if stats is not None:
+                    out[b.name] = stats
+            del got
+            batch = []
+        if g is not None:
+            batch.append(g)
     return out
+
+
+def _group_stats(g, wanted, got: dict[str, torch.Tensor]) -> GroupStats | None:
+    entries = []
+    end_energy = 0.0
+    for c, name, end in wanted:
+        X, V = got[name], got[end]
+        w = c.layer.w_oc()
+        if not _plain_columns(c.layer, X):
+            return None
+        st = _stats(c.layer, X, None)
+        W = w.reshape(w.shape[0], -1).T.astype(np.float64)
+        p = c.layer.bn_params()
+        if p is not None:
+            W = W * (np.abs(p["gamma"]) / np.sqrt(p["var"] + p["eps"]))[None, :]
+        block = W.shape[0] // g.channels
+        entries.append((dev.numpy(centred_gram(st)), W, block))
+        V = _targets(c.layer, V).double()                     # rows x channels
+        end_energy += float(((V - V.mean(0)) ** 2).sum(1).mean()) * st.n
+    return GroupStats(entries, end_energy) if entries else None
 
 
 _ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Relu", "Clip", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid",

@@ -52,7 +52,8 @@ def prune(ctx: Context) -> None:
         output_stats = consumer_statistics(ctx.model, analysis.prunable, ctx.fit_images, analysis.layers)
     elif recipe.criterion == "output":
         summary.notes.append("criterion 'output' needs synthetic images: l1 used instead")
-    ctx.plans = plan_pruning(analysis, recipe, output_stats, ctx.positions)
+    ctx.plans = plan_pruning(analysis, recipe, output_stats, ctx.positions,
+                             progress=lambda i, n: ctx.progress("order channels", i, n))
     for i, plan in enumerate(ctx.plans):
         ctx.progress("prune", i, len(ctx.plans))
         prune_group(plan, recipe, ctx.moments, summary)
