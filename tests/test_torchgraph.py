@@ -287,3 +287,36 @@ def test_layer_group_and_instance_norms_match(tmp_path, opset):
     with torch.no_grad():
         np.testing.assert_allclose(TorchGraph(model)(torch.from_numpy(feeds["x"])).numpy(),
                                    net(torch.from_numpy(feeds["x"])).numpy(), atol=TOL)
+
+
+def _lstm_model(direction: str, layout: int = 0, **attrs) -> ir.Model:
+    """One ONNX LSTM (4 inputs, 3 hidden) with every output, biases and initial states."""
+    rng = np.random.default_rng(0)
+    dirs = 2 if direction == "bidirectional" else 1
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32) * 0.5, n) for n, s in
+             (("W", (dirs, 12, 4)), ("R", (dirs, 12, 3)), ("B", (dirs, 24)), ("h0", (dirs, 2, 3)), ("c0", (dirs, 2, 3)))]
+    if layout:
+        for t in inits[3:]:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).transpose(1, 0, 2).copy(), t.name))
+    node = helper.make_node("LSTM", ["x", "W", "R", "B", "", "h0", "c0"], ["y", "y_h", "y_c"], name="lstm",
+                            direction=direction, hidden_size=3, layout=layout, **attrs)
+    x_shape = [2, 5, 4] if layout else [5, 2, 4]
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "y_h", "y_c")],
+                              inits)
+    return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)]))
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse", "bidirectional"])
+def test_lstm_matches_onnxruntime(direction):
+    """CRNN text recognisers end in a (bidirectional) LSTM: the differentiable copy runs it."""
+    model = _lstm_model(direction)
+    x = np.random.default_rng(1).standard_normal([5, 2, 4]).astype(np.float32)
+    assert_matches_ort(model, {"x": x}, tol=1e-5)
+
+
+def test_lstm_variants_it_does_not_run_are_refused_with_the_reason():
+    with pytest.raises(UserError, match="LSTM .* with a cell clip is not supported"):
+        TorchGraph(_lstm_model("forward", clip=2.0))
+    with pytest.raises(UserError, match="LSTM .* with batch-major layout"):
+        TorchGraph(_lstm_model("forward", layout=1))

@@ -278,3 +278,30 @@ def test_a_batchnorm_that_is_the_graph_output_folds_and_keeps_its_name(wbits):
     ref = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})[0]
     got = ort.InferenceSession(out.SerializeToString()).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, ref, rtol=0, atol=(1e-5 if wbits is None else 2e-2) * np.abs(ref).max())
+
+
+def test_a_crnn_text_recogniser_with_an_lstm_is_fitted(tmp_path):
+    """A CRNN (convs, then a bidirectional LSTM over the width, then per-step class scores)
+    gets synthetic images and 4-bit fitting: the LSTM runs in the differentiable copy (it
+    once stopped W4 with 'LSTM is not supported')."""
+    import torch
+    from torch import nn
+
+    class CRNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.convs = nn.Sequential(*zoo._cbr(1, 16, stride=2), *zoo._cbr(16, 32, stride=2))
+            self.rnn = nn.LSTM(32, 24, bidirectional=True)
+            self.head = nn.Linear(48, 12)
+
+        def forward(self, x):
+            seq = self.convs(x).mean(2).permute(2, 0, 1)             # width x batch x channels
+            return self.head(self.rnn(seq)[0]).softmax(-1)
+
+    module = zoo.randomize(CRNN())
+    path = _export(module, tmp_path / "crnn.onnx", (torch.zeros(1, 1, 32, 128),), ["input"])
+    result = compress(path, Recipe(wbits=4, abits=8, **QUICK))
+    assert not any("closed form" in h or "not supported" in h for h in result.summary.headline)
+    x = np.random.default_rng(0).random((4, 1, 32, 128), dtype=np.float32)
+    ref, got = zoo.run_torch(module, x), zoo.run(result.model, x)
+    assert np.mean(ref.argmax(-1) == got.argmax(-1)) >= 0.9

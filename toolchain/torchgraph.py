@@ -38,6 +38,7 @@ from .torchops import (  # noqa: F401
     _torch_dtype,
     supported_ops,
 )
+from .torchops_nn import lstm_refusal
 
 Hook = Callable[[torch.Tensor], torch.Tensor]
 Tensor = torch.Tensor
@@ -84,6 +85,9 @@ class TorchGraph(torch.nn.Module):
             raise UserError(f"cannot build a differentiable copy: op {domain}::{node.op_type} "
                             f"({node.name}) is not supported")
         attrs = {k: a.value for k, a in node.attributes.items()}
+        why = lstm_refusal(attrs, list(node.inputs)) if node.op_type == "LSTM" else None
+        if why:
+            raise UserError(f"cannot build a differentiable copy: LSTM ({node.name}) with {why} is not supported")
         fn = _OPS[node.op_type]
         if node.op_type in _NEEDS_N_OUT:
             base, n_out = fn, len(node.outputs)

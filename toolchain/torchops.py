@@ -28,6 +28,7 @@ from .torchops_nn import (
     _instancenorm,
     _ints,
     _layernorm,
+    _lstm,
     _maxpool,
     _pad,
     _resize,
@@ -379,9 +380,9 @@ _OPS: dict[str, Callable] = {
     "GreaterOrEqual": lambda a, b, *, attrs: a >= b, "Not": _unary(torch.logical_not),
     "And": lambda a, b, *, attrs: torch.logical_and(a, b), "Or": lambda a, b, *, attrs: torch.logical_or(a, b),
     "Range": _range, "Tile": _tile, "ArgMax": _argmax,
-    "QuantizeLinear": _quantize, "DequantizeLinear": _dequantize,
+    "QuantizeLinear": _quantize, "DequantizeLinear": _dequantize, "LSTM": _lstm,
 }
-_NEEDS_N_OUT = {"Split", "Dropout", "LayerNormalization"}
+_NEEDS_N_OUT = {"Split", "Dropout", "LayerNormalization", "LSTM"}
 
 
 def supported_ops() -> set[str]:

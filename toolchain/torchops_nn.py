@@ -277,3 +277,53 @@ def _resize(x, roi=None, scales=None, sizes=None, *, attrs):
 def _upsample(x, scales=None, *, attrs):
     sc = scales.reshape(-1).tolist() if scales is not None else attrs["scales"]
     return _resize_impl(x, sc, None, mode=attrs.get("mode", "nearest"), coord="asymmetric", nearest="floor")
+
+
+LSTM_ACTIVATIONS = ("Sigmoid", "Tanh", "Tanh")
+
+
+def lstm_refusal(attrs: dict, inputs: list) -> str | None:
+    """Why an LSTM node is beyond :func:`_lstm` (None: it is not): peepholes, a cell clip, a
+    coupled input-forget gate, activations other than ONNX's defaults, batch-major layout."""
+    acts = attrs.get("activations")
+    if acts is not None and [a.decode() if isinstance(a, bytes) else a for a in acts] != \
+            list(LSTM_ACTIVATIONS) * (len(acts) // 3 or 1):
+        return f"activations {list(acts)}"
+    if attrs.get("clip") is not None:
+        return "a cell clip"
+    if int(attrs.get("input_forget", 0)):
+        return "a coupled input-forget gate"
+    if len(inputs) > 7 and inputs[7] is not None:
+        return "peepholes"
+    if int(attrs.get("layout", 0)):
+        return "batch-major layout (which onnxruntime does not run either)"
+    return None
+
+
+def _lstm(x, w, r, b=None, seq_lens=None, h0=None, c0=None, *, attrs, n_out=1):
+    """LSTM as ONNX defines it (gates in the order i, o, f, c; forward, reverse or
+    bidirectional), step by step in torch.  Sequence lengths shorter than the input are
+    refused at run time."""
+    seq, batch = x.shape[0], x.shape[1]
+    if seq_lens is not None and bool((seq_lens != seq).any()):
+        raise UserError("LSTM with sequence lengths shorter than its input is not supported here")
+    hidden = int(attrs["hidden_size"])
+    direction = attrs.get("direction", "forward")
+    direction = direction.decode() if isinstance(direction, bytes) else direction
+    ys, hs, cs = [], [], []
+    for d in range(w.shape[0]):
+        bias = (b[d, :4 * hidden] + b[d, 4 * hidden:]) if b is not None else 0.0
+        xw = x @ w[d].T + bias                                   # seq x batch x 4·hidden
+        h = h0[d] if h0 is not None else x.new_zeros(batch, hidden)
+        c = c0[d] if c0 is not None else x.new_zeros(batch, hidden)
+        reverse = direction == "reverse" or (direction == "bidirectional" and d == 1)
+        out = [None] * seq
+        for t in (range(seq - 1, -1, -1) if reverse else range(seq)):
+            i, o, f, g = (xw[t] + h @ r[d].T).chunk(4, dim=-1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            out[t] = h
+        ys.append(torch.stack(out))
+        hs.append(h)
+        cs.append(c)
+    return (torch.stack(ys, 1), torch.stack(hs), torch.stack(cs))[:n_out]   # y: seq x dirs x batch x hidden
