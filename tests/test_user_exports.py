@@ -282,8 +282,8 @@ def test_a_batchnorm_that_is_the_graph_output_folds_and_keeps_its_name(wbits):
 
 def test_a_crnn_text_recogniser_with_an_lstm_is_fitted(tmp_path):
     """A CRNN (convs, then a bidirectional LSTM over the width, then per-step class scores)
-    gets synthetic images and 4-bit fitting: the LSTM runs in the differentiable copy (it
-    once stopped W4 with 'LSTM is not supported')."""
+    gets synthetic images and 4-bit fitting: the LSTM runs in the differentiable copy (such
+    models once fell back to the closed form)."""
     import torch
     from torch import nn
 
