@@ -268,10 +268,10 @@ def spelled_out_hardswish(clip: ir.Node) -> SpelledHardSwish | None:
         return None
     lo, m = clip_bounds(clip)
     add = clip.inputs[0].producer()
-    added = _added_constant_scalar(add) if add is not None and lo == 0.0 and 0.0 < m < np.inf else None
-    if added is None or single_consumer(add.outputs[0]) is not clip:
+    added = added_constant(add) if add is not None and lo == 0.0 and 0.0 < m < np.inf else None
+    if added is None or added[1].size != 1 or single_consumer(add.outputs[0]) is not clip:
         return None
-    x = added[0]
+    x, offset = added[0], float(added[1].reshape(()))
 
     def divides(node: ir.Node | None, value: ir.Value) -> bool:
         k = const_array(node.inputs[1]) if node is not None and len(node.inputs) == 2 and \
@@ -289,14 +289,7 @@ def spelled_out_hardswish(clip: ir.Node) -> SpelledHardSwish | None:
     if not ((times_x(first, clip.outputs[0]) and divides(second, first.outputs[0])) or
             (divides(first, clip.outputs[0]) and times_x(second, first.outputs[0]))):
         return None
-    return SpelledHardSwish(x, added[1], m, [add, clip, first, second], second.outputs[0])
-
-
-def _added_constant_scalar(add: ir.Node) -> tuple[ir.Value, float] | None:
-    added = added_constant(add)
-    if added is None or added[1].size != 1:
-        return None
-    return added[0], float(added[1].reshape(()))
+    return SpelledHardSwish(x, offset, m, [add, clip, first, second], second.outputs[0])
 
 
 def _act_chain(value: ir.Value) -> tuple[list[ir.Node], str | None]:
@@ -320,9 +313,9 @@ def _act_chain(value: ir.Value) -> tuple[list[ir.Node], str | None]:
                 g, m = nodes[gate], nodes["Mul"]
                 if set(id(x) for x in m.inputs) == {id(value), id(g.outputs[0])} and single_consumer(g.outputs[0]) is m:
                     return [g, m], "silu" if gate == "Sigmoid" else "hardswish"
-        if "Add" in nodes and "Mul" in nodes and single_consumer(nodes["Add"].outputs[0]) is not None:
-            # HardSwish spelled out: x · Clip(x + 3, 0, 6) / 6
-            hs = spelled_out_hardswish(single_consumer(nodes["Add"].outputs[0]))
+        clip = single_consumer(nodes["Add"].outputs[0]) if "Add" in nodes and "Mul" in nodes else None
+        if clip is not None:   # HardSwish spelled out: x · Clip(x + 3, 0, 6) / 6
+            hs = spelled_out_hardswish(clip)
             if hs is not None and hs.x is value and np.isclose(hs.offset, 3.0) and np.isclose(hs.top, 6.0):
                 return hs.nodes, "hardswish"
     return [], None

@@ -56,27 +56,31 @@ def consumer_statistics(model: ir.Model, groups, images: np.ndarray, layers: lis
     wanted = {g.name: [(c, c.layer.node.inputs[0].name,
                         _region_end(c.layer.node.outputs[0], graph, g.producer.node.inputs[0].name, layer_nodes))
                        for c in g.consumers] for g in groups}
-    with torch.no_grad():   # bytes per image of each value, from the first chunk as every pass runs it
-        first = x_all[:CHUNK]
-        probe = graph.run(first, capture=sorted({n for w in wanted.values() for _, *names in w for n in names}))
-    per_image = {n: t.numel() * t.element_size() / len(first) for n, t in probe.items()}
+    needs = {name: {n for _, *pair in w for n in pair} for name, w in wanted.items()}
+    with torch.no_grad():   # bytes per image of each value, from one image
+        probe = graph.run(x_all[:1], capture=sorted(set().union(*needs.values())))
+    per_image = {n: t.numel() * t.element_size() for n, t in probe.items()}
     del probe
     out: dict[str, GroupStats] = {}
-    batch: list = []
-    for g in list(groups) + [None]:
-        names = {n for b in batch for _, *pair in wanted[b.name] for n in pair}
-        more = set() if g is None else {n for _, *pair in wanted[g.name] for n in pair}
-        if batch and (g is None or sum(per_image[n] for n in names | more) * len(x_all) > capture_bytes):
-            with torch.no_grad():
-                got = _collect_many(graph, x_all, sorted(names))
-            for b in batch:
-                stats = _group_stats(b, wanted[b.name], got)
-                if stats is not None:
-                    out[b.name] = stats
-            del got
-            batch = []
-        if g is not None:
-            batch.append(g)
+
+    def run(batch: list, names: set[str]) -> None:
+        with torch.no_grad():
+            got = _collect_many(graph, x_all, sorted(names))
+        for b in batch:
+            stats = _group_stats(b, wanted[b.name], got)
+            if stats is not None:
+                out[b.name] = stats
+
+    batch, names = [], set()
+    for g in groups:
+        more = names | needs[g.name]
+        if batch and sum(per_image[n] for n in more) * len(x_all) > capture_bytes:
+            run(batch, names)
+            batch, more = [], needs[g.name]
+        batch.append(g)
+        names = more
+    if batch:
+        run(batch, names)
     return out
 
 
