@@ -94,9 +94,10 @@ def main() -> None:
             result = compress(path, recipe)
             wall, cpu = time.perf_counter() - t, time.process_time() - c
             stages = ", ".join(f"{k} {v:.1f}" for k, v in result.summary.timings.items() if k != "total")
-            n_images, joint, _ = fitting_work(recipe, result.summary.totals["macs_before"])
+            work = fitting_work(recipe, result.summary.totals["macs_before"])
             line = (f"{name}: {wall:.1f} s wall, {cpu:.1f} s CPU ({stages}); "
-                    f"{n_images} synthetic images, {joint} joint steps, MACs "
+                    f"{work.images} synthetic images ({work.gen_steps} generator steps), {work.joint_steps} joint "
+                    "steps, MACs "
                     f"{result.summary.totals['macs_before'] / 1e6:.1f} M "
                     f"-> {result.summary.totals['macs_after'] / 1e6:.1f} M; 1-min load {os.getloadavg()[0]:.1f}")
             print(line, flush=True)

@@ -158,26 +158,39 @@ def test_synthetic_fit_beats_closed_form_on_pruned_resnet20(resnet20_bn, dev_ima
     assert a_fit > a_closed + 0.05, (a_closed, a_fit)
 
 
+W4, P3, P35, P5 = (Recipe(wbits=4, abits=8, prune=p) for p in (0.0, 0.3, 0.35, 0.5))
+
+
 @pytest.mark.parametrize("macs, recipe, expected", [
-    (40.6e6, Recipe(), (256, 300)),                          # CIFAR ResNet-20: as given
-    (126e6, Recipe(), (256, 300)),                           # CIFAR ResNet-56: as given
-    (150e6, Recipe(), (256, 300)),                           # the reference itself
-    (300e6, Recipe(), (128, 150)),                           # 2x: in proportion
-    (1.82e9, Recipe(), (32, 50)),                            # ResNet-18 at 224: the floors
-    (1.82e9, Recipe(fit_budget="full"), (256, 300)),
-    (1.82e9, Recipe(time_budget="5m"), (256, 300)),        # the time budget scales instead (budget.py)
-    (1.82e9, Recipe(synthetic=0), (0, 300)),
-    (1.82e9, Recipe(synthetic=16, joint_steps=10), (16, 10)),  # never more than asked
-    (None, Recipe(), (256, 300)),                            # MACs unknown (symbolic sizes)
+    (40.6e6, P5, (256, 80, 300)),                        # CIFAR ResNet-20 pruned by half: as given
+    (126e6, P5, (256, 80, 300)),                         # CIFAR ResNet-56: as given
+    (150e6, P5, (256, 80, 300)),                         # the reference itself
+    (300e6, P5, (128, 80, 150)),                         # 2x: in proportion
+    (1.82e9, P5, (32, 80, 50)),                          # ResNet-18 at 224: the floors
+    (40.6e6, P3, (128, 40, 100)),                        # pruned by 30 %: the light work
+    (40.6e6, W4, (128, 40, 100)),                        # refitted, not pruned: the light work
+    (40.6e6, P35, (192, 60, 200)),                       # in between: in proportion
+    (126e6, P3, (128, 40, 100)),
+    (300e6, P3, (128, 40, 100)),                         # both caps at 128: the smaller one binds
+    (1.82e9, P3, (32, 40, 50)),
+    (40.6e6, Recipe(wbits=8, abits=8), (256, 80, 300)),  # ranges only (refits=False below)
+    (40.6e6, P3.replace(synthetic=64, synthetic_steps=20, joint_steps=50), (64, 20, 50)),  # never more than asked
+    (1.82e9, P5.replace(fit_budget="full"), (256, 80, 300)),
+    (1.82e9, P3.replace(fit_budget="full"), (256, 80, 300)),
+    (1.82e9, P5.replace(time_budget="5m"), (256, 80, 300)),   # the time budget scales instead (budget.py)
+    (1.82e9, P5.replace(synthetic=0), (0, 80, 300)),
+    (None, P5, (256, 80, 300)),                          # MACs unknown (symbolic sizes)
 ])
-def test_fitting_work_scales_with_the_model_cost(macs, recipe, expected):
+def test_fitting_work_scales_with_the_model_cost_and_the_prune_ratio(macs, recipe, expected):
     from datafree.toolchain.stages.synthetic import fitting_work
 
-    n, steps, note = fitting_work(recipe, macs)
-    assert (n, steps) == expected
-    assert (note is None) == ((n, steps) == (recipe.synthetic, recipe.joint_steps))
-    if note:
-        assert f"{n} synthetic images with {steps} joint steps" in note and "--fit-budget full" in note
+    work = fitting_work(recipe, macs, refits=recipe.wbits < 8 or recipe.prune > 0)
+    got = (work.images, work.gen_steps, work.joint_steps)
+    assert got == expected
+    assert (work.note is None) == (got == (recipe.synthetic, recipe.synthetic_steps, recipe.joint_steps))
+    if work.note:
+        assert f"{got[0]} synthetic images ({got[1]} generator steps) with {got[2]} joint steps" in work.note
+        assert "--fit-budget full" in work.note
 
 
 def test_fitting_layer_by_layer_from_kept_values_equals_refitting_from_the_input(tmp_path, monkeypatch):
