@@ -21,7 +21,7 @@ _FIELDS = {
     "compensation": "compensation", "bias_correction": "bias_correction",
     "scale_compensation": "scale_compensation", "synthetic": "synthetic",
     "synthetic_steps": "synthetic_steps", "seed": "seed", "int4": "int4",
-    "integer_kernels": "integer_kernels", "input_range": "input_range",
+    "integer_kernels": "integer_kernels", "reduce_range": "reduce_range", "input_range": "input_range",
     "synthetic_route": "synthetic_route", "max_activation_loss": "max_activation_loss",
 }
 
@@ -137,6 +137,10 @@ def _how_options() -> list:
                      help="Also quantize (8-bit) a layer's output before an activation onnxruntime has no "
                           "integer kernel with (SiLU, HardSwish, a sigmoid gate), so the layer runs on one: "
                           "faster; --no-integer-kernels: those layers run in float, one rounding fewer."),
+        click.option("--reduce-range/--no-reduce-range", default=True, show_default=True,
+                     help="8-bit weights of layers on integer kernels keep to +-63: x86 CPUs without VNNI "
+                          "(AVX2) saturate larger u8 x s8 pair sums in onnxruntime; --no-reduce-range: the full "
+                          "+-127, for ARM and VNNI targets only."),
         click.option("--dynamic", is_flag=True, help="Insert a bit selector: precision chosen per input."),
         click.option("--bits", "dyn_bits", type=str, default=None, help="Candidate bits for --dynamic, e.g. 4,6,8."),
         click.option("--target-bits", type=float, default=None, help="Average bits the selector aims at."),

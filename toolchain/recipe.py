@@ -69,6 +69,8 @@ class Recipe:
     abits: int | None = None            # None: activations stay float (weight-only output)
     int4: bool = True                   # store <= 4-bit weights as INT4 (opset 21)
     integer_kernels: bool = True        # 8-bit points before activations without integer kernels (SiLU, ...)
+    reduce_range: bool = True           # 8-bit weights on integer kernels keep to +-63 (quant.KERNEL_SAFE_BITS):
+                                        # x86 without VNNI saturates u8 x s8 pair sums beyond it
     clip: str = "max"
     compensation: bool = True           # UDFC next-layer compensation for pruned channels
     scale_compensation: bool = False    # UDFC s~ for quantized channels (measured to hurt; off)

@@ -36,7 +36,8 @@ import torch
 from .. import device as dev
 from ..graph import Layer, analyse
 from ..progress import ProgressFn, silent
-from ..quant import act_qparams, act_range_grid, weight_scales
+from ..quant import act_qparams, act_range_grid, kernel_bits, weight_scales
+from .quantize import kernel_grid
 from ..recipe import Recipe
 from ..stats import mse_range
 from .qdq import ActQuant, activation_plan, kernel_points
@@ -111,15 +112,16 @@ def fit_sequential(model: ir.Model, reference: ir.Model, layers: list[Layer], im
                 targets[name] = ref.value(name)
             fit_region(model, X, in_name, members, targets, joint_steps, seed=recipe.seed)
             own_target.update([layer.name, *carried])
+        wbits, grid = kernel_grid(eff, recipe)
         try:
             if layer.name not in refit:
-                fitted = _nearest(layer, eff.wbits, recipe)
+                fitted = _nearest(layer, wbits, grid)
             else:
                 Y = (_collect_after(TorchGraph(model).eval(), in_name, X, layer.node.outputs[0].name, hooks, x_all)
                      if layer.name in own_target else ref.layer_output(layer.name))
-                fitted = fit_layer(layer, X, Y, eff.wbits, recipe)
+                fitted = fit_layer(layer, X, Y, wbits, grid)
         except FitFailed as exc:
-            fitted = _nearest(layer, eff.wbits, recipe)
+            fitted = _nearest(layer, wbits, grid)
             if notes is not None:
                 notes.append(f"{layer.name}: not fitted, {exc}: rounded to nearest")
         if fitted is not None:
@@ -184,7 +186,8 @@ def _to_refit(todo: list[Layer], recipe: Recipe, kept, regions) -> set[str]:
     changed = set(kept or {}) | {n for carried, consumers in (regions or {}).values() for n in carried + consumers}
     out = set()
     for layer in todo:
-        bits = recipe.for_layer(layer.name, layer.kind).wbits
+        eff = recipe.for_layer(layer.name, layer.kind)
+        bits = kernel_bits(eff.wbits, eff.abits, recipe.reduce_range)
         if layer.name in changed or (bits is not None and bits < ROUND_BITS):
             out.add(layer.name)
     return out

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..graph import Layer
-from ..quant import dequantize_weight, quantize_weight
+from ..quant import dequantize_weight, kernel_bits, quantize_weight
+from ..recipe import Recipe
 
 ALPHA2 = 0.008
 
@@ -27,6 +28,15 @@ class WeightQuant:
     bits: int
     q: np.ndarray          # int8 container, output channels first
     scale: np.ndarray      # per output channel
+
+
+def kernel_grid(eff, recipe: Recipe) -> tuple[int | None, Recipe]:
+    """A layer's weight bits (``quant.kernel_bits``: 8-bit weights on integer kernels keep
+    to +-63) and the recipe to round them with: where the range was reduced, clipped where
+    it costs least error (MSE), which won back most of the lost bit on ResNet-20 W8A8
+    (83.4 against 82.6 % with the max, 84.0 float, closed form)."""
+    bits = kernel_bits(eff.wbits, eff.abits, recipe.reduce_range)
+    return bits, recipe if bits == eff.wbits or recipe.clip == "mse" else recipe.replace(clip="mse")
 
 
 def quantize_layer(layer: Layer, bits: int, clip: str = "max", q: np.ndarray | None = None,

@@ -93,6 +93,12 @@ def write(ctx: Context) -> None:
         summary.notes.append(f"{len(pointed)} layers before {', '.join(kinds)} also quantize their output (8 bits) "
                              "so that onnxruntime runs them on integer kernels (--no-integer-kernels keeps them float: "
                              "one rounding fewer, slower)")
+    reduced = [l for l in ctx.analysis.layers if weights.get(l.name) is not None and
+               weights[l.name].bits < (recipe.for_layer(l.name, l.kind).wbits or 0)]
+    if reduced:
+        summary.notes.append(f"8-bit weights of {len(reduced)} layers whose inputs are quantized keep to +-63, "
+                             "fitted there: x86 CPUs without VNNI (AVX2) saturate larger u8 x s8 pair sums in "
+                             "onnxruntime (--no-reduce-range for ARM or VNNI targets only)")
     qdq.emit(model, ctx.analysis.layers, weights, acts, int4=recipe.int4)
     ShortcutAsConvPass()(model)
     if recipe.integer_kernels and acts:
@@ -104,12 +110,13 @@ def write(ctx: Context) -> None:
         wq = weights.get(layer.name)
         in_name = layer_input_name(layer)
         aq = acts.get(in_name) if in_name else None
-        per_layer[layer.name] = {"wbits": wq.bits if wq else None, "abits": aq.bits if aq else None,
+        wbits = None if wq is None else max(wq.bits, eff.wbits or 0)    # 8 where kept to +-63 (reduce_range)
+        per_layer[layer.name] = {"wbits": wbits, "abits": aq.bits if aq else None,
                                  "channels": layer.out_channels}
         ch0, m0, p0, op, kind = ctx.before[layer.name]
         summary.rows.append(LayerRow(
             name=layer.name, op=op, kind=kind, channels_before=ch0, channels_after=layer.out_channels,
-            wbits=wq.bits if wq else None, abits=aq.bits if aq else None,
+            wbits=wbits, abits=aq.bits if aq else None,
             macs_before=m0, macs_after=macs_after(layer, m0, ctx.before, ctx.positions), params_before=p0,
             params_after=params_after(layer, wq), note="skipped by recipe" if eff.skip else ""))
     raised = [l for l in ctx.analysis.layers if weights.get(l.name) is not None and recipe.wbits is not None

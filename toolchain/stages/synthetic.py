@@ -130,12 +130,14 @@ def _refits(recipe: Recipe, layers: list[G.Layer], *, ranges: bool) -> bool:
     ``fit.ROUND_BITS`` (both refitted on the images), or, with ``ranges``, has
     quantized activations (ranges set on them)."""
     from ..passes.fit import ROUND_BITS
+    from ..quant import kernel_bits
 
     for layer in layers:
         eff = recipe.for_layer(layer.name, layer.kind)
         if eff.skip:
             continue
-        if eff.prune or (eff.wbits is not None and eff.wbits < ROUND_BITS) or (ranges and eff.abits is not None):
+        bits = kernel_bits(eff.wbits, eff.abits, recipe.reduce_range)
+        if eff.prune or (bits is not None and bits < ROUND_BITS) or (ranges and eff.abits is not None):
             return True
     return False
 

@@ -15,7 +15,7 @@ from datafree.ops import domain, reference
 from ... import device as dev
 from ...errors import NotCompressible, UserError
 from ...graph import Layer, analyse
-from ...quant import act_qparams, quantize_weight, weight_scales
+from ...quant import act_qparams, kernel_bits, quantize_weight, weight_qmax, weight_scales
 from ...recipe import DynamicConfig
 from ...stats import mse_range
 from .. import fit
@@ -160,18 +160,22 @@ def _weights(layer: Layer, candidates: tuple[int, ...], x: np.ndarray | None = N
     """(int8 weights at the top bit-width, their scale, the per-bit scale table).
     With the layer's input ``x`` the integers are nested GPTQ solutions for the
     bit-widths the layer ``runs_at`` (default: every candidate; see the module
-    docstring), otherwise rounded to nearest."""
+    docstring), otherwise rounded to nearest.  Every configuration runs on integer
+    kernels, so 8-bit weights keep the range x86 kernels without VNNI do not saturate
+    (``quant.kernel_bits``): their scale is that of ``KERNEL_SAFE_BITS`` bits."""
     w = layer.w_oc().astype(np.float32)
     top = max(candidates)
     table = np.ones((top + 1, w.shape[0]), np.float32)
     for b in candidates:
-        table[b] = weight_scales(w, b)
+        table[b] = weight_scales(w, kernel_bits(b, b))
     gram = fit.input_gram(layer, dev.tensor(np.ascontiguousarray(x, np.float32))) if x is not None else None
     if gram is None:
-        return quantize_weight(w, top, table[top])[0], table[top], table
-    scales = {b: dev.tensor(table[b].astype(np.float64)) for b in (runs_at or candidates)}
-    q = fit.nested_gptq(dev.tensor(w.reshape(w.shape[0], -1).astype(np.float64)), gram, scales)
-    return dev.numpy(q).reshape(w.shape).astype(np.int8), table[top], table
+        q = quantize_weight(w, top, table[top])[0]
+    else:
+        scales = {b: dev.tensor(table[b].astype(np.float64)) for b in (runs_at or candidates)}
+        q = dev.numpy(fit.nested_gptq(dev.tensor(w.reshape(w.shape[0], -1).astype(np.float64)), gram, scales))
+    safe = weight_qmax(kernel_bits(top, top))      # GPTQ's error feedback may step past it
+    return np.clip(q, -safe, safe).reshape(w.shape).astype(np.int8), table[top], table
 
 
 def _calibrate(plan_layers: list[DynLayer], acts: dict[str, np.ndarray], candidates: tuple[int, ...]) -> None:
