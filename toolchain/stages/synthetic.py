@@ -161,11 +161,10 @@ REFERENCE_MACS = 150e6
 
 MIN_IMAGES, MIN_JOINT_STEPS = 32, 50
 
-# What fitting work buys depends on how much is pruned (benchmarks/fit_work.py, the trained
-# ResNet-20 at W4A8, three seeds): pruned by 30 % or less, 128 images made in 40 generator
-# steps and 100 joint steps scored as the recipe's 256, 80 and 300 do (the seeds scatter by
-# about a point either way) in a third of the time; pruned by 40 %, the full work bought
-# 2.6 points, by 50 % 2.3.  Between 30 and 40 % the work grows linearly.
+# What fitting work buys depends on how much is pruned (benchmarks/fit_work.py on the trained
+# ResNet-20 at W4A8): pruned by 30 % or less, 128 images made in 40 generator steps and 100
+# joint steps scored as the recipe's 256, 80 and 300 do, in a fraction of the time; pruned
+# by 40 % and more, the full work bought points.  Between 30 and 40 % the work grows linearly.
 LIGHT_PRUNE, FULL_PRUNE = 0.3, 0.4
 LIGHT_WORK = (128, 40, 100)          # images, generator steps, joint steps
 
