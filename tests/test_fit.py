@@ -168,7 +168,7 @@ W4, P3, P35, P5 = (Recipe(wbits=4, abits=8, prune=p) for p in (0.0, 0.3, 0.35, 0
     (300e6, P5, (128, 80, 150)),                         # 2x: in proportion
     (1.82e9, P5, (32, 80, 50)),                          # ResNet-18 at 224: the floors
     (40.6e6, P3, (128, 40, 100)),                        # pruned by 30 %: the light work
-    (40.6e6, W4, (128, 40, 100)),                        # refitted, not pruned: the light work
+    (40.6e6, W4, (256, 80, 300)),                        # refitted, not pruned: as given
     (40.6e6, P35, (192, 60, 200)),                       # in between: in proportion
     (126e6, P3, (128, 40, 100)),
     (300e6, P3, (128, 40, 100)),                         # both caps at 128: the smaller one binds
