@@ -18,7 +18,7 @@ import numpy as np
 
 from ..graph import Layer
 from ..quant import dequantize_weight, kernel_bits, quantize_weight
-from ..recipe import Recipe
+from ..recipe import LayerOverride, Recipe
 
 ALPHA2 = 0.008
 
@@ -30,7 +30,7 @@ class WeightQuant:
     scale: np.ndarray      # per output channel
 
 
-def kernel_grid(eff, recipe: Recipe) -> tuple[int | None, Recipe]:
+def kernel_grid(eff: LayerOverride, recipe: Recipe) -> tuple[int | None, Recipe]:
     """A layer's weight bits (``quant.kernel_bits``: 8-bit weights on integer kernels keep
     to +-63) and the recipe to round them with: where the range was reduced, clipped where
     it costs least error (MSE), which won back most of the lost bit on ResNet-20 W8A8

@@ -71,8 +71,9 @@ def synthesise(ctx: Context) -> None:
 
 
 def _largest_prune(recipe: Recipe, layers: list[G.Layer]) -> float:
-    """The largest prune ratio any layer gets (per-layer overrides included)."""
-    return max([recipe.prune] + [recipe.for_layer(layer.name, layer.kind).prune or 0.0 for layer in layers])
+    """The largest prune ratio any layer gets (per-layer overrides included; the recipe's
+    ratio where there are no layers)."""
+    return max((recipe.for_layer(layer.name, layer.kind).prune or 0.0 for layer in layers), default=recipe.prune)
 
 
 def _within_budget(ctx: Context, n_synthetic: int) -> tuple[int, int, int, str | None]:
@@ -85,7 +86,7 @@ def _within_budget(ctx: Context, n_synthetic: int) -> tuple[int, int, int, str |
     recipe = ctx.recipe
     shape = ctx.spec.shape if ctx.spec is not None else ctx.input_shape
     generates = ctx.caller_images is None and _optimises_images(ctx)
-    prunes = any(recipe.for_layer(layer.name, layer.kind).prune for layer in ctx.analysis.layers)
+    prunes = _largest_prune(recipe, ctx.analysis.layers) > 0
     asked = budget.Work(n_synthetic, recipe.synthetic_steps, recipe.joint_steps)
     try:
         t = budget.seconds_per_image(ctx.model, tuple(shape))
