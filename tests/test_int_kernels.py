@@ -225,9 +225,10 @@ def test_spelled_out_hardswish_and_its_se_block_run_on_integer_kernels(tmp_path)
     np.testing.assert_allclose(y, _unoptimized(proto, x), rtol=0, atol=0.02 * np.abs(y).max())
 
 
-def _kernel_weight_range(proto: onnx.ModelProto) -> int:
+def _kernel_weight_range(proto: onnx.ModelProto, depthwise: bool = False) -> int:
     """The largest |integer weight| of a Conv/Gemm/MatMul whose input is quantized (a layer
-    onnxruntime runs on its u8 x s8 integer kernels)."""
+    onnxruntime runs on its u8 x s8 integer kernels): of the depthwise convolutions, or of
+    the others."""
     producer = {o: n for n in proto.graph.node for o in n.output}
     inits = {t.name: t for t in proto.graph.initializer}
     largest = 0
@@ -239,8 +240,11 @@ def _kernel_weight_range(proto: onnx.ModelProto) -> int:
             continue
         src = producer.get(w.input[0])
         name = src.input[0] if src is not None and src.op_type == "Cast" else w.input[0]
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
         if name in inits:
-            largest = max(largest, int(np.abs(onnx.numpy_helper.to_array(inits[name]).astype(np.int32)).max()))
+            q = onnx.numpy_helper.to_array(inits[name]).astype(np.int32)
+            if (group > 1 and q.shape[0] == group and q.shape[1] == 1) == depthwise:
+                largest = max(largest, int(np.abs(q).max()))
     return largest
 
 
@@ -259,3 +263,17 @@ def test_8bit_weights_on_integer_kernels_keep_the_range_x86_kernels_do_not_satur
         got, want = _run(plain, x), _unoptimized(proto, x)
         assert float(((got - want) ** 2).sum() / (want ** 2).sum()) < 1e-3      # SQNR above 30 dB
         assert (got.argmax(1) == want.argmax(1)).mean() >= 0.98
+
+
+def test_depthwise_8bit_weights_keep_their_full_range_and_run_exactly(tmp_path):
+    """onnxruntime's depthwise integer kernel widens both operands to int16 and adds pairs in
+    int32, so it cannot saturate: depthwise 8-bit weights keep +-127 while the other layers on
+    integer kernels keep to +-63, and a plain session computes what the graph defines."""
+    proto = _model("mobilenet_like", tmp_path, wbits=8, abits=8)
+    assert _kernel_weight_range(proto, depthwise=True) == 127
+    assert _kernel_weight_range(proto) == 63
+    x = zoo.images(16, zoo.INPUT_SHAPES["mobilenet_like"][1:])
+    plain, optimized = _plain(proto, tmp_path, "dw")
+    assert Counter(n.op_type for n in optimized.graph.node)["QLinearConv"] == 5
+    got, want = _run(plain, x), _unoptimized(proto, x)
+    assert float(((got - want) ** 2).sum() / (want ** 2).sum()) < 1e-4      # SQNR above 40 dB

@@ -16,15 +16,21 @@ import numpy as np
 # adjacent products into int16 with saturation: 255 * 127 * 2 overflows, 255 * 64 * 2 = 32640
 # does not (onnxruntime's documented "reduce_range").  8-bit weights of layers whose input
 # is quantized keep to +-63 there: ResNet-20 W8A8 in a plain session on an AVX2 EPYC scored
-# 75.3 % with +-127 (83.3 % in ONNX semantics) and 83.1 % with +-63.
+# 75.3 % with +-127 (83.3 % in ONNX semantics) and 83.1 % with +-63.  Depthwise convolutions
+# (one input channel per output channel) run on another kernel, which widens both operands to
+# int16 and accumulates pairs in int32 (MlasConvDepthwiseKernelAvx2): exact at +-127, so they
+# keep it.
 KERNEL_SAFE_BITS = 7
 
 
-def kernel_bits(wbits: int | None, abits: int | None, reduce_range: bool = True) -> int | None:
+def kernel_bits(wbits: int | None, abits: int | None, reduce_range: bool = True,
+                kind: str | None = None) -> int | None:
     """The bits a layer's weights are rounded to: ``wbits``, except 8-bit weights of a layer
     whose input is quantized (it runs on integer kernels), which keep ``KERNEL_SAFE_BITS``
-    of range in their int8 container (``reduce_range``; see above)."""
-    if reduce_range and wbits is not None and abits is not None and wbits > KERNEL_SAFE_BITS:
+    of range in their int8 container (``reduce_range``; see above) unless the layer is
+    depthwise (``kind``: ``Layer.kind``)."""
+    if reduce_range and wbits is not None and abits is not None and wbits > KERNEL_SAFE_BITS \
+            and kind != "depthwise":
         return KERNEL_SAFE_BITS
     return wbits
 

@@ -31,7 +31,7 @@ def quantize_closed_form(layers: list[G.Layer], recipe: Recipe, moments: dict, p
         if eff.skip or eff.wbits is None:
             continue
         w0 = layer.w_oc()
-        bits, grid = quantize.kernel_grid(eff, recipe)
+        bits, grid = quantize.kernel_grid(eff, recipe, layer.kind)
         weights[layer.name] = quantize.quantize_layer(layer, bits, grid.clip)
         src = producers.get(id(layer.node.inputs[0]))
         if recipe.bias_correction and src is not None and moments.get(src.name) is not None:

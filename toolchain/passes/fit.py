@@ -112,7 +112,7 @@ def fit_sequential(model: ir.Model, reference: ir.Model, layers: list[Layer], im
                 targets[name] = ref.value(name)
             fit_region(model, X, in_name, members, targets, joint_steps, seed=recipe.seed)
             own_target.update([layer.name, *carried])
-        wbits, grid = kernel_grid(eff, recipe)
+        wbits, grid = kernel_grid(eff, recipe, layer.kind)
         try:
             if layer.name not in refit:
                 fitted = _nearest(layer, wbits, grid)
@@ -187,7 +187,7 @@ def _to_refit(todo: list[Layer], recipe: Recipe, kept, regions) -> set[str]:
     out = set()
     for layer in todo:
         eff = recipe.for_layer(layer.name, layer.kind)
-        bits = kernel_bits(eff.wbits, eff.abits, recipe.reduce_range)
+        bits = kernel_bits(eff.wbits, eff.abits, recipe.reduce_range, layer.kind)
         if layer.name in changed or (bits is not None and bits < ROUND_BITS):
             out.add(layer.name)
     return out

@@ -30,12 +30,12 @@ class WeightQuant:
     scale: np.ndarray      # per output channel
 
 
-def kernel_grid(eff: LayerOverride, recipe: Recipe) -> tuple[int | None, Recipe]:
+def kernel_grid(eff: LayerOverride, recipe: Recipe, kind: str | None = None) -> tuple[int | None, Recipe]:
     """A layer's weight bits (``quant.kernel_bits``: 8-bit weights on integer kernels keep
     to +-63) and the recipe to round them with: where the range was reduced, clipped where
     it costs least error (MSE), which won back most of the lost bit on ResNet-20 W8A8
     (83.4 against 82.6 % with the max, 84.0 float, closed form)."""
-    bits = kernel_bits(eff.wbits, eff.abits, recipe.reduce_range)
+    bits = kernel_bits(eff.wbits, eff.abits, recipe.reduce_range, kind)
     return bits, recipe if bits == eff.wbits or recipe.clip == "mse" else recipe.replace(clip="mse")
 
 

@@ -98,7 +98,8 @@ def write(ctx: Context) -> None:
     if reduced:
         summary.notes.append(f"8-bit weights of {len(reduced)} layers whose inputs are quantized keep to +-63, "
                              "fitted there: x86 CPUs without VNNI (AVX2) saturate larger u8 x s8 pair sums in "
-                             "onnxruntime (--no-reduce-range for ARM or VNNI targets only)")
+                             "onnxruntime (its depthwise kernel does not: those keep +-127; --no-reduce-range for "
+                             "ARM or VNNI targets only)")
     qdq.emit(model, ctx.analysis.layers, weights, acts, int4=recipe.int4)
     ShortcutAsConvPass()(model)
     if recipe.integer_kernels and acts:

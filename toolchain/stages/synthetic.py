@@ -137,7 +137,7 @@ def _refits(recipe: Recipe, layers: list[G.Layer], *, ranges: bool) -> bool:
         eff = recipe.for_layer(layer.name, layer.kind)
         if eff.skip:
             continue
-        bits = kernel_bits(eff.wbits, eff.abits, recipe.reduce_range)
+        bits = kernel_bits(eff.wbits, eff.abits, recipe.reduce_range, layer.kind)
         if eff.prune or (bits is not None and bits < ROUND_BITS) or (ranges and eff.abits is not None):
             return True
     return False

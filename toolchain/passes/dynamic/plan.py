@@ -167,14 +167,14 @@ def _weights(layer: Layer, candidates: tuple[int, ...], x: np.ndarray | None = N
     top = max(candidates)
     table = np.ones((top + 1, w.shape[0]), np.float32)
     for b in candidates:
-        table[b] = weight_scales(w, kernel_bits(b, abits=8))   # every configuration quantizes its inputs
+        table[b] = weight_scales(w, kernel_bits(b, abits=8, kind=layer.kind))   # every configuration quantizes its inputs
     gram = fit.input_gram(layer, dev.tensor(np.ascontiguousarray(x, np.float32))) if x is not None else None
     if gram is None:
         q = quantize_weight(w, top, table[top])[0]
     else:
         scales = {b: dev.tensor(table[b].astype(np.float64)) for b in (runs_at or candidates)}
         q = dev.numpy(fit.nested_gptq(dev.tensor(w.reshape(w.shape[0], -1).astype(np.float64)), gram, scales))
-    safe = weight_qmax(kernel_bits(top, abits=8))      # GPTQ's error feedback may step past it
+    safe = weight_qmax(kernel_bits(top, abits=8, kind=layer.kind))      # GPTQ's error feedback may step past it
     return np.clip(q, -safe, safe).reshape(w.shape).astype(np.int8), table[top], table
 
 
