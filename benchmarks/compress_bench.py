@@ -81,7 +81,7 @@ class Config:
             return f"p{self.prune:g}-float{suffix}"
         return f"p{self.prune:g}-w{self.wbits}" + (f"a{self.abits}" if self.abits else "") + suffix
 
-    def recipe(self, mode: str, synthetic: int, steps: int):
+    def recipe(self, mode: str, synthetic: int, steps: int, route: str = "auto"):
         from datafree.toolchain.recipe import Recipe
 
         base = dict(prune=self.prune, wbits=self.wbits, abits=self.abits, channel_multiple=self.multiple)
@@ -89,7 +89,7 @@ class Config:
             return Recipe(**base, synthetic=0, bias_correction=False, compensation=False)
         if mode == "closed":
             return Recipe(**base, synthetic=0)
-        return Recipe(**base, synthetic=synthetic, synthetic_steps=steps)
+        return Recipe(**base, synthetic=synthetic, synthetic_steps=steps, synthetic_route=route)
 
 
 def all_configs() -> list[Config]:
@@ -280,6 +280,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--synthetic", type=int, help="synthetic images for the synthetic mode "
                                                  "(default: Recipe's, or 64 with --quick)")
     p.add_argument("--synthetic-steps", type=int, help="generator steps (default: Recipe's, or 50 with --quick)")
+    p.add_argument("--synthetic-route", default="auto",
+                   help="how the synthetic mode makes its images (datafree --synthetic-route; default auto)")
     p.add_argument("--no-peers", action="store_true", help="skip onnxruntime quantize_dynamic/quantize_static")
     p.add_argument("--cache", type=Path, default=None,
                    help="synthetic-image cache for this run (default $DATAFREE_CACHE or ~/.cache/datafree)")
@@ -415,7 +417,8 @@ def main(argv: list[str] | None = None) -> None:
             cached = (cache / f"synth-{key[:40]}.npz").exists()
             t, c = time.perf_counter(), time.process_time()
             try:
-                s = synth.generate(model, n_syn, steps=steps, seed=defaults.seed, progress=on_progress)
+                s = synth.generate(model, n_syn, steps=steps, seed=defaults.seed, progress=on_progress,
+                                   route=args.synthetic_route)
                 syn_info = {"images": n_syn, "steps": steps, "seconds": time.perf_counter() - t,
                             "cpu_seconds": time.process_time() - c,
                             "from_cache": cached, "source": s.source, "cache": str(cache)}
@@ -430,7 +433,7 @@ def main(argv: list[str] | None = None) -> None:
             bar.update(overall, detail=f"{cfg.name}/{mode}")
             row = Row(cfg.name, mode, prune=cfg.prune, wbits=cfg.wbits, abits=cfg.abits)
             try:
-                recipe = cfg.recipe(mode, n_syn, steps)
+                recipe = cfg.recipe(mode, n_syn, steps, args.synthetic_route)
                 t, c = time.perf_counter(), time.process_time()
                 result = compress(args.model, recipe, progress=on_progress, measure=False)
                 row.wall_s, row.cpu_s = time.perf_counter() - t, time.process_time() - c
