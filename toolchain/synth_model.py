@@ -25,7 +25,7 @@ class RouteRefused(UserError):
 def _route(asked: str, has_bn: bool, classifier: bool, image: bool) -> str:
     """How images are made: BN statistics where the model keeps them; else procedural
     photographs for an image input (a classifier with BN folded gets more from them than
-    from images optimised toward its classes: benchmarks/synth_routes.py); else, for a
+    from images optimised toward its classes: benchmarks/results/compress_folded*.md); else, for a
     classifier of other inputs, images optimised toward its classes."""
     possible = {"bn-statistics": (has_bn, "the model has no BatchNormalization statistics"),
                 "output-only": (classifier, "the model's output is not one score per class"),
