@@ -277,3 +277,25 @@ def test_depthwise_8bit_weights_keep_their_full_range_and_run_exactly(tmp_path):
     assert Counter(n.op_type for n in optimized.graph.node)["QLinearConv"] == 5
     got, want = _run(plain, x), _unoptimized(proto, x)
     assert float(((got - want) ** 2).sum() / (want ** 2).sum()) < 1e-4      # SQNR above 40 dB
+
+
+def _narrow_grid_tops(proto: onnx.ModelProto) -> list[int]:
+    """The upper bounds of the integer-domain Clips of activations narrower than 8 bits."""
+    inits = {t.name: t for t in proto.graph.initializer}
+    return [int(onnx.numpy_helper.to_array(inits[n.input[2]])) for n in proto.graph.node
+            if n.op_type == "Clip" and len(n.input) == 3 and n.input[2] in inits
+            and inits[n.input[2]].data_type == onnx.TensorProto.UINT8]
+
+
+def test_7bit_inputs_lie_in_0_127_and_keep_full_range_weights(tmp_path):
+    """A 7-bit input grid, signed ones (after HardSwish) too, lies in u8 0..127, where +-127
+    weights cannot saturate x86 pair sums: its layers keep +-127, and a plain session
+    computes what the graph defines."""
+    proto = _model("mobilenet_like", tmp_path, wbits=8, abits=7)
+    tops = _narrow_grid_tops(proto)
+    assert tops and max(tops) == 127
+    assert _kernel_weight_range(proto) == 127
+    x = zoo.images(16, zoo.INPUT_SHAPES["mobilenet_like"][1:])
+    plain, _ = _plain(proto, tmp_path, "a7")
+    got, want = _run(plain, x), _unoptimized(proto, x)
+    assert float(((got - want) ** 2).sum() / (want ** 2).sum()) < 1e-4      # SQNR above 40 dB

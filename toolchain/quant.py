@@ -26,11 +26,13 @@ KERNEL_SAFE_BITS = 7
 def kernel_bits(wbits: int | None, abits: int | None, reduce_range: bool = True,
                 kind: str | None = None) -> int | None:
     """The bits a layer's weights are rounded to: ``wbits``, except 8-bit weights of a layer
-    whose input is quantized (it runs on integer kernels), which keep ``KERNEL_SAFE_BITS``
-    of range in their int8 container (``reduce_range``; see above) unless the layer is
-    depthwise (``kind``: ``Layer.kind``)."""
+    whose input is quantized to 8 bits (it runs on integer kernels), which keep
+    ``KERNEL_SAFE_BITS`` of range in their int8 container (``reduce_range``; see above)
+    unless the layer is depthwise (``kind``: ``Layer.kind``).  An input of at most
+    ``KERNEL_SAFE_BITS`` bits lies in u8 0..127 (``passes.qdq.act_container``), where
+    +-127 weights cannot saturate (2 * 127 * 127 = 32258)."""
     if reduce_range and wbits is not None and abits is not None and wbits > KERNEL_SAFE_BITS \
-            and kind != "depthwise":
+            and abits > KERNEL_SAFE_BITS and kind != "depthwise":
         return KERNEL_SAFE_BITS
     return wbits
 

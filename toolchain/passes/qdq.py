@@ -323,13 +323,16 @@ def _dequantized_input(graph, names, layer: Layer, index: int, qsz: tuple, axis:
 
 def act_container(aq: ActQuant) -> tuple[int, tuple[int, int] | None]:
     """The zero point of ``aq`` in the uint8 its QuantizeLinear writes (a signed grid's
-    moved up by 128), and the grid's bounds in it where narrower than 8 bits.
+    moved up by 128, a narrower signed grid's by half its size), and the grid's bounds in
+    it where narrower than 8 bits: a b-bit grid always lies in 0..2^b-1, so an input of 7
+    bits or fewer cannot saturate the pair sums of x86 kernels without VNNI with +-127
+    weights (``quant.kernel_bits``).
 
     Narrower activations get a ``Clip`` in the integer domain between the QuantizeLinear
     and the DequantizeLinear: onnxruntime fuses ``DQ → Conv → Q`` around it into its
     8-bit integer kernels (it has none for 4-bit activations), and the values are exactly
     the b-bit grid's."""
-    shift = 128 if aq.signed else 0
+    shift = 2 ** (min(aq.bits, 8) - 1) if aq.signed else 0
     if aq.bits >= 8:
         return aq.zero_point + shift, None
     lo, hi = act_range_grid(aq.bits, aq.signed)

@@ -99,7 +99,8 @@ def write(ctx: Context) -> None:
         summary.notes.append(f"8-bit weights of {len(reduced)} layers whose inputs are quantized keep to +-63, "
                              "fitted there: x86 CPUs without VNNI (AVX2) saturate larger u8 x s8 pair sums in "
                              "onnxruntime (its depthwise kernel does not: those keep +-127; --no-reduce-range for "
-                             "ARM or VNNI targets only)")
+                             "ARM or VNNI targets only; --abits 7 keeps +-127 instead, its inputs in 0..127 cannot "
+                             "saturate: better where weights matter more, e.g. a text recogniser)")
     qdq.emit(model, ctx.analysis.layers, weights, acts, int4=recipe.int4)
     ShortcutAsConvPass()(model)
     if recipe.integer_kernels and acts:
