@@ -36,7 +36,7 @@ Methods (``--methods``, comma-separated fnmatch patterns over the keys):
   Conv/ConvTranspose/MatMul/Gemm weight, activations float (numpy + onnx, here);
 * ``ort-noise``, ``ort-real``: onnxruntime ``quantize_static`` QDQ W8A8 (per channel),
   calibrated on the noise or the real calibration images (``peers.ort_static``);
-* ``datafree-w8a8``, ``datafree-w4a8``, ``datafree-p0.3-w8``: the ``datafree compress``
+* ``datafree-w8a8``, ``datafree-w8a7``, ``datafree-w4a8``, ``datafree-p0.3-w8``: the ``datafree compress``
   command a user types (run as a subprocess with ``--json``), nothing else passed unless
   ``--input-shape`` is given here, in which case symbolic-size models get their usual
   shape.  ``--quick`` adds ``--synthetic 64 --synthetic-steps 50``.
@@ -364,6 +364,7 @@ def plain_rounding(bits: int) -> Callable[[Path, Path, dict], None]:
 # ----------------------------------------------------------------- datafree
 DATAFREE = {
     "datafree-w8a8": ("--wbits", "8", "--abits", "8"),
+    "datafree-w8a7": ("--wbits", "8", "--abits", "7"),
     "datafree-w4a8": ("--wbits", "4", "--abits", "8"),
     "datafree-p0.3-w8": ("--prune", "0.3", "--wbits", "8"),
 }
@@ -448,6 +449,7 @@ METHODS: list[tuple[str, str]] = [
     ("ort-noise", "ORT quantize_static W8A8, 64 noise images"),
     ("ort-real", "ORT quantize_static W8A8, 64 real photos"),
     ("datafree-w8a8", "datafree W8A8"),
+    ("datafree-w8a7", "datafree W8A7 (the bit to the weights: +-127)"),
     ("datafree-w4a8", "datafree W4A8"),
     ("datafree-p0.3-w8", "datafree prune 0.3 + W8"),
 ]
