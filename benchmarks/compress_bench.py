@@ -412,9 +412,7 @@ def main(argv: list[str] | None = None) -> None:
         if wants_syn:
             bar.update(overall, detail=f"synthetic images ({n_syn}, {steps} steps)")
             model = load(args.model)
-            key = synth.cache_key(model, n=n_syn, steps=steps, seed=defaults.seed, batch_size=64,
-                                  shape=synth.sample_shape(model))
-            cached = (cache / f"synth-{key[:40]}.npz").exists()
+            cached = synth.is_cached(model, n_syn, steps=steps, seed=defaults.seed, route=args.synthetic_route)
             t, c = time.perf_counter(), time.process_time()
             try:
                 s = synth.generate(model, n_syn, steps=steps, seed=defaults.seed, progress=on_progress,

@@ -88,6 +88,16 @@ def test_a_larger_set_makes_only_the_chunks_the_cache_lacks(bn_model, tmp_path, 
     assert made == [(2, 1)] and np.array_equal(fewer.images, fresh.images[:2])     # all from the cache
 
 
+def test_is_cached_says_whether_generate_would_read_every_image_from_the_cache(bn_model, tmp_path):
+    """What a benchmark reports as "loaded from the cache": every chunk ``generate`` would read."""
+    args = dict(steps=2, batch_size=2, cache_dir=tmp_path)
+    assert not synth.is_cached(bn_model, 4, **args)
+    synth.generate(bn_model, 4, **args)
+    assert synth.is_cached(bn_model, 4, **args) and synth.is_cached(bn_model, 2, **args)
+    assert not synth.is_cached(bn_model, 5, **args)                   # a third chunk is missing
+    assert not synth.is_cached(bn_model, 4, seed=1, **args)           # other arguments, another key
+
+
 def test_cache_dir_from_environment(bn_model, tmp_path, monkeypatch):
     monkeypatch.setenv("DATAFREE_CACHE", str(tmp_path / "env"))
     synth.generate(bn_model, 2, steps=1, batch_size=2)

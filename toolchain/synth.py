@@ -114,12 +114,8 @@ def generate(model: ir.Model, n: int, *, steps: int = DEFAULT_STEPS, seed: int =
         convention = _convention(model, shape, seed)
     chunks = None
     if cache:
-        extra = {"convention": convention.name} if convention is not None and not convention.standardised else {}
-        if route != "auto":
-            extra["route"] = route
-        key = cache_key(model, steps=steps, seed=seed, batch_size=batch_size, shape=shape, **extra)
-        root = _cache_root(cache_dir)
-        chunks = _ChunkCache(lambda index, count: root / f"synth-{key[:40]}-{index}-{count}.npz")
+        chunks = _chunks(model, shape, convention, route, steps=steps, seed=seed, batch_size=batch_size,
+                         cache_dir=cache_dir)
         cached = chunks.whole(n, batch_size)
         if cached is not None:
             progress(STAGE, n, n)
@@ -131,6 +127,30 @@ def generate(model: ir.Model, n: int, *, steps: int = DEFAULT_STEPS, seed: int =
     except UserError as exc:  # an op the differentiable copy does not know
         raise CannotSynthesise(str(exc)) from None
     return generator.run(n, steps=steps, seed=seed, batch_size=batch_size, progress=progress, chunks=chunks)
+
+
+def is_cached(model: ir.Model, n: int, *, steps: int = DEFAULT_STEPS, seed: int = 0, batch_size: int = 64,
+              input_shape: tuple[int, ...] | None = None, convention: Convention | None = None,
+              route: str = "auto", cache_dir: str | Path | None = None) -> bool:
+    """Whether :func:`generate` with these arguments would read all ``n`` images from the cache."""
+    shape = sample_shape(model, input_shape)
+    if convention is None:
+        convention = _convention(model, shape, seed)
+    chunks = _chunks(model, shape, convention, route, steps=steps, seed=seed, batch_size=batch_size,
+                     cache_dir=cache_dir)
+    return all(chunks.path_of(index, min(batch_size, n - start)).exists()
+               for index, start in enumerate(range(0, n, batch_size)))
+
+
+def _chunks(model: ir.Model, shape: tuple[int, ...], convention: Convention | None, route: str, *,
+            steps: int, seed: int, batch_size: int, cache_dir: str | Path | None) -> "_ChunkCache":
+    """The chunk cache of these arguments: keyed by what the images depend on, not by their number."""
+    extra = {"convention": convention.name} if convention is not None and not convention.standardised else {}
+    if route != "auto":
+        extra["route"] = route
+    key = cache_key(model, steps=steps, seed=seed, batch_size=batch_size, shape=shape, **extra)
+    root = _cache_root(cache_dir)
+    return _ChunkCache(lambda index, count: root / f"synth-{key[:40]}-{index}-{count}.npz")
 
 
 class _ChunkCache:
