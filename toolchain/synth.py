@@ -47,13 +47,8 @@ compression of the same model asking for more or fewer images (4-bit weights aft
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
-import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -65,13 +60,12 @@ from . import device as dev
 from .errors import CannotSynthesise, UserError, format_dims
 from .inputs import Convention
 from .progress import ProgressFn, silent
+from .synth_cache import GENERATOR_VERSION, ChunkCache, SyntheticSet, cache_key, chunk_cache  # noqa: F401  (synth.*)
 from .synth_model import (ROUTES, RouteRefused, _class_similarity, _classifier,  # noqa: F401  (synth.* names)
                           _conv_outputs, _logits_value, _route)
 from .torchgraph import TorchGraph
 
 STAGE = "synthetic images"
-# Bump when the generated images change for the same arguments: old cache entries die.
-GENERATOR_VERSION = 6
 
 DEFAULT_STEPS = 80           # 256 CIFAR-size images on ResNet-20: about a minute on 2 cores
 LR = 0.25
@@ -84,14 +78,6 @@ CE_WEIGHT = 1.0
 INIT_DOWNSCALE = 4           # start from noise this many times smaller than the input, upsampled
 OUTPUT_ONLY_INIT_DOWNSCALE = 8
 JITTER_FRACTION = 1 / 16     # of the spatial size, at least one pixel
-
-
-@dataclass
-class SyntheticSet:
-    images: np.ndarray      # float32, N x C x H x W, in the model's input space (already normalised)
-    targets: np.ndarray     # float32, N x K soft labels used for generation
-    source: str             # "bn-statistics", "natural" or "output-only" (how they were made), or "caller"
-    seed: int
 
 
 def generate(model: ir.Model, n: int, *, steps: int = DEFAULT_STEPS, seed: int = 0, batch_size: int = 64,
@@ -114,7 +100,7 @@ def generate(model: ir.Model, n: int, *, steps: int = DEFAULT_STEPS, seed: int =
         convention = _convention(model, shape, seed)
     chunks = None
     if cache:
-        chunks = _chunks(model, shape, convention, route, steps=steps, seed=seed, batch_size=batch_size,
+        chunks = chunk_cache(model, shape, convention, route, steps=steps, seed=seed, batch_size=batch_size,
                          cache_dir=cache_dir)
         cached = chunks.whole(n, batch_size)
         if cached is not None:
@@ -132,52 +118,15 @@ def generate(model: ir.Model, n: int, *, steps: int = DEFAULT_STEPS, seed: int =
 def is_cached(model: ir.Model, n: int, *, steps: int = DEFAULT_STEPS, seed: int = 0, batch_size: int = 64,
               input_shape: tuple[int, ...] | None = None, convention: Convention | None = None,
               route: str = "auto", cache_dir: str | Path | None = None) -> bool:
-    """Whether :func:`generate` with these arguments would read all ``n`` images from the cache."""
+    """Whether :func:`generate` with these arguments reads all ``n`` images from the cache at
+    once, before building its generator (a model too large for ``batch_size`` images per
+    chunk is made in smaller chunks, which only the generator finds)."""
     shape = sample_shape(model, input_shape)
     if convention is None:
         convention = _convention(model, shape, seed)
-    chunks = _chunks(model, shape, convention, route, steps=steps, seed=seed, batch_size=batch_size,
+    chunks = chunk_cache(model, shape, convention, route, steps=steps, seed=seed, batch_size=batch_size,
                      cache_dir=cache_dir)
-    return all(chunks.path_of(index, min(batch_size, n - start)).exists()
-               for index, start in enumerate(range(0, n, batch_size)))
-
-
-def _chunks(model: ir.Model, shape: tuple[int, ...], convention: Convention | None, route: str, *,
-            steps: int, seed: int, batch_size: int, cache_dir: str | Path | None) -> "_ChunkCache":
-    """The chunk cache of these arguments: keyed by what the images depend on, not by their number."""
-    extra = {"convention": convention.name} if convention is not None and not convention.standardised else {}
-    if route != "auto":
-        extra["route"] = route
-    key = cache_key(model, steps=steps, seed=seed, batch_size=batch_size, shape=shape, **extra)
-    root = _cache_root(cache_dir)
-    return _ChunkCache(lambda index, count: root / f"synth-{key[:40]}-{index}-{count}.npz")
-
-
-class _ChunkCache:
-    """Chunks of generated images on disk, one file per (chunk index, size): a chunk does
-    not depend on how many images were asked for, so a later call for more (or fewer)
-    images of the same model and settings, e.g. W4A8 after W8A8, reuses what was made."""
-
-    def __init__(self, path_of):
-        self.path_of = path_of
-
-    def get(self, index: int, count: int) -> SyntheticSet | None:
-        return _load(self.path_of(index, count))
-
-    def put(self, index: int, count: int, chunk: SyntheticSet) -> None:
-        _save(self.path_of(index, count), chunk)
-
-    def whole(self, n: int, batch_size: int) -> SyntheticSet | None:
-        """The ``n`` images if every chunk is on disk."""
-        parts = []
-        for index, start in enumerate(range(0, n, batch_size)):
-            part = self.get(index, min(batch_size, n - start))
-            if part is None:
-                return None
-            parts.append(part)
-        return SyntheticSet(images=np.concatenate([p.images for p in parts]),
-                            targets=np.concatenate([p.targets for p in parts]), source=parts[0].source,
-                            seed=parts[0].seed)
+    return all(chunks.path_of(index, count).exists() for index, count in ChunkCache.sizes(n, batch_size))
 
 
 def augmented(images: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -240,49 +189,6 @@ def _convention(model: ir.Model, shape: tuple[int, ...], seed: int) -> Conventio
     from . import inputs
 
     return inputs.infer_range(model, shape, seed)[0] if inputs.is_image(model, shape) else None
-
-
-def cache_key(model: ir.Model, **args) -> str:
-    h = hashlib.sha256()
-    h.update(ir.serde.serialize_model(model).SerializeToString(deterministic=True))
-    h.update(json.dumps({"version": GENERATOR_VERSION, **{k: list(v) if isinstance(v, tuple) else v
-                                                           for k, v in sorted(args.items())}},
-                        sort_keys=True).encode())
-    return h.hexdigest()
-
-
-def _cache_root(cache_dir: str | Path | None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir)
-    env = os.environ.get("DATAFREE_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "datafree"
-
-
-def _load(path: Path) -> SyntheticSet | None:
-    if not path.exists():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return SyntheticSet(images=data["images"], targets=data["targets"],
-                                source=str(data["source"]), seed=int(data["seed"]))
-    except Exception:  # a damaged cache entry is regenerated, never fatal
-        return None
-
-
-def _save(path: Path, result: SyntheticSet) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.stem, suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, images=result.images, targets=result.targets,
-                         source=np.array(result.source), seed=np.array(result.seed))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    except OSError:  # an unwritable cache only costs time
-        pass
 
 
 # ------------------------------------------------------------------ the generator
@@ -415,7 +321,7 @@ class _Generator:
         return x.detach(), target
 
     def run(self, n: int, *, steps: int, seed: int, batch_size: int, progress: ProgressFn,
-            chunks: _ChunkCache | None = None) -> SyntheticSet:
+            chunks: ChunkCache | None = None) -> SyntheticSet:
         """``n`` images, chunk by chunk; chunks already in ``chunks`` are read, new ones written."""
         natural = self.source == "natural"
         width = 0 if natural else self.num_classes
@@ -424,8 +330,8 @@ class _Generator:
         progress(STAGE, 0, n)
         if not natural:
             batch_size = min(batch_size, self.max_batch)
-        for index, start in enumerate(range(0, n, batch_size)):
-            count = min(batch_size, n - start)
+        for index, count in ChunkCache.sizes(n, batch_size):
+            start = index * batch_size
             part = chunks.get(index, count) if chunks is not None else None
             if part is None:
                 make = self.natural_chunk if natural else self.optimised_chunk
