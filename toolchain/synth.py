@@ -101,7 +101,7 @@ def generate(model: ir.Model, n: int, *, steps: int = DEFAULT_STEPS, seed: int =
     chunks = None
     if cache:
         chunks = chunk_cache(model, shape, convention, route, steps=steps, seed=seed, batch_size=batch_size,
-                         cache_dir=cache_dir)
+                             cache_dir=cache_dir)
         cached = chunks.whole(n, batch_size)
         if cached is not None:
             progress(STAGE, n, n)
@@ -125,8 +125,8 @@ def is_cached(model: ir.Model, n: int, *, steps: int = DEFAULT_STEPS, seed: int 
     if convention is None:
         convention = _convention(model, shape, seed)
     chunks = chunk_cache(model, shape, convention, route, steps=steps, seed=seed, batch_size=batch_size,
-                     cache_dir=cache_dir)
-    return all(chunks.path_of(index, count).exists() for index, count in ChunkCache.sizes(n, batch_size))
+                         cache_dir=cache_dir)
+    return chunks.on_disk(n, batch_size)
 
 
 def augmented(images: np.ndarray, seed: int = 0) -> np.ndarray:

@@ -29,7 +29,7 @@ class SyntheticSet:
 
 
 def chunk_cache(model: ir.Model, shape: tuple[int, ...], convention: Convention | None, route: str, *,
-            steps: int, seed: int, batch_size: int, cache_dir: str | Path | None) -> "ChunkCache":
+                steps: int, seed: int, batch_size: int, cache_dir: str | Path | None) -> "ChunkCache":
     """The chunk cache of these arguments: keyed by what the images depend on, not by their number."""
     extra = {"convention": convention.name} if convention is not None and not convention.standardised else {}
     if route != "auto":
@@ -57,6 +57,10 @@ class ChunkCache:
     def sizes(n: int, batch_size: int) -> list[tuple[int, int]]:
         """(index, count) of the chunks ``n`` images are made in."""
         return [(index, min(batch_size, n - start)) for index, start in enumerate(range(0, n, batch_size))]
+
+    def on_disk(self, n: int, batch_size: int) -> bool:
+        """Whether every chunk of the ``n`` images is on disk (read by :meth:`whole`)."""
+        return all(self.path_of(index, count).exists() for index, count in self.sizes(n, batch_size))
 
     def whole(self, n: int, batch_size: int) -> SyntheticSet | None:
         """The ``n`` images if every chunk is on disk."""
